@@ -1,0 +1,3 @@
+"""peftc's passes, one per file; importing this package registers them all."""
+
+from . import freeze_base, insert_lora  # noqa: F401

@@ -1,0 +1,14 @@
+"""peftc: a compiler for parameter-efficient fine-tuning of PyTorch models."""
+
+from . import passes  # noqa: F401  (registers every pass)
+from .api import compile
+from .errors import AdapterError, CaptureError, ExportError, PassError, PeftcError, SpecError
+from .lower.eager import CompiledModel
+from .pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
+from .spec import LoRA, Rule, Spec
+
+__all__ = [
+    "compile", "Spec", "Rule", "LoRA", "CompiledModel", "Pipeline", "Pass", "PassContext", "PassResult",
+    "register_pass", "PeftcError", "SpecError", "CaptureError", "PassError", "AdapterError", "ExportError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""peftc.compile(): capture ==> pipeline of passes ==> CompiledModel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from .errors import PeftcError, SpecError
+from .lower.eager import CompiledModel
+from .pipeline import Instrument, Pipeline
+from .spec import Rule, Spec
+
+
+def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple = (),
+            kwargs: dict[str, Any] | None = None, *, dynamic: bool = True, pipeline: Pipeline | str | None = None,
+            verify: bool = True, instruments: Sequence[Instrument] = ()) -> CompiledModel:
+    """Compile `model` for parameter-efficient fine-tuning as `spec` says.
+
+    `args`/`kwargs` are example inputs: the model is captured with torch.export (non-strict) on them, with every
+    dimension dynamic unless `dynamic=False` (sizes 1 specialize; give batch and sequence sizes >= 2). Other
+    keyword sets and train/eval are captured on first use. `spec` is a Spec, a single rule, or a .toml/.json
+    path; `pipeline` overrides the spec's default pipeline (`"insert-lora{r=8,target=q_proj}"`).
+    """
+    if not isinstance(model, nn.Module):
+        raise PeftcError(f"peftc.compile needs an nn.Module, got {type(model).__name__}")
+    if isinstance(spec, (str, Path)):
+        spec = Spec.load(spec)
+    elif isinstance(spec, Rule):
+        spec = Spec(spec)
+    elif spec is not None and not isinstance(spec, Spec):
+        raise SpecError(f"spec must be a peftc.Spec, a rule such as peftc.LoRA(...) or a spec file path, "
+                        f"got {type(spec).__name__}")
+    if isinstance(pipeline, str):
+        pipeline = Pipeline.parse(pipeline)
+    elif pipeline is None:
+        if spec is None:
+            raise SpecError("give a spec (e.g. peftc.LoRA(target='q_proj|v_proj')) or a pipeline")
+        pipeline = Pipeline.for_spec(spec)
+    if not isinstance(args, tuple):
+        args = (args,)
+    if not args and not kwargs:
+        raise PeftcError("peftc.compile needs example inputs to capture the model: pass args=(...) or kwargs={...}")
+    return CompiledModel(model, spec, pipeline, args, dict(kwargs or {}), dynamic=dynamic, verify=verify,
+                         instruments=instruments)

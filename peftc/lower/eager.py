@@ -1,0 +1,178 @@
+"""Eager lowering: the rewritten graphs as one trainable nn.Module, called like the original model."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+from ..capture import ModelInfo, call_kwargs, capture
+from ..errors import AdapterError, PeftcError
+from ..instrument import DiffIR, PassRecord, Verify
+from ..params import ADAPTER, BUFFER, ParamTable, get_attr_path, set_attr_path
+from ..pipeline import Instrument, PassContext, Pipeline
+from ..spec import Spec
+
+
+def _is_guard_failure(e: Exception) -> bool:
+    return isinstance(e, (AssertionError, RuntimeError)) and "Guard failed" in str(e)
+
+
+class PassReport:
+    """What each pass did: nodes added/removed, parameters added, trainable count. `str()` renders a table."""
+
+    def __init__(self, records: Sequence[PassRecord]):
+        self.records = list(records)
+
+    def table(self) -> Table:
+        t = Table(title="peftc passes")
+        for col in ("#", "pass", "changed", "+nodes", "-nodes", "+params", "trainable", "ms"):
+            t.add_column(col, justify="left" if col in ("pass", "changed") else "right")
+        for r in self.records:
+            t.add_row(str(r.index + 1), r.name, "yes" if r.modified else "no", str(r.nodes_added),
+                      str(r.nodes_removed), str(r.params_added), f"{r.trainable:,}", f"{r.seconds * 1e3:.1f}")
+        return t
+
+    def __str__(self) -> str:
+        console = Console(width=100, record=True, file=None, force_terminal=False)
+        with console.capture() as cap:
+            console.print(self.table())
+        return cap.get()
+
+    def __rich__(self) -> Table:
+        return self.table()
+
+
+class CompiledModel(nn.Module):
+    """A compiled PEFT model: call it like the original, train its adapters, read what the compiler did.
+
+    Parameters are registered under the original model's names plus the adapters' HF PEFT names, so
+    `named_parameters()` and `state_dict()` read like the original model's. Each call signature (the set of
+    keyword arguments, their non-tensor values, train/eval) is captured on first use; all graphs share one
+    parameter table, so every signature trains the same adapters.
+    """
+
+    def __init__(self, model: nn.Module, spec: Spec | None, pipeline: Pipeline, args: tuple,
+                 kwargs: dict[str, Any], *, dynamic: bool = True, verify: bool = True,
+                 instruments: Sequence[Instrument] = ()):
+        super().__init__()
+        self.spec, self.pipeline, self.dynamic, self.verify = spec, pipeline, dynamic, verify
+        self.params = ParamTable()
+        self.counters = None
+        self.diff_ir = DiffIR()
+        # The source model is kept to capture new signatures, but not registered: its parameters are ours.
+        object.__setattr__(self, "_source", model)
+        self._info = ModelInfo.of(model)
+        self._graphs: dict[Any, list[GraphModule]] = {}
+        self.train(model.training)
+        first = self._lower(tuple(args), call_kwargs(model, kwargs),
+                            instruments=[*([Verify()] if verify else []), self.diff_ir, *instruments])
+        object.__setattr__(self, "graph_module", first)  # not a submodule: its tensors are registered below
+        for p in self.params:
+            try:
+                set_attr_path(self, p.name, p.tensor)
+            except KeyError as e:  # a top-level module name that clashes with a CompiledModel attribute
+                raise PeftcError(f"cannot expose `{p.name}` on CompiledModel: {e}") from None
+
+    # ---- calling -------------------------------------------------------------------------------------------
+    def _key(self, args: tuple, kwargs: dict[str, Any]):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        desc = tuple((x.dim(), x.dtype, x.device.type) if isinstance(x, torch.Tensor)
+                     else (type(x).__name__, x if isinstance(x, (bool, int, float, str, type(None))) else id(x))
+                     for x in leaves)
+        return self.training, str(spec), desc
+
+    def _lower(self, args: tuple, kwargs: dict[str, Any], instruments: Sequence[Instrument] = ()) -> GraphModule:
+        source = self._source
+        was_training = source.training
+        source.train(self.training)
+        try:
+            gm = capture(source, args, kwargs, self.params, dynamic=self.dynamic)
+        finally:
+            source.train(was_training)
+        if not instruments and self.verify:
+            instruments = [Verify()]
+        ctx = PassContext(self.params, self._info, training=self.training)
+        gm = self.pipeline.run(gm, ctx, instruments)
+        if self.counters is None:
+            self.counters = ctx.counters
+        self._graphs.setdefault(self._key(args, kwargs), []).append(gm)
+        return gm
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = call_kwargs(self._source, kwargs)
+        for gm in self._graphs.get(self._key(args, kwargs), []):
+            try:
+                return gm(*args, **kwargs)
+            except Exception as e:
+                if not _is_guard_failure(e):
+                    raise
+        # A new signature, or shapes that an earlier capture specialized: capture these inputs too.
+        return self._lower(args, kwargs)(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Parameters change in place, but buffers are replaced: rebind every graph to the new tensors.
+        for p in self.params:
+            if p.role == BUFFER:
+                p.tensor = get_attr_path(self, p.name)
+                for graphs in self._graphs.values():
+                    for gm in graphs:
+                        set_attr_path(gm, p.name, p.tensor)
+        return self
+
+    # ---- adapters ------------------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor, keyed as HF PEFT saves them without `base_model.model.`."""
+        return {p.name: p.tensor.detach() for p in self.params if p.role == ADAPTER}
+
+    def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load adapter tensors; strict: unknown, missing or mis-shaped keys raise AdapterError."""
+        ours = {p.name: p for p in self.params if p.role == ADAPTER}
+        for key, value in state_dict.items():
+            if key not in ours:
+                import difflib
+                close = difflib.get_close_matches(key, list(ours), n=1)
+                hint = f"; did you mean `{close[0]}`?" if close else ""
+                raise AdapterError(f"adapter state dict has unknown key `{key}`{hint}")
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(ours[key].tensor.shape):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise AdapterError(f"adapter `{key}` has shape {got}; the model expects "
+                                   f"{tuple(ours[key].tensor.shape)}")
+        missing = [k for k in ours if k not in state_dict]
+        if missing:
+            raise AdapterError(f"adapter state dict is missing `{missing[0]}`"
+                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                ours[key].tensor.copy_(value)
+
+    # ---- what the compiler did ----------------------------------------------------------------------------
+    def diff(self, pass_name: str | None = None) -> str:
+        """Unified diffs of code and parameter table for each pass that changed something (or one pass)."""
+        records = [r for r in self.diff_ir.records if pass_name is None or r.name == pass_name]
+        if pass_name is not None and not records:
+            names = ", ".join(dict.fromkeys(r.name for r in self.diff_ir.records))
+            raise PeftcError(f"no pass named `{pass_name}` ran; passes: {names}")
+        return "".join(r.diff for r in records)
+
+    def report(self) -> PassReport:
+        return PassReport(self.diff_ir.records)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p.tensor for p in self.params if p.trainable]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; total counts the base model plus adapters."""
+        return self.params.count(trainable=True), self.params.count()
+
+    def print_trainable_parameters(self) -> str:
+        trainable, total = self.parameter_counts()
+        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+        print(line)
+        return line

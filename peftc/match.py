@@ -1,0 +1,175 @@
+"""Matching: find the matmuls whose weight is a parameter, in every form capture produces, and select them.
+
+A site is one matmul node. It knows the module path adapters are named after, the weight it reads, and how the
+weight is laid out, whatever the source wrote: `nn.Linear` and `F.linear(x, self.weight)` arrive as
+`aten.linear(x, W)` with W (out, in); GPT-2's Conv1D as `aten.addmm(b, x, W)` with W (in, out); `x @ W` as `mm` /
+`matmul`; `torch.einsum("bsi,oi->bso", x, W)` as `einsum` with the layout read off the equation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .capture import ModelInfo
+from .errors import SpecError
+from .params import BASE, ParamTable
+from .spec import Target
+
+aten = torch.ops.aten
+
+# Ops that only re-lay a 2-d weight: walking through them flips (or keeps) the orientation.
+_FLIPS = {aten.t.default, aten.numpy_T.default}
+_KEEPS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.alias.default, aten.detach.default,
+          aten.contiguous.default, aten.clone.default}
+
+
+@dataclass(frozen=True)
+class MatmulSite:
+    node: Node  # the matmul
+    x: Node  # its activation operand
+    weight: str  # the parameter it reads (the get_attr target)
+    module: str  # the path adapters are named after
+    in_features: int
+    out_features: int
+    form: str  # linear | addmm | mm | matmul | einsum
+    # einsum only: the equation and the weight's subscripts (contracted index, output index)
+    equation: str | None = None
+    weight_subscripts: tuple[str, str] | None = None
+
+
+def _weight_source(node: Node, table: ParamTable) -> tuple[str, bool] | None:
+    """(parameter name, flipped) when `node` is a 2-d base parameter, possibly transposed or cast."""
+    flipped = False
+    while node.op == "call_function":
+        if node.target in _FLIPS:
+            flipped = not flipped
+        elif node.target == aten.transpose.int and sorted(a % 2 for a in node.args[1:3]) == [0, 1]:
+            flipped = not flipped
+        elif node.target == aten.permute.default and list(node.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0]):
+            flipped = not flipped
+        elif node.target not in _KEEPS:
+            return None
+        node = node.args[0]
+    if node.op != "get_attr" or node.target not in table:
+        return None
+    entry = table[node.target]
+    if entry.role != BASE or entry.tensor.dim() != 2:
+        return None
+    return node.target, flipped
+
+
+def _module_path(node: Node, weight: str, info: ModelInfo) -> str:
+    """The module an adapter on this weight is named after, as HF PEFT names it.
+
+    A tied weight is reachable under several names; pick the one owned by the module the op ran in.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    innermost = list(stack.values())[-1][0] if stack else ""
+    names = info.aliases.get(weight, (weight,))
+    chosen = next((n for n in names if n.rpartition(".")[0] == innermost), names[0])
+    owner, _, leaf = chosen.rpartition(".")
+    return owner if leaf == "weight" and owner else chosen
+
+
+def _einsum_site(node: Node, table: ParamTable):
+    equation, operands = node.args[0], node.args[1]
+    if len(operands) != 2 or "..." in equation or "->" not in equation:
+        return None
+    inputs, output = equation.replace(" ", "").split("->")
+    subs = inputs.split(",")
+    for w_idx in (1, 0):
+        source = _weight_source(operands[w_idx], table)
+        if source is None or len(subs[w_idx]) != 2:
+            continue
+        x_subs, w_subs = subs[1 - w_idx], subs[w_idx]
+        contracted = [c for c in w_subs if c in x_subs and c not in output]
+        kept = [c for c in w_subs if c in output and c not in x_subs]
+        if len(contracted) != 1 or len(kept) != 1:
+            return None
+        return operands[1 - w_idx], source, (contracted[0], kept[0]), equation.replace(" ", ""), w_subs
+    return None
+
+
+def matmul_sites(gm: GraphModule, table: ParamTable, info: ModelInfo) -> list[MatmulSite]:
+    """Every matmul of the captured model whose weight is a base parameter, in graph order.
+
+    Nodes added by peftc passes are skipped: an adapter's own matmuls are not sites.
+    """
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "peftc.pass" in node.meta:
+            continue
+        form = x = source = None
+        equation = subscripts = None
+        if node.target == aten.linear.default:
+            form, x, source = "linear", node.args[0], _weight_source(node.args[1], table)
+            transposed = False
+        elif node.target in (aten.addmm.default, aten.mm.default, aten.matmul.default):
+            form = str(node.target).split(".")[1]
+            x, w = (node.args[1], node.args[2]) if form == "addmm" else node.args[:2]
+            source, transposed = _weight_source(w, table), True
+        elif node.target == aten.einsum.default:
+            found = _einsum_site(node, table)
+            if found:
+                x, source, subscripts, equation, w_subs = found
+                form, transposed = "einsum", w_subs.index(subscripts[0]) == 0
+        if form is None or source is None:
+            continue
+        weight, flipped = source
+        rows, cols = table[weight].tensor.shape
+        if transposed != flipped:  # weight laid out (in, out)
+            rows, cols = cols, rows
+        sites.append(MatmulSite(node, x, weight, _module_path(node, weight, info), in_features=cols,
+                                out_features=rows, form=form, equation=equation, weight_subscripts=subscripts))
+    return sites
+
+
+def _suffixes(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def _matches(target: str | tuple[str, ...], path: str) -> bool:
+    """A regex full-matches the path or one of its dotted suffixes (so `q_proj|v_proj` works, and every path
+    HF PEFT's full match selects is still selected); a list matches names exactly or as a dotted suffix."""
+    if isinstance(target, str):
+        return any(re.fullmatch(target, suffix) for suffix in _suffixes(path))
+    return any(path == t or path.endswith("." + t) for t in target)
+
+
+def select(sites: Iterable[MatmulSite], target: Target, exclude: Target, info: ModelInfo,
+           where: str) -> list[MatmulSite]:
+    """Apply HF PEFT's `target_modules` semantics (plus `exclude`) to module paths; raise if nothing matches."""
+    sites = list(sites)
+    paths = list(dict.fromkeys(s.module for s in sites))
+    if target == "all-linear":
+        # HF excludes the output layer; without get_output_embeddings, the last matmul is the output layer.
+        output = info.output_layer if info.output_layer is not None else (paths[-1] if paths else None)
+        chosen = {p for p in paths if p != output}
+    else:
+        chosen = {p for p in paths if _matches(target, p)}
+    if exclude is not None:
+        chosen = {p for p in chosen if not _matches(exclude, p)}
+    if not chosen:
+        raise SpecError(no_match_message(where, target, exclude, paths))
+    return [s for s in sites if s.module in chosen]
+
+
+def no_match_message(where: str, target: Target, exclude: Target, paths: list[str]) -> str:
+    wanted = [target] if isinstance(target, str) else list(target or [])
+    leaves = sorted({p.rpartition(".")[2] for p in paths})
+    close: list[str] = []
+    for t in wanted:
+        close += difflib.get_close_matches(t, paths, n=3, cutoff=0.4)
+        close += difflib.get_close_matches(t.rpartition(".")[2], leaves, n=3, cutoff=0.4)
+    close = list(dict.fromkeys(close))[:5] or paths[:5]
+    excluded = f" after exclude={exclude!r}" if exclude is not None else ""
+    return (f"{where}: target={target!r} matches no matmul{excluded}. Closest module paths: "
+            f"{', '.join(close) if close else '(the model has no matmul with a parameter weight)'}"
+            f" ({len(paths)} candidates in all; leaf names: {', '.join(leaves[:12])})")

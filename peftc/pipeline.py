@@ -1,0 +1,186 @@
+"""Passes and the pipeline that runs them.
+
+A pass is a small frozen dataclass with a kebab-case `name` and its options as fields. It reads and writes one
+IR: a GraphModule plus the parameter table in the PassContext. The pipeline is an explicit ordered list; there is
+no ordering solver. Instruments (peftc.instrument) observe every pass: before, after, failed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Protocol, Sequence
+
+from torch.fx import GraphModule
+
+from .capture import ModelInfo
+from .errors import PassError, PeftcError, SpecError
+from .params import ParamTable
+from .spec import Rule, Spec
+
+
+@dataclass
+class PassContext:
+    params: ParamTable
+    info: ModelInfo
+    training: bool  # the mode this graph was captured in: dropout exists only in training graphs
+    counters: Counter = field(default_factory=Counter)
+    base_frozen: bool = False
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] += n
+
+
+@dataclass(frozen=True)
+class PassResult:
+    gm: GraphModule
+    modified: bool
+
+
+class Pass:
+    """Base of every pass. Subclasses are frozen dataclasses registered with @register_pass."""
+
+    name: ClassVar[str] = ""
+    # The spec rule type this pass implements, when it is an adapter-inserting pass.
+    rule_type: ClassVar[type[Rule] | None] = None
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "Pass":
+        """Build from CLI-style options; passes that carry a spec rule build the rule from them."""
+        if cls.rule_type is not None:
+            return cls(cls.rule_type(**options))
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in known:
+                raise SpecError(f"pass `{cls.name}` has no option `{key}`; options: {', '.join(sorted(known)) or 'none'}")
+        return cls(**options)
+
+    @classmethod
+    def options(cls) -> list[tuple[str, str, Any]]:
+        """(name, type, default) of each option, for `peftc passes`."""
+        owner = cls.rule_type if cls.rule_type is not None else cls
+        out = []
+        for f in dataclasses.fields(owner):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            out.append((f.name, str(f.type), default))
+        return out
+
+    def __str__(self) -> str:
+        return self.name
+
+
+PASSES: dict[str, type[Pass]] = {}
+RULE_PASSES: dict[type[Rule], type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", cls.name):
+        raise ValueError(f"pass name {cls.name!r} is not kebab-case")
+    PASSES[cls.name] = cls
+    if cls.rule_type is not None:
+        RULE_PASSES[cls.rule_type] = cls
+    return cls
+
+
+class Instrument(Protocol):
+    def before(self, index: int, p: Pass, gm: GraphModule, ctx: PassContext) -> None: ...
+
+    def after(self, index: int, p: Pass, result: PassResult, ctx: PassContext) -> None: ...
+
+    def failed(self, index: int, p: Pass, gm: GraphModule, ctx: PassContext, error: BaseException) -> None: ...
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    passes: tuple[Pass, ...]
+
+    @classmethod
+    def for_spec(cls, spec: Spec) -> "Pipeline":
+        from .passes.freeze_base import FreezeBase
+
+        # Freeze first, so adapter passes mark as trainable exactly what they add. Adapter rules run in spec
+        # order: a later rule sees the earlier rules' adapters and leaves them alone.
+        passes: list[Pass] = [FreezeBase()]
+        for rule in spec.rules:
+            pass_cls = RULE_PASSES.get(type(rule))
+            if pass_cls is None:
+                raise SpecError(f"no pass implements {type(rule).__name__} rules")
+            passes.append(pass_cls(rule))
+        return cls(tuple(passes))
+
+    @classmethod
+    def parse(cls, text: str) -> "Pipeline":
+        """`"insert-lora{r=8,target=q_proj|v_proj},prune-grads"` ==> Pipeline. freeze-base is implied first."""
+        from .passes.freeze_base import FreezeBase
+
+        passes: list[Pass] = []
+        for name, opts in _split_pipeline(text):
+            if name not in PASSES:
+                close = difflib.get_close_matches(name, list(PASSES), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(PASSES))}"
+                raise SpecError(f"pipeline {text!r}: unknown pass `{name}`{hint}")
+            passes.append(PASSES[name].from_options(**opts))
+        if not any(isinstance(p, FreezeBase) for p in passes):
+            passes.insert(0, FreezeBase())
+        return cls(tuple(passes))
+
+    def __str__(self) -> str:
+        return ",".join(p.name for p in self.passes)
+
+    def run(self, gm: GraphModule, ctx: PassContext, instruments: Sequence[Instrument] = ()) -> GraphModule:
+        for i, p in enumerate(self.passes):
+            for inst in instruments:
+                inst.before(i, p, gm, ctx)
+            try:
+                result = p.run(gm, ctx)
+                if result.modified:
+                    result.gm.recompile()
+                for inst in instruments:
+                    inst.after(i, p, result, ctx)
+            except Exception as e:
+                for inst in instruments:
+                    inst.failed(i, p, gm, ctx, e)
+                before = ", ".join(q.name for q in self.passes[:i]) or "none"
+                if isinstance(e, SpecError):  # a spec problem found while matching: the user's to fix
+                    raise
+                kind = PassError if not isinstance(e, PeftcError) or isinstance(e, PassError) else type(e)
+                raise kind(f"pass #{i + 1} `{p.name}` failed: {e} (passes run before it: {before})") from e
+            gm = result.gm
+        return gm
+
+
+_PASS_ITEM = re.compile(r"\s*([a-z][a-z0-9-]*)\s*(?:\{([^{}]*)\})?\s*(,|$)")
+
+
+def _split_pipeline(text: str) -> Iterable[tuple[str, dict[str, Any]]]:
+    pos = 0
+    while pos < len(text):
+        m = _PASS_ITEM.match(text, pos)
+        if m is None:
+            raise SpecError(f"pipeline {text!r}: cannot parse at column {pos + 1}; write "
+                            f"`pass-name{{key=value,...}},next-pass`")
+        opts: dict[str, Any] = {}
+        for item in filter(None, (s.strip() for s in (m.group(2) or "").split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SpecError(f"pipeline option `{item}` in {text!r} must be key=value")
+            opts[key.strip()] = _literal(value.strip())
+        yield m.group(1), opts
+        pos = m.end() if m.end() > pos else len(text)
+
+
+def _literal(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
