@@ -104,11 +104,18 @@ def _bind(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, A
 
 
 def _dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool):
+    """Batch (dim 0) and sequence (dim 1 of a tensor with at most 3 dims) are Dim.AUTO; every other dim is static.
+
+    AUTO rather than named Dims: export keeps what the model lets vary and specializes the rest (HF attention
+    branches on seq > 1) instead of failing.
+    """
     if not dynamic:
         return None
 
     def spec(x):
-        return {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        return {i: Dim.AUTO for i in range(min(x.dim(), 2 if x.dim() <= 3 else 1))}
 
     bound = _bind(module, args, kwargs)
     return {name: pytree.tree_map(spec, value) for name, value in bound.items()}
@@ -125,7 +132,14 @@ def _resized(x: torch.Tensor, dims: dict[int, int]) -> torch.Tensor:
 # ---- the export itself -----------------------------------------------------------------------------------------
 def _torch_export(module: nn.Module, args: tuple, kwargs: dict[str, Any], *, dynamic: bool, opset: int | None,
                   output_names: list[str]):
-    with warnings.catch_warnings():
+    import contextlib
+    import io
+    import logging
+
+    torch_onnx_log = logging.getLogger("torch.onnx")
+    level = torch_onnx_log.level
+    torch_onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed" and the like
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(module, tuple(args), kwargs=dict(kwargs), dynamo=True, optimize=False,
@@ -136,6 +150,8 @@ def _torch_export(module: nn.Module, args: tuple, kwargs: dict[str, Any], *, dyn
             raise ExportError(f"torch.onnx.export failed on {type(module).__name__}: {type(e).__name__}: "
                               f"{first[:300]}. Check that the model runs eagerly on the example inputs; "
                               f"try dynamic=False if the failure names a shape") from e
+        finally:
+            torch_onnx_log.setLevel(level)
     return program.model  # an onnx_ir.Model
 
 
@@ -418,7 +434,9 @@ def adapter_inputs_module(gm: GraphModule, adapter_names: list[str]) -> tuple[Gr
     if unsupported:
         raise ExportError(f"adapters='inputs' supports LoRA only; `{unsupported[0]}` belongs to another method. "
                           f"Export with merged=True instead")
-    graph = copy.deepcopy(gm.graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, from deepcopy
+        graph = copy.deepcopy(gm.graph)
     new = GraphModule(gm, graph, class_name=type(gm).__name__)
     scales: dict[str, float] = {}
     for b_name, muls in _lora_scale_nodes(new).items():
