@@ -239,13 +239,28 @@ def _compile(args: argparse.Namespace, progress: Progress):
     return cm
 
 
+def _check_writable(out: Path) -> None:
+    """Fail before minutes of compiling, not after, when the output cannot be written."""
+    import tempfile
+
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"-o {out}: directory {parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise PeftcError(f"-o {out}: cannot write to {parent}: {e.strerror}") from None
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise UsageError(f"-o {out}: the output must be a .onnx file")
-    if not (out.parent if str(out.parent) else Path(".")).is_dir():
-        raise UsageError(f"-o {out}: directory {out.parent} does not exist")
+    _check_writable(out)
+    if args.export_adapter:
+        _check_writable(Path(args.export_adapter))
     progress = Progress(args.quiet)
     try:
         cm = _compile(args, progress)
