@@ -2,3 +2,4 @@
 
 from . import freeze_base, insert_lora  # noqa: F401
 from . import prune_grads  # noqa: F401
+from . import fold_params, merge_reparam  # noqa: F401

@@ -183,8 +183,6 @@ class PruneGrads(Pass):
                 modified |= self._batch_norm(gm, ctx, node)
             elif node.target == aten.dropout.default:
                 modified |= self._dropout(gm, ctx, node, grads)
-        if modified:
-            gm.graph.eliminate_dead_code()
         return PassResult(gm, modified)
 
     def _replace(self, old: Node, new: Node) -> None:
