@@ -581,9 +581,14 @@ def export_compiled(cm, path: str | Path, *, merged: bool = True, adapters: str 
             merge = getattr(cm, "merge", None)
             if merge is None:
                 raise ExportError("this peftc build has no CompiledModel.merge(); export with merged=False")
-            module = merge()
-            return export_module(module, args, kwargs, path, reference=cm, dynamic=dynamic, opset=opset,
-                                 verify=verify, progress=progress)
+            if progress is not None:
+                progress("merging adapters into the base weights")
+            merged_cm = merge()
+            merged_cm.eval()
+            gm = merged_cm.graph_for(*args, **kwargs)
+            gm.eval()
+            return export_module(gm, args, kwargs, path, reference=cm, dynamic=dynamic, opset=opset,
+                                 verify=verify, params={p.name for p in merged_cm.params}, progress=progress)
         gm = cm.graph_for(*args, **kwargs)
         if adapters == "inputs":
             module, _ = adapter_inputs_module(gm, names)
