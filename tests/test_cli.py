@@ -47,18 +47,18 @@ def test_passes_lists_every_pass_with_options(capsys):
     assert "    r: int = 8" in out
 
 
-def test_compile_factory_adapters_as_inputs(capsys, tmp_path):
+def test_compile_factory_merged(capsys, tmp_path):
     out_path, adapter = tmp_path / "mlp.onnx", tmp_path / "mlp.onnx_adapter"
-    code, out, err = run(capsys, "compile", MLP, "-p", MLP_PIPELINE, "-o", str(out_path), "--adapters-as-inputs",
-                         "--export-adapter", str(adapter), "--time-passes", "--print-ir-after-change",
+    code, out, err = run(capsys, "compile", MLP, "-p", MLP_PIPELINE, "-o", str(out_path), "--export-adapter", str(adapter), "--time-passes", "--print-ir-after-change",
                          "--memory-budget", "2GiB")
     assert code == 0, err
     assert out_path.is_file() and adapter.is_file()
     assert "verified against eager on 2x4x16, 3x7x16" in out
     assert "no recompute scheduler" in out and "2,147,483,648 bytes" in out
     assert "IR after #2 insert-lora" in out and "up_lora_A" in out
-    assert "pass timings" in err and "✓ verifying with onnxruntime" in err
+    assert "pass timings" in err and "✓ merging adapters" in err and "✓ verifying with onnxruntime" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "mlp.onnx_adapter"]
+    assert "nodes: 7 exported -> 7 optimized" in out  # merged: 2 x (MatMul, Transpose W, Add bias) + Relu
 
 
 def test_compile_hf_directory_with_peft_adapter_matches_peft(capsys, spec, tmp_path):
