@@ -306,35 +306,20 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-def _saved_for_backward(cm) -> tuple[int, int, dict[str, int]]:
-    """Measured: tensors autograd saves in one training forward on the example inputs (distinct storages)."""
-    import torch
-    from torch.utils import _pytree as pytree
+def _measure_training_step(cm):
+    """One measured forward + backward in training mode on the example inputs (peftc.memory.measure_step)."""
+    from .memory import measure_step
 
     args, kwargs = cm.example_inputs
-    seen: dict[int, int] = {}
-    by_dtype: dict[str, int] = {}
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen[key] = t.untyped_storage().nbytes()
-            name = str(t.dtype).removeprefix("torch.")
-            by_dtype[name] = by_dtype.get(name, 0) + seen[key]
-        return t
-
-    params = {p.tensor.untyped_storage().data_ptr() for p in cm.params}
     was = cm.training
     cm.train()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = cm(*args, **kwargs)
-        del out
+        cm.graph_for(*args, **kwargs)  # capture the training graph first: torch.export must not run under the meter
+        return measure_step(cm, args, kwargs)
     finally:
         cm.train(was)
-    for key in params & seen.keys():  # weights are resident anyway; count only activations
-        seen.pop(key)
-    return len(seen), sum(seen.values()), by_dtype
+        for p in cm.trainable_parameters():
+            p.grad = None
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -346,8 +331,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet)
     try:
         cm = _compile(args, progress)
-        progress.step("measuring what a training step saves for backward")
-        n_saved, saved_bytes, _ = _saved_for_backward(cm)
+        progress.step("measuring one training step")
+        step = _measure_training_step(cm)
         progress.done()
     finally:
         progress.abort()
@@ -366,8 +351,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     trainable, total = cm.parameter_counts()
     console.print(f"trainable: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
     console.print(cm.report().table())
-    console.print(f"saved for backward (measured, one training forward on the example inputs): {n_saved} "
-                  f"activation tensors, {saved_bytes:,} bytes")
+    console.print("memory of one training step (measured on the example inputs; saved = what the forward leaves "
+                  "alive for backward, outputs and loss included):")
+    console.print(str(step))
     console.print("recomputed in backward: nothing (peftc has no recompute scheduler yet)")
     return 0
 

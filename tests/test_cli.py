@@ -115,7 +115,8 @@ def test_explain_reports_parameters_and_measured_saved_tensors(capsys):
     code, out, _ = run(capsys, "explain", MLP, "-p", MLP_PIPELINE, "-q")
     assert code == 0
     assert "adapter" in out and "lora" in out and "trainable: 96 of 1,168" in out
-    assert "saved for backward (measured" in out and "recomputed in backward: nothing" in out
+    assert "memory of one training step (measured" in out and "saved " in out and "FLOPs" in out
+    assert "recomputed in backward: nothing" in out
 
 
 @pytest.mark.parametrize("argv, code, needle", [
