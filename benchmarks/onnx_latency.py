@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import tempfile
@@ -86,6 +87,9 @@ def main() -> None:
                 ort_ms = median_ms(lambda: session.run(None, feeds), reps)
             rows.append((batch, ort_ms, peft_ms, base_ms))
 
+    load = os.getloadavg()[0]
+    print(f"load average {load:.1f} on {os.cpu_count()} cores at the end (other processes share them: compare "
+          f"columns, not absolute times)")
     print(f"onnx export: {export_s:.1f} s, {report.nodes_exported} -> {report.nodes_optimized} nodes, "
           f"max |ORT - eager| {report.max_abs_diff:.2g}; torch {torch.__version__}, onnxruntime {ort.__version__}, "
           f"{THREADS} threads, median of {reps}")
