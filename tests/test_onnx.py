@@ -185,6 +185,7 @@ def test_merged_export_is_the_base_graph_with_merged_weights(llama, tmp_path):
     report = cm.export_onnx(merged_path)
     base = lower_onnx.export_module(model, (), dict(kwargs, use_cache=False), base_path, verify=False)
     assert report.nodes_optimized == base.nodes_optimized  # zero overhead: LoRA left no node behind
+    assert report.rules == {"rsqrt-mul-to-div": 3}  # two RMSNorms in the layer, one at the end
     assert report.max_abs_diff <= report.tolerance and report.shapes_checked == ["2x8", "3x11"]
 
     proto = onnx.load(str(merged_path))
@@ -195,7 +196,26 @@ def test_merged_export_is_the_base_graph_with_merged_weights(llama, tmp_path):
     w, a, b = (cm.params[f"{q}.{t}"].tensor.detach() for t in ("weight", "lora_A.weight", "lora_B.weight"))
     np.testing.assert_allclose(inits[f"{q}.weight"], (w + 2.0 * b @ a).numpy(), atol=1e-6)
 
-    sess = _session(merged_path)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(merged_path), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+    assert fused.count("SimplifiedLayerNormalization") == 3  # what rsqrt-mul-to-div is for
     ids = torch.randint(0, 64, (1, 5))  # batch 1 and a new length: the axes are dynamic
     with torch.no_grad():
         _close(sess.run(None, {"input_ids": ids.numpy()})[0], cm(input_ids=ids).logits)
+
+
+class _Norms(torch.nn.Module):
+    def forward(self, x):
+        v = x.pow(2).mean(-1, keepdim=True) + 1e-6
+        return x * torch.rsqrt(v), x * torch.reciprocal(v)  # only the first is x * rsqrt(v)
+
+
+def test_rsqrt_mul_rule_fires_only_on_rsqrt(tmp_path):
+    x = torch.randn(2, 3, 8)
+    report = lower_onnx.export_module(_Norms(), (x,), {}, tmp_path / "norms.onnx")
+    assert report.rules == {"rsqrt-mul-to-div": 1}
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "norms.onnx")).graph.node]
+    assert ops.count("Div") == 1 and ops.count("Reciprocal") == 1 and ops.count("Sqrt") == 1
