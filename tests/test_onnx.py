@@ -219,3 +219,24 @@ def test_rsqrt_mul_rule_fires_only_on_rsqrt(tmp_path):
     assert report.rules == {"rsqrt-mul-to-div": 1}
     ops = [n.op_type for n in onnx.load(str(tmp_path / "norms.onnx")).graph.node]
     assert ops.count("Div") == 1 and ops.count("Reciprocal") == 1 and ops.count("Sqrt") == 1
+
+
+def test_run_options_activates_disjoint_adapters_and_refuses_overlaps(llama, adapter_inputs_onnx, tmp_path):
+    _, kwargs, cm = llama
+    path, _ = adapter_inputs_onnx
+    tensors = lower_onnx.adapter_tensors(cm)
+    q = {k: v for k, v in tensors.items() if "q_proj" in k}
+    v = {k: t for k, t in tensors.items() if "v_proj" in k}
+    lower_onnx.write_adapter(tmp_path / "q.onnx_adapter", q)
+    lower_onnx.write_adapter(tmp_path / "v.onnx_adapter", v)
+    lower_onnx.write_adapter(tmp_path / "all.onnx_adapter", tensors)
+    # q and v together are the whole adapter: same output as eager with both.
+    options = lower_onnx.run_options([tmp_path / "q.onnx_adapter", tmp_path / "v.onnx_adapter"], path)
+    got = _session(path).run(None, {"input_ids": kwargs["input_ids"].numpy()}, options)[0]
+    with torch.no_grad():
+        _close(got, cm(**kwargs).logits)
+    with pytest.raises(peftc.AdapterError, match="both set `model.layers.0.self_attn.q_proj.lora_[AB].weight`"):
+        lower_onnx.run_options([tmp_path / "q.onnx_adapter", tmp_path / "all.onnx_adapter"], path)
+    lower_onnx.write_adapter(tmp_path / "bad.onnx_adapter", {**q, next(iter(q)): np.zeros((3, 32), np.float32)})
+    with pytest.raises(peftc.AdapterError, match=r"is \(3, 32\) float32"):
+        lower_onnx.run_options([tmp_path / "bad.onnx_adapter"], path)

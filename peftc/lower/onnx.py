@@ -473,8 +473,11 @@ def read_adapter_inputs(onnx_path: str | Path) -> dict[str, tuple[tuple[int, ...
 
 
 def check_adapter(tensors: dict[str, np.ndarray], expected: dict[str, tuple[tuple[int, ...], Any]],
-                  where: str) -> None:
-    """Names, shapes and dtypes of an adapter against a model's adapter inputs (onnxruntime checks none)."""
+                  where: str, complete: bool = True) -> None:
+    """Names, shapes and dtypes of an adapter against a model's adapter inputs (onnxruntime checks none).
+
+    `complete=False` allows an adapter that sets only some inputs (the rest keep their zero default).
+    """
     for name, arr in tensors.items():
         if name not in expected:
             import difflib
@@ -487,7 +490,7 @@ def check_adapter(tensors: dict[str, np.ndarray], expected: dict[str, tuple[tupl
             raise AdapterError(f"adapter tensor `{name}` is {tuple(arr.shape)} {np.dtype(arr.dtype)}; {where} "
                                f"expects {tuple(shape)} {np.dtype(dtype)}")
     missing = [n for n in expected if n not in tensors]
-    if missing:
+    if missing and complete:
         raise AdapterError(f"adapter lacks `{missing[0]}`" + (f" and {len(missing) - 1} more" if len(missing) > 1
                                                               else "") + f", which {where} expects")
 
@@ -612,3 +615,38 @@ def export_compiled_adapter(cm, path: str | Path, onnx_model: str | Path | None 
                     if p.role == ADAPTER}
         check_adapter(tensors, expected, "the compiled model")
     return write_adapter(path, tensors)
+
+
+def run_options(adapters: Iterable[str | Path], onnx_model: str | Path | None = None):
+    """onnxruntime RunOptions with these `.onnx_adapter` files active, after checking what onnxruntime does not.
+
+    Each file must fit `onnx_model`'s adapter inputs (names, shapes, dtypes) when given, and no two files may set
+    the same tensor: onnxruntime would silently let one win.
+    """
+    import onnxruntime as ort
+
+    class AdapterRunOptions(ort.RunOptions):
+        """RunOptions that keep their LoraAdapters alive: onnxruntime holds only a raw pointer to each."""
+
+    expected = read_adapter_inputs(onnx_model) if onnx_model is not None else None
+    options = AdapterRunOptions()
+    options.adapters = []
+    owner: dict[str, str] = {}
+    for path in map(str, adapters):
+        try:
+            params = ort.AdapterFormat.read_adapter(path).get_parameters()
+        except Exception as e:
+            raise AdapterError(f"cannot read adapter file {path}: {' '.join(str(e).split())}") from None
+        tensors = {name: value.numpy() for name, value in params.items()}
+        if expected is not None:
+            check_adapter(tensors, expected, str(onnx_model), complete=False)
+        for name in tensors:
+            if name in owner:
+                raise AdapterError(f"adapters {owner[name]} and {path} both set `{name}`; onnxruntime would "
+                                   f"silently use one of them. Activate one, or split them by module")
+            owner[name] = path
+        adapter = ort.LoraAdapter()
+        adapter.Load(path)
+        options.add_active_adapter(adapter)
+        options.adapters.append(adapter)
+    return options
