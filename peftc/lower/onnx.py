@@ -241,7 +241,7 @@ def _readable_dims(model) -> None:
 
     for value in [*model.graph.inputs, *model.graph.outputs]:
         fix(value)
-    for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
+    for node in model.graph.all_nodes():
         for value in node.outputs:
             fix(value)
 
@@ -250,8 +250,7 @@ def _count_nodes(model) -> int:
     return sum(1 for _ in model.graph)
 
 
-def _save_atomic(model, path: Path, write_extra: Callable[[Path], None] | None = None,
-                 check: Callable[[Path], None] | None = None) -> int:
+def _save_atomic(model, path: Path, check: Callable[[Path], None] | None = None) -> int:
     """Save to a temp dir next to `path`, run `check` on it, then rename into place. Returns bytes written.
 
     A failure at any point (save, check, interrupt) leaves nothing at `path`.
@@ -300,16 +299,22 @@ def _verify(onnx_path: Path, reference: Callable[..., Any], runs: list[tuple[tup
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError(f"onnxruntime cannot load the exported model: {' '.join(str(e).split())[:300]}") from e
     worst, worst_tol, shapes = 0.0, 0.0, []
     for args, kwargs in runs:
         with torch.no_grad():
             ref = _tensor_leaves(reference(*args, **kwargs))
-        inputs = dict(_tensor_leaves((args, kwargs)))
         tensors = [x for _, x in _tensor_leaves((args, kwargs))]
         feeds = {name: _to_numpy(x) for name, x in zip(input_names, tensors)}
         feeds.update(feeds_extra or {})
-        got = session.run(None, feeds)
+        try:
+            got = session.run(None, feeds)
+        except Exception as e:
+            raise ExportError(f"onnxruntime failed to run the exported model: {' '.join(str(e).split())[:300]}") \
+                from e
         if len(got) != len(ref):
             raise ExportError(f"the ONNX model returns {len(got)} outputs, eager returns {len(ref)}")
         shape = "x".join(map(str, tensors[0].shape)) if tensors else "()"
@@ -326,7 +331,6 @@ def _verify(onnx_path: Path, reference: Callable[..., Any], runs: list[tuple[tup
                                   f"max |diff| = {diff:.3g} > tolerance {tol:.3g}. The file was not written; "
                                   f"pass verify=False (--no-verify) to write it anyway")
             worst, worst_tol = max(worst, diff), max(worst_tol, tol)
-        del inputs
     return worst, worst_tol, shapes
 
 
@@ -364,7 +368,7 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict[str, Any], path: 
     """
     step = progress or (lambda msg: None)
     path = Path(path)
-    if not path.parent.is_dir() if str(path.parent) else False:
+    if not path.parent.is_dir():  # fail before the slow part; _save_atomic checks writability
         raise ExportError(f"cannot write {path}: directory {path.parent} does not exist")
     module.eval()
     reference = reference or module
