@@ -54,6 +54,8 @@ def _train(cm, kwargs, seed: int, steps: int = 3) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def llama():
     model, kwargs = tiny_llama()
+    # Keyword order differs from forward's (input_ids, attention_mask): ONNX inputs are matched by name.
+    kwargs = {"attention_mask": torch.ones_like(kwargs["input_ids"]), "input_ids": kwargs["input_ids"]}
     cm = peftc.compile(model, peftc.LoRA(target="q_proj|v_proj", r=4, alpha=8), kwargs=kwargs)
     gen = torch.Generator().manual_seed(0)
     # B != 0, so the export's own verification (ORT fed this adapter vs eager) checks the LoRA path.
@@ -83,7 +85,7 @@ def test_one_session_serves_two_trained_adapters(llama, adapter_inputs_onnx, tmp
     assert report.max_abs_diff is not None and len(report.shapes_checked) == 2
 
     sess = _session(path)
-    ids = kwargs["input_ids"].numpy()
+    feeds = {k: v.numpy() for k, v in kwargs.items()}
     outputs = {}
     for name, adapter in (("first", first), ("second", second)):
         cm.load_adapter_state_dict(adapter)
@@ -93,7 +95,7 @@ def test_one_session_serves_two_trained_adapters(llama, adapter_inputs_onnx, tmp
         lora.Load(str(tmp_path / f"{name}.onnx_adapter"))
         options = ort.RunOptions()
         options.add_active_adapter(lora)
-        got = sess.run(None, {"input_ids": ids}, options)[0]
+        got = sess.run(None, feeds, options)[0]
         cm.load_adapter_state_dict(adapter)
         with torch.no_grad():
             _close(got, cm(**kwargs).logits)
@@ -103,7 +105,7 @@ def test_one_session_serves_two_trained_adapters(llama, adapter_inputs_onnx, tmp
     # No adapter active: the zero defaults make it the base model.
     with torch.no_grad():
         base = model(**kwargs).logits
-    got = sess.run(None, {"input_ids": ids})[0]
+    got = sess.run(None, feeds)[0]
     _close(got, base)
     assert np.abs(got - outputs["first"]).max() > 1e-3
 
@@ -204,7 +206,9 @@ def test_merged_export_is_the_base_graph_with_merged_weights(llama, tmp_path):
     assert fused.count("SimplifiedLayerNormalization") == 3  # what rsqrt-mul-to-div is for
     ids = torch.randint(0, 64, (1, 5))  # batch 1 and a new length: the axes are dynamic
     with torch.no_grad():
-        _close(sess.run(None, {"input_ids": ids.numpy()})[0], cm(input_ids=ids).logits)
+        mask = torch.ones_like(ids)
+        _close(sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0],
+               cm(attention_mask=mask, input_ids=ids).logits)
 
 
 class _Norms(torch.nn.Module):
@@ -232,7 +236,7 @@ def test_run_options_activates_disjoint_adapters_and_refuses_overlaps(llama, ada
     lower_onnx.write_adapter(tmp_path / "all.onnx_adapter", tensors)
     # q and v together are the whole adapter: same output as eager with both.
     options = lower_onnx.run_options([tmp_path / "q.onnx_adapter", tmp_path / "v.onnx_adapter"], path)
-    got = _session(path).run(None, {"input_ids": kwargs["input_ids"].numpy()}, options)[0]
+    got = _session(path).run(None, {k: v.numpy() for k, v in kwargs.items()}, options)[0]
     with torch.no_grad():
         _close(got, cm(**kwargs).logits)
     with pytest.raises(peftc.AdapterError, match="both set `model.layers.0.self_attn.q_proj.lora_[AB].weight`"):

@@ -292,7 +292,7 @@ def _to_numpy(x: torch.Tensor) -> np.ndarray:
 
 
 def _verify(onnx_path: Path, reference: Callable[..., Any], runs: list[tuple[tuple, dict[str, Any]]],
-            input_names: list[str], feeds_extra: dict[str, np.ndarray] | None = None) -> tuple[float, float, list[str]]:
+            module: nn.Module, feeds_extra: dict[str, np.ndarray] | None = None) -> tuple[float, float, list[str]]:
     """Run onnxruntime on each (args, kwargs) and compare with `reference(*args, **kwargs)`; raise if off."""
     import onnxruntime as ort
 
@@ -307,8 +307,9 @@ def _verify(onnx_path: Path, reference: Callable[..., Any], runs: list[tuple[tup
     for args, kwargs in runs:
         with torch.no_grad():
             ref = _tensor_leaves(reference(*args, **kwargs))
-        tensors = [x for _, x in _tensor_leaves((args, kwargs))]
-        feeds = {name: _to_numpy(x) for name, x in zip(input_names, tensors)}
+        named = _tensor_leaves(_bind(module, args, kwargs))  # the graph's input order and names
+        tensors = [x for _, x in named]
+        feeds = {name: _to_numpy(x) for name, x in named}
         feeds.update(feeds_extra or {})
         try:
             got = session.run(None, feeds)
@@ -334,20 +335,20 @@ def _verify(onnx_path: Path, reference: Callable[..., Any], runs: list[tuple[tup
     return worst, worst_tol, shapes
 
 
-def _second_inputs(model, args: tuple, kwargs: dict[str, Any], names: list[str]) -> tuple[tuple, dict[str, Any]]:
+def _second_inputs(model, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """The example inputs with every dynamic dim of the exported graph changed (batch +1, others +3)."""
     import onnx_ir as ir
 
-    dyn: dict[str, dict[int, int]] = {}
+    dyn: dict[str, list[int]] = {}
     for value in model.graph.inputs:
-        if value.name in names and value.shape is not None:
-            dyn[value.name] = {i: -1 for i, d in enumerate(value.shape) if isinstance(d, ir.SymbolicDim)}
+        if value.shape is not None:
+            dyn[value.name] = [i for i, d in enumerate(value.shape) if isinstance(d, ir.SymbolicDim)]
+    name_of = {id(x): name for name, x in _tensor_leaves(_bind(module, args, kwargs))}
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    it = iter(names)
     out = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            dims = dyn.get(next(it), {})
+            dims = dyn.get(name_of.get(id(leaf), ""), [])
             leaf = _resized(leaf, {d: leaf.shape[d] + (1 if d == 0 else 3) for d in dims})
         out.append(leaf)
     args2, kwargs2 = pytree.tree_unflatten(out, spec)
@@ -383,8 +384,10 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict[str, Any], path: 
     if len(graph_inputs) != len(input_names):
         raise ExportError(f"the exported graph takes {len(graph_inputs)} inputs ({', '.join(graph_inputs)}), the "
                           f"model {len(input_names)} tensors; peftc cannot map them")
-    for value, name in zip(model.graph.inputs, input_names):
-        value.name = name
+    if set(graph_inputs) != set(input_names):  # torch names inputs after forward's parameters; when it did not,
+        for value, name in zip(model.graph.inputs, input_names):  # its order is the bound order
+            value.name = name
+    input_names = [v.name for v in model.graph.inputs]
     adapters = _promote_to_inputs(model, adapter_inputs)
     nodes_exported = _count_nodes(model)
 
@@ -401,8 +404,8 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict[str, Any], path: 
         step("verifying with onnxruntime")
         runs = [(tuple(args), dict(kwargs))]
         if dynamic:
-            runs.append(_second_inputs(model, tuple(args), dict(kwargs), input_names))
-        worst = _verify(staged, reference, runs, input_names, adapter_feeds)
+            runs.append(_second_inputs(model, module, tuple(args), dict(kwargs)))
+        worst = _verify(staged, reference, runs, module, adapter_feeds)
         report.max_abs_diff, report.tolerance, report.shapes_checked = worst
 
     step(f"writing {path}")
