@@ -205,6 +205,35 @@ def load_peft_adapter(directory: str) -> dict:
     return {k.removeprefix(prefix): v for k, v in load_file(str(weights)).items()}
 
 
+def _check_adapter_scaling(cm, directory: Path) -> None:
+    """The scaling the adapter was trained with (adapter_config.json) must be the one the spec compiles in:
+    shapes pin r, but a different lora_alpha would silently scale every update."""
+    import json
+    import math
+
+    from .lower.onnx import _eval, lora_scalings
+
+    config_path = directory / "adapter_config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise SpecError(f"--adapter {directory}: rank_pattern / alpha_pattern are not supported yet")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not r or alpha is None:
+        return
+    trained = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    args, kwargs = cm.example_inputs
+    with _eval(cm):
+        compiled = lora_scalings(cm.graph_for(*args, **kwargs))
+    for name, s in compiled.items():
+        if not math.isclose(s, trained, rel_tol=1e-6):
+            raise SpecError(f"--adapter {directory} was trained with r={r}, lora_alpha={alpha}"
+                            f"{', use_rslora' if config.get('use_rslora') else ''} (scaling {trained:g}), but the "
+                            f"spec compiles scaling {s:g} for `{name.removesuffix('.lora_B.weight')}`; set alpha "
+                            f"(and use_rslora) in the spec to match")
+
+
 def _compile(args: argparse.Namespace, progress: Progress):
     import peftc
     from .instrument import PrintIR
@@ -222,6 +251,7 @@ def _compile(args: argparse.Namespace, progress: Progress):
     cm = peftc.compile(model, spec, margs, mkwargs, pipeline=pipeline, instruments=instruments)
     progress.done()
     if adapter is not None:
+        _check_adapter_scaling(cm, Path(args.adapter))
         cm.load_adapter_state_dict(adapter)
     if args.time_passes:
         from rich.console import Console

@@ -104,6 +104,15 @@ def test_compile_hf_directory_with_peft_adapter_matches_peft(capsys, spec, tmp_p
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
+def test_adapter_trained_with_another_alpha_is_a_spec_error(capsys, tmp_path, hf_dirs):
+    model_dir, adapter_dir, _ = hf_dirs
+    spec = tmp_path / "alpha16.toml"
+    spec.write_text('[[lora]]\ntarget = "q_proj|v_proj"\nr = 4\nalpha = 16\n')
+    code, _, err = run(capsys, "explain", str(model_dir), "--spec", str(spec), "--adapter", str(adapter_dir), "-q")
+    assert code == 2
+    assert_one_line_error(err, "lora_alpha=8", "scaling 2", "spec compiles scaling 4")
+
+
 def test_diff_and_explain_on_a_hf_directory(capsys, spec, hf_dirs):
     model_dir, adapter_dir, _ = hf_dirs
     code, out, _ = run(capsys, "diff", str(model_dir), "--spec", str(spec), "--pass", "insert-lora", "-q")
