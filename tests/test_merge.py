@@ -28,7 +28,7 @@ def op_count(gm) -> int:
 
 def plain_op_count(model: nn.Module, kwargs: dict, training: bool) -> int:
     model = copy.deepcopy(model).train(training)
-    return op_count(capture(model, (), call_kwargs(model, kwargs), ParamTable()))
+    return op_count(capture(model, (), call_kwargs(model, kwargs), ParamTable(), dynamic=False))
 
 
 def randomize_adapters(cm, seed=1, scale=0.3):
@@ -53,7 +53,7 @@ def test_merge_parity_op_count_and_names():
     model, kwargs = tiny_llama()
     spec = peftc.Spec(peftc.LoRA(target="q_proj|v_proj|gate_proj", r=4, alpha=8, dropout=0.1),
                       peftc.LoRA(target="o_proj|down_proj", r=2, alpha=4, use_rslora=True))
-    cm = peftc.compile(copy.deepcopy(model).train(), spec, kwargs=kwargs)
+    cm = peftc.compile(copy.deepcopy(model).train(), spec, kwargs=kwargs, dynamic=False)
     randomize_adapters(cm)
     merged = cm.merge()  # from a training-mode model: the LoRA dropout goes, the rest of the graph stays
     assert merged.training
@@ -82,7 +82,8 @@ def test_merge_parity_op_count_and_names():
 
 def test_merge_subset_leaves_the_rest_trainable():
     model, kwargs = tiny_llama()
-    cm = peftc.compile(copy.deepcopy(model).eval(), peftc.LoRA(target="q_proj|v_proj", r=4), kwargs=kwargs)
+    cm = peftc.compile(copy.deepcopy(model).eval(), peftc.LoRA(target="q_proj|v_proj", r=4), kwargs=kwargs,
+                       dynamic=False)
     randomize_adapters(cm)
     merged = cm.merge(adapters=["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj.lora_A.weight",
                                 "model.layers.1.self_attn.v_proj.lora_B.weight"])
@@ -107,7 +108,7 @@ def test_merge_gpt2_conv1d_addmm():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)).eval()
     kwargs = {"input_ids": torch.randint(0, 64, (2, 8))}
-    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target="c_attn|c_fc", r=4), kwargs=kwargs)
+    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target="c_attn|c_fc", r=4), kwargs=kwargs, dynamic=False)
     randomize_adapters(cm)
     merged = cm.merge()
     assert merged.counters["merge-reparam.lora-addmm"] == 2
@@ -115,17 +116,6 @@ def test_merge_gpt2_conv1d_addmm():
     with torch.no_grad():
         assert torch.allclose(merged(**kwargs).logits, cm(**kwargs).logits, rtol=1e-5, atol=1e-5)
     assert {n for n, _ in merged.named_parameters()} <= base_names(model) | {"lm_head.weight"}
-
-
-def test_passes_are_idempotent():
-    model, kwargs = tiny_llama()
-    cm = peftc.compile(copy.deepcopy(model).eval(), peftc.LoRA(target="q_proj", r=4), kwargs=kwargs)
-    merged = cm.merge()
-    gm, ctx = merged.graph_module, PassContext(merged.params, merged._info, training=False)
-    code = gm.code
-    assert MergeReparam().run(gm, ctx).modified is False
-    assert FoldParams().run(gm, ctx).modified is False
-    assert gm.code == code and not ctx.counters
 
 
 class MLP(nn.Module):
@@ -141,13 +131,26 @@ class MLP(nn.Module):
         return x
 
 
+def test_passes_are_idempotent():
+    model = MLP([4, 6, 3], bias=True).eval()
+    cm = peftc.compile(model, peftc.LoRA(target="layers.0", r=2), args=(torch.randn(2, 4),), dynamic=False)
+    merged = cm.merge()
+    assert merged.counters["fold-params.folded"] == 1
+    gm, ctx = merged.graph_module, PassContext(merged.params, merged._info, training=False)
+    code = gm.code
+    assert MergeReparam().run(gm, ctx).modified is False
+    assert FoldParams().run(gm, ctx).modified is False
+    assert gm.code == code and not ctx.counters
+
+
 def test_bf16_merge_error_no_larger_than_hf_merge_and_unload():
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     torch.manual_seed(0)
     model = MLP([64, 128, 64], bias=True).to(torch.bfloat16).eval()
     x = torch.randn(64, 64).to(torch.bfloat16)
-    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target="layers.0|layers.1", r=8, alpha=16), args=(x,))
+    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target="layers.0|layers.1", r=8, alpha=16), args=(x,),
+                       dynamic=False)
     randomize_adapters(cm, scale=0.05)
     adapters = cm.adapter_state_dict()
 
@@ -169,7 +172,8 @@ def test_bf16_merge_error_no_larger_than_hf_merge_and_unload():
         merged = cm.merge()
         assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
         ours_err = (merged(x).float() - ref).abs().mean()
-    assert op_count(merged.graph_module) == op_count(capture(copy.deepcopy(model), (x,), {}, ParamTable()))
+    plain = capture(copy.deepcopy(model), (x,), {}, ParamTable(), dynamic=False)
+    assert op_count(merged.graph_module) == op_count(plain)
     assert ours_err <= hf_err, (ours_err, hf_err)
 
 

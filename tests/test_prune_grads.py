@@ -55,8 +55,8 @@ def patch_net() -> tuple[nn.Module, dict]:
 
 def compile_pair(model, spec, kwargs):
     """The same model compiled without and with prune-grads, sharing base weights and adapter values."""
-    plain = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs)
-    pruned = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs,
+    plain = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs, dynamic=False)
+    pruned = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs, dynamic=False,
                            pipeline=Pipeline(Pipeline.for_spec(spec).passes + (PruneGrads(),)))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -113,7 +113,8 @@ def test_dropout_stores_no_mask():
     model, kwargs = tiny_llama()
     spec = peftc.Spec(peftc.LoRA(target="q_proj|v_proj", r=4, dropout=0.1))
     _, pruned = compile_pair(model, spec, kwargs)
-    no_dropout = peftc.compile(copy.deepcopy(model), peftc.LoRA(target="q_proj|v_proj", r=4), kwargs=kwargs)
+    no_dropout = peftc.compile(copy.deepcopy(model), peftc.LoRA(target="q_proj|v_proj", r=4), kwargs=kwargs,
+                               dynamic=False)
     rng_states = 2 * 2 * torch.get_rng_state().numel()  # one saved RNG state per adapter and layer
     saved = measure_step(pruned, (), kwargs, loss_of).saved_bytes
     assert saved <= measure_step(no_dropout, (), kwargs, loss_of).saved_bytes + rng_states
