@@ -1,3 +1,4 @@
 """peftc's passes, one per file; importing this package registers them all."""
 
 from . import freeze_base, insert_lora  # noqa: F401
+from . import insert_bitfit, insert_norm_tuning, insert_sparse_delta  # noqa: F401
