@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch.fx import GraphModule
 
-from peftc.delta import (already_adapted, delta_shape, insert_delta, mark_adapted, owner, parameter_reads,
+from peftc.delta import (aliases_of, already_adapted, delta_shape, insert_delta, mark_adapted, owner, parameter_reads,
                          sparse_index, _structured_dim)
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
 from peftc.spec import SparseDelta
@@ -39,7 +39,7 @@ class InsertSparseDelta(Pass):
             if already_adapted(read, self.rule, "sparse_delta"):
                 continue
             weight = ctx.params[read.param].tensor
-            aliases = ctx.info.aliases.get(read.param, ())
+            aliases = aliases_of(ctx.info, read.param)
             module, leaf = owner(read.name)
             stem = f"{module}.sparse_delta.{leaf}" if module else f"sparse_delta.{leaf}"
             dim = _structured_dim(self.rule.structure, weight.shape, read.name)

@@ -52,6 +52,11 @@ def is_norm_module(module: str, info: ModelInfo) -> bool:
     return "Norm" in info.module_types.get(module, "")
 
 
+def aliases_of(info: ModelInfo, name: str) -> tuple[str, ...]:
+    """Every name of the parameter `name` (a tied weight has several; export may read it under any of them)."""
+    return info.aliases.get(name) or next((a for a in info.aliases.values() if name in a), (name,))
+
+
 @dataclass(frozen=True)
 class Read:
     """One get_attr node of a base parameter the rule selected."""
@@ -71,9 +76,9 @@ def parameter_reads(gm: GraphModule, table: ParamTable, info: ModelInfo, target:
         linear_weights = {s.weight for s in select(matmul_sites(gm, table, info), target, exclude, info, where)}
     reads, candidates = [], []
     for node in gm.graph.nodes:
-        if node.op != "get_attr" or node.target not in table or table[node.target].role != BASE:
+        if node.op != "get_attr" or node.target not in table or table[node.target].role != BASE or not node.users:
             continue
-        for alias in info.aliases.get(node.target, (node.target,)):
+        for alias in aliases_of(info, node.target):
             if not keep(alias):
                 continue
             candidates.append(alias)
@@ -161,7 +166,8 @@ def sparse_index(rule: SparseDelta, weight: torch.Tensor, name: str, aliases: It
     elif rule.select == "random":
         idx = random_index(n, rule.density, rule.seed, name)
     else:
-        idx = top_index(weight.abs(), rule.density, dim)
+        # |W|^2 orders entries as |W| does and sums to a row's (column's) squared L2 norm.
+        idx = top_index(weight.square(), rule.density, dim)
     return idx.to(device=weight.device, dtype=torch.int64)
 
 
