@@ -28,7 +28,7 @@ from .capture import ModelInfo
 from .errors import PeftcError, SpecError
 from .match import _matches, matmul_sites, select
 from .params import BASE, ParamTable
-from .rewrite import NodeBuilder
+from .rewrite import NodeBuilder, replace_uses
 from .spec import SparseDelta, Target
 
 aten = torch.ops.aten
@@ -188,26 +188,19 @@ def insert_delta(gm: GraphModule, read: Read, weight: torch.Tensor, *, pass_name
     first = min(node.users, key=order.__getitem__)
     b = NodeBuilder(gm, first, pass_name, method, like=first)
     stem = read.name.replace(".", "_")
-    new: list[Node] = [b.attr(values)]
-    vals = new[-1]
+    vals = b.attr(values)
     if gm.get_parameter(values).dtype != weight.dtype:
-        new.append(b.call(aten.to.dtype, vals, weight.dtype, name=f"{stem}_{method}_cast"))
-        vals = new[-1]
+        vals = b.call(aten.to.dtype, vals, weight.dtype, name=f"{stem}_{method}_cast")
     if index is None:
-        new.append(b.call(aten.add.Tensor, node, vals, name=f"{stem}_{method}"))
+        eff = b.call(aten.add.Tensor, node, vals, name=f"{stem}_{method}")
+    elif dim is None:
+        flat = b.call(aten.view.default, node, [-1], name=f"{stem}_{method}_flat")
+        added = b.call(aten.index_add.default, flat, 0, b.attr(index), vals, name=f"{stem}_{method}_add")
+        eff = b.call(aten.view.default, added, list(weight.shape), name=f"{stem}_{method}")
     else:
-        new.append(b.attr(index))
-        idx = new[-1]
-        if dim is None:
-            new.append(b.call(aten.view.default, node, [-1], name=f"{stem}_{method}_flat"))
-            new.append(b.call(aten.index_add.default, new[-1], 0, idx, vals, name=f"{stem}_{method}_add"))
-            new.append(b.call(aten.view.default, new[-1], list(weight.shape), name=f"{stem}_{method}"))
-        else:
-            new.append(b.call(aten.index_add.default, node, dim, idx, vals, name=f"{stem}_{method}"))
-    eff = new[-1]
+        eff = b.call(aten.index_add.default, node, dim, b.attr(index), vals, name=f"{stem}_{method}")
     eff.meta["peftc.delta"] = {"param": read.param, "method": method, "values": values, "index": index, "dim": dim}
-    ours = set(new)
-    node.replace_all_uses_with(eff, delete_user_cb=lambda user: user not in ours)
+    replace_uses(node, eff, keep=b.created)
     return eff
 
 

@@ -66,7 +66,7 @@ class Captured:
 
     def logits(self, gm=None):
         out = (gm or self.model)(**self.kwargs)
-        return out.logits if hasattr(out, "logits") else out[0]
+        return out if isinstance(out, torch.Tensor) else out.logits
 
 
 def probe(shape, seed=1):
