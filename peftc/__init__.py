@@ -6,9 +6,12 @@ from .errors import AdapterError, CaptureError, ExportError, PassError, PeftcErr
 from .lower.eager import CompiledModel
 from .pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
 from .spec import LoRA, Rule, Spec
+from .spec import BitFit, NormTuning, SparseDelta
+from .delta import fisher_masks
 
 __all__ = [
     "compile", "Spec", "Rule", "LoRA", "CompiledModel", "Pipeline", "Pass", "PassContext", "PassResult",
     "register_pass", "PeftcError", "SpecError", "CaptureError", "PassError", "AdapterError", "ExportError",
 ]
+__all__ += ["SparseDelta", "BitFit", "NormTuning", "fisher_masks"]
 __version__ = "0.1.0"

@@ -41,6 +41,54 @@ class MatmulSite:
     # einsum only: the equation and the weight's subscripts (contracted index, output index)
     equation: str | None = None
     weight_subscripts: tuple[str, str] | None = None
+    weight_in_out: bool = False  # the parameter is stored (in, out), as GPT-2's Conv1D stores it
+
+
+@dataclass(frozen=True)
+class ConvSite:
+    """One convolution whose weight is a base parameter: `aten.conv{1,2,3}d` (either overload) or a
+    non-transposed `aten.convolution`. HF PEFT names its adapters after the module, as for a matmul."""
+
+    node: Node
+    x: Node
+    weight: str
+    module: str
+    in_features: int  # input channels
+    out_features: int  # output channels
+    kernel: tuple[int, ...]
+    stride: list[int]
+    padding: list[int] | str
+    dilation: list[int]
+    groups: int
+    form: str = "conv"
+
+
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
+          aten.conv2d.padding, aten.conv3d.padding}
+
+
+def conv_sites(gm: GraphModule, table: ParamTable, info: ModelInfo) -> list[ConvSite]:
+    """Every convolution of the captured model whose weight is a base parameter, in graph order."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "peftc.pass" in node.meta:
+            continue
+        if node.target in _CONVS:
+            x, w, _b, stride, padding, dilation, groups = (*node.args, *[None] * 7)[:7]
+        elif node.target == aten.convolution.default and not node.args[6]:
+            x, w, _b, stride, padding, dilation, _t, _op, groups = node.args
+        else:
+            continue
+        if w.op != "get_attr" or w.target not in table or table[w.target].role != BASE:
+            continue
+        shape = table[w.target].tensor.shape
+        n = len(shape) - 2
+        groups = groups or 1
+        sites.append(ConvSite(node, x, w.target, _module_path(node, w.target, info), in_features=shape[1] * groups,
+                              out_features=shape[0], kernel=tuple(shape[2:]), stride=list(stride or [1] * n),
+                              padding=padding if padding is not None else [0] * n,
+                              dilation=list(dilation or [1] * n), groups=groups))
+    return sites
 
 
 def _weight_source(node: Node, table: ParamTable) -> tuple[str, bool] | None:
@@ -126,7 +174,8 @@ def matmul_sites(gm: GraphModule, table: ParamTable, info: ModelInfo) -> list[Ma
         if transposed != flipped:  # weight laid out (in, out)
             rows, cols = cols, rows
         sites.append(MatmulSite(node, x, weight, _module_path(node, weight, info), in_features=cols,
-                                out_features=rows, form=form, equation=equation, weight_subscripts=subscripts))
+                                out_features=rows, form=form, equation=equation, weight_subscripts=subscripts,
+                                weight_in_out=transposed != flipped))
     return sites
 
 
