@@ -196,3 +196,24 @@ def test_merge_parity_property(widths, bias, r, alpha, rslora, data):
     assert op_count(merged.graph_module) == op_count(capture(copy.deepcopy(model), (x,), {}, ParamTable(),
                                                              dynamic=False))
     assert {k for k, _ in merged.named_parameters()} == base_names(model)
+
+
+def test_merge_conv2d_lora():
+    from benchmarks.models import ResNet, randomize_batch_norm
+
+    torch.manual_seed(0)
+    model = ResNet((4, 8, 8))
+    randomize_batch_norm(model)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    targets = ["stages.2.0.conv1", "stages.2.0.conv2", "stages.2.0.down.0", "head"]
+    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target=targets, r=2, alpha=4), args=(x,), dynamic=False)
+    randomize_adapters(cm)
+    merged = cm.merge()
+    assert merged.counters["merge-reparam.lora-conv2d"] == 3
+    assert merged.counters["merge-reparam.lora-linear"] == 1
+    with torch.no_grad():
+        assert torch.allclose(merged(x), cm(x), rtol=1e-5, atol=1e-5)
+    assert op_count(merged.graph_module) == op_count(capture(copy.deepcopy(model), (x,), {}, ParamTable(),
+                                                             dynamic=False))
+    assert {n for n, _ in merged.named_parameters()} == base_names(model)
