@@ -204,12 +204,12 @@ def render_chart(results: dict, path: Path) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per library (default 5, quick 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per library (default 3, quick 2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for benchmarks.{md,json,png} (default docs/ at full size, none with --quick)")
     opts = parser.parse_args(argv)
-    steps = opts.steps or (2 if opts.quick else 5)
+    steps = opts.steps or (2 if opts.quick else 3)
     out_dir = opts.out if opts.out is not None else (None if opts.quick else Path("docs"))
     torch.set_num_threads(opts.threads)
 
