@@ -70,7 +70,7 @@ class InsertLora(Pass):
         r = self.rule.r
         weight = ctx.params[site.weight].tensor
         dtype = adapter_dtype(weight.dtype)
-        a_name, b_name = f"{site.module}.lora_A.weight", f"{site.module}.lora_B.weight"
+        a_name, b_name = f"{site.adapter_prefix}.lora_A.weight", f"{site.adapter_prefix}.lora_B.weight"
         ctx.params.add(gm, a_name, lambda: lora_init_a(r, site.in_features, weight), method="lora",
                        added_by=self.name)
         ctx.params.add(gm, b_name, lambda: torch.zeros(site.out_features, r, dtype=dtype, device=weight.device),
@@ -101,8 +101,7 @@ class InsertLora(Pass):
         contracted, kept = site.weight_subscripts
         inputs, output = site.equation.split("->")
         subs = inputs.split(",")
-        w_idx = next(i for i, s in enumerate(subs) if sorted(s) == sorted(contracted + kept)
-                     and site.node.args[1][i] is not site.x)
+        w_idx = 1 - site.x_path[1]
         w_subs = subs[w_idx]
         a_laid = a_w if w_subs.index(kept) == 0 else b.call(aten.t.default, a_w, name=f"{stem}_lora_A_t")
         operands = [x, a_laid] if w_idx == 1 else [a_laid, x]

@@ -23,6 +23,32 @@ def _is_guard_failure(e: Exception) -> bool:
     return isinstance(e, (AssertionError, RuntimeError)) and "Guard failed" in str(e)
 
 
+def hunks_mentioning(diff: str, module: str) -> str:
+    """The file headers and hunks of a unified diff whose changed lines name `module` (dotted or as in code)."""
+    needles = (module + ".", module.replace(".", "_") + "_")
+    out, header, hunk = [], [], []
+
+    def flush():
+        if hunk and any(line[:1] in "+-" and any(n in line for n in needles) for line in hunk[1:]):
+            out.extend(header)
+            header.clear()
+            out.extend(hunk)
+
+    for line in diff.splitlines(True):
+        if line.startswith("--- "):
+            flush()
+            hunk, header = [], [line]
+        elif line.startswith("+++ "):
+            header.append(line)
+        elif line.startswith("@@"):
+            flush()
+            hunk = [line]
+        else:
+            hunk.append(line)
+    flush()
+    return "".join(out)
+
+
 class PassReport:
     """What each pass did: nodes added/removed, parameters added, trainable count. `str()` renders a table."""
 
@@ -153,13 +179,17 @@ class CompiledModel(nn.Module):
                 ours[key].tensor.copy_(value)
 
     # ---- what the compiler did ----------------------------------------------------------------------------
-    def diff(self, pass_name: str | None = None) -> str:
-        """Unified diffs of code and parameter table for each pass that changed something (or one pass)."""
+    def diff(self, pass_name: str | None = None, module: str | None = None) -> str:
+        """Unified diffs of code and parameter table for each pass that changed something.
+
+        `pass_name` keeps one pass's diffs; `module` keeps the hunks that mention that module path.
+        """
         records = [r for r in self.diff_ir.records if pass_name is None or r.name == pass_name]
         if pass_name is not None and not records:
             names = ", ".join(dict.fromkeys(r.name for r in self.diff_ir.records))
             raise PeftcError(f"no pass named `{pass_name}` ran; passes: {names}")
-        return "".join(r.diff for r in records)
+        text = "".join(r.diff for r in records)
+        return text if module is None else hunks_mentioning(text, module)
 
     def report(self) -> PassReport:
         return PassReport(self.diff_ir.records)
