@@ -91,10 +91,10 @@ class InsertLora(Pass):
             down = b.call(aten.linear.default, x, a_w, name=f"{stem}_lora_A")
             delta = b.call(aten.linear.default, down, b_w, name=f"{stem}_lora_B")
         scaled = b.call(aten.mul.Tensor, delta, self.rule.scaling, name=f"{stem}_lora_scaled")
-        out = b.call(aten.add.Tensor, y, scaled, name=f"{stem}_lora_out")
+        added = out = b.call(aten.add.Tensor, y, scaled, name=f"{stem}_lora_out")
         if dtype != weight.dtype:
-            out = b.call(aten.to.dtype, out, weight.dtype, name=f"{stem}_lora_cast")
-        replace_uses(y, out)
+            out = b.call(aten.to.dtype, added, weight.dtype, name=f"{stem}_lora_cast")
+        replace_uses(y, out, spare=(added,))
 
     def _einsum_delta(self, b: NodeBuilder, site: MatmulSite, x: Node, a_w: Node, b_w: Node, stem: str) -> Node:
         """Same equation with A in W's place (r where W had out), then contract r with B."""

@@ -35,6 +35,7 @@ class NodeBuilder:
             return self._tag(self.graph.get_attr(qualname))
 
 
-def replace_uses(old: Node, new: Node) -> None:
-    """Point every user of `old` except `new` itself (which reads old) at `new`."""
-    old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+def replace_uses(old: Node, new: Node, spare: tuple[Node, ...] = ()) -> None:
+    """Point every user of `old` at `new`, except `new` itself and the `spare` nodes that compute it from old."""
+    keep = {new, *spare}
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in keep)
