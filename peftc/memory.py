@@ -101,6 +101,14 @@ class LiveStorageTracker(TorchDispatchMode):
         self.peak_bytes = 0
         """The most bytes alive at once since the tracker started, or since the last `reset_peak()`."""
 
+    def __enter__(self) -> LiveStorageTracker:
+        # Under a dispatch mode the first call of some ops imports torch._dynamo, and that import leaves reference
+        # cycles holding the frames of the running forward, with its activations, until the next garbage
+        # collection: the first step measured in a process would read too high. Import it before tracking starts.
+        import torch._dynamo  # noqa: F401
+
+        return super().__enter__()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -237,9 +245,11 @@ def measure_step(
 
     Side effects, none of them undone: every parameter's `.grad` (and that of every input tensor that requires
     grad) is set to None before the step, so that backward allocates them afresh and they can be measured; after
-    the step they hold this step's gradients. The module is run in whatever train/eval mode it is in. Garbage
-    collection is run before the step and disabled during it, so that a collection at a random moment cannot
-    change the numbers from one run to the next.
+    the step they hold this step's gradients. The module is run in whatever train/eval mode it is in.
+
+    Garbage collection runs before the step and at the end of forward, and is disabled otherwise, so that a
+    collection at a random moment cannot change the numbers from one run to the next: `saved_bytes` counts only
+    what is reachable, while the peaks include any cyclic garbage the step creates (an upper bound).
 
     The output and the loss stay referenced during backward, as in an ordinary training loop, so they count in
     `peak_bytes`. `loss_fn` runs inside the measured forward pass.
@@ -267,6 +277,8 @@ def measure_step(
                 output = module(*args, **kwargs)
                 loss = loss_fn(output)
             _check_loss(loss)
+            # Count what forward keeps reachable, not cyclic garbage it left behind for a later collection.
+            gc.collect()
             saved_bytes = tracker.live_bytes
             forward_peak_bytes = tracker.peak_bytes
             with FlopCounterMode(display=False) as backward_counter:

@@ -1,7 +1,6 @@
 """peftc.memory: byte counts checked against what autograd must keep, computed by hand for tiny float32 models."""
 
 import gc
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -240,6 +239,23 @@ def test_existing_grads_are_cleared_first():
 def test_measurement_is_repeatable():
     model, x = TwoLayer(w1_trainable=True, w2_trainable=True), torch.randn(M, K)
     assert measure_step(model, (x,)) == measure_step(model, (x,))
+
+
+def test_cyclic_garbage_is_not_counted_as_saved():
+    class Cycle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(K, O))
+
+        def forward(self, x):
+            y = x @ self.W
+            junk = [y * 2]
+            junk.append(junk)  # unreachable once forward returns, but only a collection frees it
+            return y
+
+    r = measure_step(Cycle(), (torch.randn(M, K),))
+    assert r.saved_bytes == nbytes(M, O) + nbytes()
+    assert r.forward_peak_bytes == 2 * nbytes(M, O) + nbytes()  # the peak is an upper bound: garbage included
 
 
 def test_buffers_are_reported_apart():
