@@ -46,6 +46,8 @@ class Rule:
     """Base of every method rule. `kind` is the spec-file table name (`[[lora]]`)."""
 
     kind: ClassVar[str] = ""
+    # HF PEFT's names for our keys, so a ported config gets told what the key is called here.
+    hf_names: ClassVar[dict[str, str]] = {"target_modules": "target", "exclude_modules": "exclude"}
 
     def _where(self) -> str:
         return f"{type(self).__name__}"
@@ -55,10 +57,13 @@ class Rule:
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         for key in data:
             if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=3)
+                close = [cls.hf_names[key]] if key in cls.hf_names else difflib.get_close_matches(key, sorted(known), n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
                 raise SpecError(f"{where}: unknown key `{key}`{hint}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except SpecError as e:
+            raise SpecError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,8 @@ class LoRA(Rule):
     """
 
     kind: ClassVar[str] = "lora"
+    hf_names: ClassVar[dict[str, str]] = {**Rule.hf_names, "lora_alpha": "alpha", "lora_dropout": "dropout",
+                                          "rank": "r"}
 
     target: Target = "all-linear"
     r: int = 8
