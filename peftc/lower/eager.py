@@ -24,20 +24,30 @@ def _is_guard_failure(e: Exception) -> bool:
 
 
 def hunks_mentioning(diff: str, module: str) -> str:
-    """The file headers and hunks of a unified diff whose changed lines name `module` (dotted or as in code)."""
-    needles = (module + ".", module.replace(".", "_") + "_")
-    out, header, hunk = [], [], []
+    """The hunks of a unified diff whose changed lines name `module` (dotted, or as code spells it).
 
-    def flush():
-        if hunk and any(line[:1] in "+-" and any(n in line for n in needles) for line in hunk[1:]):
-            out.extend(header)
-            header.clear()
-            out.extend(hunk)
+    For display, not for `patch`: in the parameter table, rows of other modules are dropped from a kept hunk.
+    """
+    needles = (module + ".", module.replace(".", "_") + "_")
+    out: list[str] = []
+    header: list[str] = []  # the current file's header, until one of its hunks is kept
+    hunk: list[str] = []
+    table = False  # the current file is the parameter table
+
+    def mentions(line: str) -> bool:
+        return any(n in line for n in needles)
+
+    def flush() -> None:
+        if not any(line[:1] in "+-" and mentions(line) for line in hunk[1:]):
+            return
+        out.extend(header)
+        header.clear()
+        out.extend(line for line in hunk if not (table and line[:1] in "+-" and not mentions(line)))
 
     for line in diff.splitlines(True):
         if line.startswith("--- "):
             flush()
-            hunk, header = [], [line]
+            hunk, header, table = [], [line], line.rstrip().endswith("params.txt")
         elif line.startswith("+++ "):
             header.append(line)
         elif line.startswith("@@"):
