@@ -141,7 +141,8 @@ class InsertPrefix(Pass):
                  name: str) -> Node:
         """[kv_heads, P, d] ==> like's layout: [batch, heads_at_op, P, d] (or [batch, P, d] for 3-d attention)."""
         val = like.meta["val"]
-        prefix = b.call(aten.to.dtype, prefix, val.dtype, name=f"{name}_cast")
+        if self._dtype(site)[0] != val.dtype:
+            prefix = b.call(aten.to.dtype, prefix, val.dtype, name=f"{name}_cast")
         if heads_at_op != site.kv_heads:
             prefix = b.call(aten.repeat_interleave.self_int, prefix, heads_at_op // site.kv_heads, 0,
                             name=f"{name}_repeat")
@@ -187,7 +188,8 @@ class InsertPrefix(Pass):
     def _rewrite_softmax(self, gm: GraphModule, b: NodeBuilder, site: AttentionSite, pk: Node, pv: Node,
                          stem: str) -> None:
         q_val = site.q.meta["val"]
-        pk = b.call(aten.to.dtype, pk, q_val.dtype, name=f"{stem}_prefix_k_cast")
+        if self._dtype(site)[0] != q_val.dtype:
+            pk = b.call(aten.to.dtype, pk, q_val.dtype, name=f"{stem}_prefix_k_cast")
         if site.heads != site.kv_heads:
             pk = b.call(aten.repeat_interleave.self_int, pk, site.heads // site.kv_heads, 0,
                         name=f"{stem}_prefix_k_repeat")
