@@ -1,3 +1,4 @@
 """peftc's passes, one per file; importing this package registers them all."""
 
 from . import freeze_base, insert_lora  # noqa: F401
+from . import insert_ia3, insert_prefix, insert_prompt_tuning  # noqa: F401

@@ -5,10 +5,11 @@ from .api import compile
 from .errors import AdapterError, CaptureError, ExportError, PassError, PeftcError, SpecError
 from .lower.eager import CompiledModel
 from .pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
-from .spec import LoRA, Rule, Spec
+from .spec import IA3, LoRA, Prefix, PromptTuning, Rule, Spec
 
 __all__ = [
     "compile", "Spec", "Rule", "LoRA", "CompiledModel", "Pipeline", "Pass", "PassContext", "PassResult",
     "register_pass", "PeftcError", "SpecError", "CaptureError", "PassError", "AdapterError", "ExportError",
+    "Prefix", "PromptTuning", "IA3",
 ]
 __version__ = "0.1.0"
