@@ -44,6 +44,7 @@ class MatmulSite:
     adapter_prefix: str = ""
     equation: str | None = None
     weight_subscripts: tuple[str, str] | None = None
+    weight_in_out: bool = False  # the parameter is stored (in, out), as GPT-2's Conv1D stores it
 
     @property
     def x(self) -> Node:
@@ -52,6 +53,57 @@ class MatmulSite:
         for i in self.x_path:
             arg = arg[i]
         return arg
+
+
+@dataclass(frozen=True)
+class ConvSite:
+    """One convolution whose weight is a base parameter: `aten.conv{1,2,3}d` (either overload) or a
+    non-transposed `aten.convolution`. HF PEFT names its adapters after the module, as for a matmul."""
+
+    node: Node
+    weight: str
+    module: str
+    adapter_prefix: str
+    in_features: int  # input channels
+    out_features: int  # output channels
+    kernel: tuple[int, ...]
+    stride: list[int]
+    padding: list[int] | str
+    dilation: list[int]
+    groups: int
+    form: str = "conv"
+
+    @property
+    def x(self) -> Node:
+        return self.node.args[0]
+
+
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
+          aten.conv2d.padding, aten.conv3d.padding}
+
+
+def conv_sites(gm: GraphModule, table: ParamTable, info: ModelInfo) -> list[ConvSite]:
+    """Every convolution of the captured model whose weight is a base parameter, in graph order."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "peftc.pass" in node.meta:
+            continue
+        if node.target in _CONVS:
+            x, w, _b, stride, padding, dilation, groups = (*node.args, *[None] * 7)[:7]
+        elif node.target == aten.convolution.default and not node.args[6]:
+            x, w, _b, stride, padding, dilation, _t, _op, groups = node.args
+        else:
+            continue
+        if w.op != "get_attr" or w.target not in table or table[w.target].role != BASE:
+            continue
+        shape = table[w.target].tensor.shape
+        n = len(shape) - 2
+        groups = groups or 1
+        sites.append(ConvSite(node, w.target, *_module_path(node, w.target, info), in_features=shape[1] * groups,
+                              out_features=shape[0], kernel=tuple(shape[2:]), stride=list(stride or [1] * n),
+                              padding=padding if padding is not None else [0] * n,
+                              dilation=list(dilation or [1] * n), groups=groups))
+    return sites
 
 
 def _weight_source(node: Node, table: ParamTable) -> tuple[str, bool] | None:
@@ -138,7 +190,8 @@ def matmul_sites(gm: GraphModule, table: ParamTable, info: ModelInfo) -> list[Ma
             rows, cols = cols, rows
         module, prefix = _module_path(node, weight, info)
         sites.append(MatmulSite(node, x_path, weight, module, in_features=cols, out_features=rows, form=form,
-                                adapter_prefix=prefix, equation=equation, weight_subscripts=subscripts))
+                                adapter_prefix=prefix, equation=equation, weight_subscripts=subscripts,
+                                weight_in_out=transposed != flipped))
     return sites
 
 

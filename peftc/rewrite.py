@@ -18,11 +18,13 @@ class NodeBuilder:
         self.graph = gm.graph
         self.anchor = anchor
         self.meta: dict[str, Any] = {"peftc.pass": pass_name, "peftc.role": role}
+        self.created: list[Node] = []  # every node this builder emitted, in order
         if like is not None and "nn_module_stack" in like.meta:
             self.meta["nn_module_stack"] = like.meta["nn_module_stack"]
 
     def _tag(self, node: Node) -> Node:
         node.meta.update(self.meta)
+        self.created.append(node)
         return node
 
     def call(self, target, *args: Any, name: str | None = None, kwargs: dict[str, Any] | None = None) -> Node:
@@ -35,7 +37,8 @@ class NodeBuilder:
             return self._tag(self.graph.get_attr(qualname))
 
 
-def replace_uses(old: Node, new: Node, spare: tuple[Node, ...] = ()) -> None:
-    """Point every user of `old` at `new`, except `new` itself and the `spare` nodes that compute it from old."""
-    keep = {new, *spare}
-    old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in keep)
+def replace_uses(old: Node, new: Node, keep: Any = ()) -> None:
+    """Point every user of `old` except `new` itself (which reads old), and the nodes in `keep` (the rest of the
+    rewrite that reads old), at `new`."""
+    keep = set(keep)
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and user not in keep)
