@@ -12,9 +12,9 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from ..capture import ModelInfo, call_kwargs, capture
-from ..errors import AdapterError, PeftcError
+from ..errors import AdapterError, PassError, PeftcError
 from ..instrument import DiffIR, PassRecord, Verify
-from ..params import ADAPTER, BUFFER, ParamTable, get_attr_path, set_attr_path
+from ..params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from ..pipeline import Instrument, PassContext, Pipeline
 from ..spec import Spec
 
@@ -95,10 +95,11 @@ class CompiledModel(nn.Module):
 
     def __init__(self, model: nn.Module, spec: Spec | None, pipeline: Pipeline, args: tuple,
                  kwargs: dict[str, Any], *, dynamic: bool = True, verify: bool = True,
-                 instruments: Sequence[Instrument] = ()):
+                 instruments: Sequence[Instrument] = (), params: ParamTable | None = None):
         super().__init__()
         self.spec, self.pipeline, self.dynamic, self.verify = spec, pipeline, dynamic, verify
-        self.params = ParamTable()
+        self.params = params if params is not None else ParamTable()
+        self._example = (tuple(args), dict(kwargs))  # merge() captures the model again on these
         self.counters = None
         self.diff_ir = DiffIR()
         # The source model is kept to capture new signatures, but not registered: its parameters are ours.
@@ -109,11 +110,15 @@ class CompiledModel(nn.Module):
         first = self._lower(tuple(args), call_kwargs(model, kwargs),
                             instruments=[*([Verify()] if verify else []), self.diff_ir, *instruments])
         object.__setattr__(self, "graph_module", first)  # not a submodule: its tensors are registered below
-        for p in self.params:
+        for p in self._exposed():
             try:
                 set_attr_path(self, p.name, p.tensor)
             except KeyError as e:  # a top-level module name that clashes with a CompiledModel attribute
                 raise PeftcError(f"cannot expose `{p.name}` on CompiledModel: {e}") from None
+
+    def _exposed(self) -> list[Param]:
+        """The table entries registered on the module (named_parameters / state_dict)."""
+        return list(self.params)
 
     # ---- calling -------------------------------------------------------------------------------------------
     def _key(self, args: tuple, kwargs: dict[str, Any]):
@@ -188,6 +193,36 @@ class CompiledModel(nn.Module):
             for key, value in state_dict.items():
                 ours[key].tensor.copy_(value)
 
+    def merge(self, adapters: str | Sequence[str] | None = None) -> "MergedModel":
+        """A new module with the adapters folded into the base weights; this model stays as it is, trainable.
+
+        `adapters` picks some (module paths such as "model.layers.0.self_attn.q_proj", tensor names, or method
+        names such as "lora"); the others stay trainable in the new module. The new module is called like the
+        original model, and its parameters carry the base model's names (plus those of the adapters left).
+        Half-precision weights are merged in fp32 and cast once.
+        """
+        from ..passes.fold_params import FoldParams
+        from ..passes.merge_reparam import MergeReparam, select_adapters
+
+        chosen = select_adapters(self.params, adapters)
+        table = self.params.copy()
+        for p in table:
+            if p.role == ADAPTER:  # copies: training this model later must not move the merged weights
+                keep = p.trainable and p.name not in chosen
+                p.tensor, p.trainable = nn.Parameter(p.tensor.detach().clone(), requires_grad=keep), keep
+        # Merge right after the adapter passes, before optimizations that fuse adapter ops (prune-grads).
+        passes = list(self.pipeline.passes)
+        last_adapter = max((i for i, q in enumerate(passes) if q.rule_type is not None), default=0)
+        passes[last_adapter + 1:last_adapter + 1] = [MergeReparam(tuple(sorted(chosen))), FoldParams()]
+        merged = MergedModel(self._source, self.spec, Pipeline(tuple(passes)), *self._example,
+                             training=self.training, dynamic=self.dynamic, verify=self.verify, params=table)
+        unmerged = sorted(chosen & {n.target for n in merged.graph_module.graph.nodes if n.op == "get_attr"})
+        if unmerged:
+            raise PassError(f"merge: no merge rule matched how `{unmerged[0]}` is applied"
+                            + (f" (and {len(unmerged) - 1} more)" if len(unmerged) > 1 else "")
+                            + "; leave its module out of adapters=[...] or add a rule to MERGE_RULES")
+        return merged
+
     # ---- what the compiler did ----------------------------------------------------------------------------
     def diff(self, pass_name: str | None = None, module: str | None = None) -> str:
         """Unified diffs of code and parameter table for each pass that changed something.
@@ -216,3 +251,22 @@ class CompiledModel(nn.Module):
         line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
         print(line)
         return line
+
+
+class MergedModel(CompiledModel):
+    """What CompiledModel.merge() returns: the same pipeline plus merge-reparam and fold-params, on its own copy
+    of the parameter table. Only the tensors its graphs read are registered, so parameter names are the base
+    model's (merged weights included) plus those of the adapters left unmerged."""
+
+    def __init__(self, model: nn.Module, spec: Spec | None, pipeline: Pipeline, args: tuple,
+                 kwargs: dict[str, Any], *, training: bool, **options: Any):
+        was_training = model.training
+        model.train(training)
+        try:
+            super().__init__(model, spec, pipeline, args, kwargs, **options)
+        finally:
+            model.train(was_training)
+
+    def _exposed(self) -> list[Param]:
+        read = {n.target for n in self.graph_module.graph.nodes if n.op == "get_attr"}
+        return [p for p in self.params if p.name in read or p.trainable]
