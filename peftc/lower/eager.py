@@ -252,6 +252,44 @@ class CompiledModel(nn.Module):
         print(line)
         return line
 
+    # ---- ONNX ------------------------------------------------------------------------------------------------
+    @property
+    def example_inputs(self) -> tuple[tuple, dict[str, Any]]:
+        """The (args, kwargs) the model was compiled with, as peftc calls it (what ONNX export traces on)."""
+        args, kwargs = self._example
+        return args, call_kwargs(self._source, kwargs)
+
+    def graph_for(self, *args: Any, **kwargs: Any) -> GraphModule:
+        """The graph that serves this call signature in the current train/eval mode, captured if it is new."""
+        kwargs = call_kwargs(self._source, kwargs)
+        graphs = self._graphs.get(self._key(args, kwargs))
+        return graphs[0] if graphs else self._lower(args, kwargs)
+
+    def export_onnx(self, path, merged: bool = True, dynamic: bool = True, opset: int | None = None,
+                    verify: bool = True, adapters: str | None = None, progress=None):
+        """Lower to an optimized ONNX file at `path`, checked against this model in onnxruntime.
+
+        merged=True folds the adapters into the base weights (same graph as the base model). merged=False with
+        adapters="inputs" makes every LoRA A / scaled B a graph input (default zero) for onnxruntime's multi-LoRA;
+        adapters=None keeps them as initializers. Batch and sequence axes are dynamic unless dynamic=False.
+        verify=True runs onnxruntime on the example inputs and a second shape and raises ExportError past
+        1e-4 * max(1, max|reference|) (fp32). The file appears only when everything succeeded.
+        Returns an ExportReport (node counts, max difference, file size).
+        """
+        from .onnx import export_compiled
+
+        return export_compiled(self, path, merged=merged, adapters=adapters, dynamic=dynamic, opset=opset,
+                               verify=verify, progress=progress)
+
+    def export_onnx_adapter(self, path, onnx_model=None) -> int:
+        """Write the current adapter as an onnxruntime `.onnx_adapter` file (LoRA scaling folded into B).
+
+        With `onnx_model` (a file from export_onnx(merged=False, adapters="inputs")), names, shapes and dtypes are
+        checked against its adapter inputs first; onnxruntime checks none of them. Returns the file size.
+        """
+        from .onnx import export_compiled_adapter
+
+        return export_compiled_adapter(self, path, onnx_model)
 
 class MergedModel(CompiledModel):
     """What CompiledModel.merge() returns: the same pipeline plus merge-reparam and fold-params, on its own copy
