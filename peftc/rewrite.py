@@ -29,9 +29,9 @@ class NodeBuilder:
         self.created.append(node)
         return node
 
-    def call(self, target, *args: Any, name: str | None = None) -> Node:
+    def call(self, target, *args: Any, name: str | None = None, kwargs: dict[str, Any] | None = None) -> Node:
         with self.graph.inserting_before(self.anchor):
-            node = self.graph.create_node("call_function", target, tuple(args), name=name)
+            node = self.graph.create_node("call_function", target, tuple(args), kwargs, name=name)
         return self._tag(node)
 
     def attr(self, qualname: str) -> Node:

@@ -23,6 +23,42 @@ def _is_guard_failure(e: Exception) -> bool:
     return isinstance(e, (AssertionError, RuntimeError)) and "Guard failed" in str(e)
 
 
+def hunks_mentioning(diff: str, module: str) -> str:
+    """The hunks of a unified diff whose changed lines name `module` (dotted, or as code spells it).
+
+    For display, not for `patch`: in the parameter table, rows of other modules are dropped from a kept hunk.
+    """
+    needles = (module + ".", module.replace(".", "_") + "_")
+    out: list[str] = []
+    header: list[str] = []  # the current file's header, until one of its hunks is kept
+    hunk: list[str] = []
+    table = False  # the current file is the parameter table
+
+    def mentions(line: str) -> bool:
+        return any(n in line for n in needles)
+
+    def flush() -> None:
+        if not any(line[:1] in "+-" and mentions(line) for line in hunk[1:]):
+            return
+        out.extend(header)
+        header.clear()
+        out.extend(line for line in hunk if not (table and line[:1] in "+-" and not mentions(line)))
+
+    for line in diff.splitlines(True):
+        if line.startswith("--- "):
+            flush()
+            hunk, header, table = [], [line], line.rstrip().endswith("params.txt")
+        elif line.startswith("+++ "):
+            header.append(line)
+        elif line.startswith("@@"):
+            flush()
+            hunk = [line]
+        else:
+            hunk.append(line)
+    flush()
+    return "".join(out)
+
+
 class PassReport:
     """What each pass did: nodes added/removed, parameters added, trainable count. `str()` renders a table."""
 
@@ -188,13 +224,17 @@ class CompiledModel(nn.Module):
         return merged
 
     # ---- what the compiler did ----------------------------------------------------------------------------
-    def diff(self, pass_name: str | None = None) -> str:
-        """Unified diffs of code and parameter table for each pass that changed something (or one pass)."""
+    def diff(self, pass_name: str | None = None, module: str | None = None) -> str:
+        """Unified diffs of code and parameter table for each pass that changed something.
+
+        `pass_name` keeps one pass's diffs; `module` keeps the hunks that mention that module path.
+        """
         records = [r for r in self.diff_ir.records if pass_name is None or r.name == pass_name]
         if pass_name is not None and not records:
             names = ", ".join(dict.fromkeys(r.name for r in self.diff_ir.records))
             raise PeftcError(f"no pass named `{pass_name}` ran; passes: {names}")
-        return "".join(r.diff for r in records)
+        text = "".join(r.diff for r in records)
+        return text if module is None else hunks_mentioning(text, module)
 
     def report(self) -> PassReport:
         return PassReport(self.diff_ir.records)
@@ -212,6 +252,44 @@ class CompiledModel(nn.Module):
         print(line)
         return line
 
+    # ---- ONNX ------------------------------------------------------------------------------------------------
+    @property
+    def example_inputs(self) -> tuple[tuple, dict[str, Any]]:
+        """The (args, kwargs) the model was compiled with, as peftc calls it (what ONNX export traces on)."""
+        args, kwargs = self._example
+        return args, call_kwargs(self._source, kwargs)
+
+    def graph_for(self, *args: Any, **kwargs: Any) -> GraphModule:
+        """The graph that serves this call signature in the current train/eval mode, captured if it is new."""
+        kwargs = call_kwargs(self._source, kwargs)
+        graphs = self._graphs.get(self._key(args, kwargs))
+        return graphs[0] if graphs else self._lower(args, kwargs)
+
+    def export_onnx(self, path, merged: bool = True, dynamic: bool = True, opset: int | None = None,
+                    verify: bool = True, adapters: str | None = None, progress=None):
+        """Lower to an optimized ONNX file at `path`, checked against this model in onnxruntime.
+
+        merged=True folds the adapters into the base weights (same graph as the base model). merged=False with
+        adapters="inputs" makes every LoRA A / scaled B a graph input (default zero) for onnxruntime's multi-LoRA;
+        adapters=None keeps them as initializers. Batch and sequence axes are dynamic unless dynamic=False.
+        verify=True runs onnxruntime on the example inputs and a second shape and raises ExportError past
+        1e-4 * max(1, max|reference|) (fp32). The file appears only when everything succeeded.
+        Returns an ExportReport (node counts, max difference, file size).
+        """
+        from .onnx import export_compiled
+
+        return export_compiled(self, path, merged=merged, adapters=adapters, dynamic=dynamic, opset=opset,
+                               verify=verify, progress=progress)
+
+    def export_onnx_adapter(self, path, onnx_model=None) -> int:
+        """Write the current adapter as an onnxruntime `.onnx_adapter` file (LoRA scaling folded into B).
+
+        With `onnx_model` (a file from export_onnx(merged=False, adapters="inputs")), names, shapes and dtypes are
+        checked against its adapter inputs first; onnxruntime checks none of them. Returns the file size.
+        """
+        from .onnx import export_compiled_adapter
+
+        return export_compiled_adapter(self, path, onnx_model)
 
 class MergedModel(CompiledModel):
     """What CompiledModel.merge() returns: the same pipeline plus merge-reparam and fold-params, on its own copy
