@@ -169,9 +169,33 @@ def render_markdown(results: dict, meta: dict) -> str:
                       f"|loss(peftc) - loss(HF PEFT)| = {r['loss_diff']:.2e}." for k, r in results.items())
     targets = "\n".join(f"| {name} | {'met' if ok else '**missed**'} | {value} |"
                         for name, ok, value in check_targets(results))
-    return (f"Run: `{meta['command']}` on {meta['machine']}, torch {meta['torch']}, peft {meta['peft']}, "
-            f"{meta['threads']} threads, median of {meta['steps']} steps.\n\nCases:\n{cases}\n\n"
-            + "\n".join(lines) + "\n\n| target | status | peftc / HF PEFT |\n| --- | --- | --- |\n" + targets + "\n")
+    return (f"# Benchmarks: peftc vs HF PEFT\n\n{INTRO}\n\n## Results\n\n"
+            f"Run: `{meta['command']}` on {meta['machine']}, torch {meta['torch']}, peft {meta['peft']}, "
+            f"{meta['threads']} threads, median of {meta['steps']} interleaved steps after one warm-up. "
+            f"This file is written by the run; ![ratios](benchmarks.png)\n\nCases:\n{cases}\n\n"
+            + "\n".join(lines) + "\n\n| target | status | peftc / HF PEFT |\n| --- | --- | --- |\n" + targets
+            + f"\n\n{WHY}\n")
+
+
+INTRO = """`make bench` (`python -m benchmarks.run`) builds each case once from a seed, gives HF PEFT (`get_peft_model`)
+and peftc (the spec's pipeline plus `prune-grads`) identical copies of the base model and identical non-zero adapter
+weights, and measures both in the same process: peak bytes, bytes saved for backward (alive at the end of forward,
+outputs and loss included) and forward+backward FLOPs from `peftc.memory.measure_step` (exact storage tracking and
+FlopCounterMode), and the median wall time of full training steps (forward, loss, backward), HF PEFT and peftc
+steps interleaved so that load on the machine hits both alike. Memory and FLOPs are exact and repeatable; step
+times on a shared 2-core CPU are noisy (a few percent between runs)."""
+
+WHY = """## Where the differences come from
+
+- (a) With a frozen base, eager autograd already saves nothing for a frozen `nn.Linear`, so an fp32 Llama with
+  LoRA on q/v has little to prune. The one difference is in capture: torch.export records the boolean causal mask
+  that transformers builds when tracing, and CPU SDPA saves a float copy of it per layer. `prune-grads` checks the
+  mask once per step and runs SDPA with `is_causal=True`, as the eager HF model does, so both save the same tensors.
+- (b) HF PEFT's `nn.Dropout` on CPU multiplies x by a float noise tensor: per adapter it saves the noise and the
+  dropped copy of x. peftc's `dropout_linear` saves x (one copy, shared by q and v and read by the base anyway) and
+  the RNG state, and replays the mask in backward.
+- (c) Eval-mode BatchNorm saves its input for backward even when frozen, and a frozen conv saves its input;
+  `prune-grads` turns BatchNorm into `x * scale + shift` and frozen convs into input-gradient-only convs."""
 
 
 def render_chart(results: dict, path: Path) -> bool:
