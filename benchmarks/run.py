@@ -172,7 +172,7 @@ def render_markdown(results: dict, meta: dict) -> str:
     return (f"# Benchmarks: peftc vs HF PEFT\n\n{INTRO}\n\n## Results\n\n"
             f"Run: `{meta['command']}` on {meta['machine']}, torch {meta['torch']}, peft {meta['peft']}, "
             f"{meta['threads']} threads, median of {meta['steps']} interleaved steps after one warm-up. "
-            f"This file is written by the run; ![ratios](benchmarks.png)\n\nCases:\n{cases}\n\n"
+            f"This file is written by the run.\n\n![peftc / HF PEFT per case](benchmarks.png)\n\nCases:\n{cases}\n\n"
             + "\n".join(lines) + "\n\n| target | status | peftc / HF PEFT |\n| --- | --- | --- |\n" + targets
             + f"\n\n{WHY}\n")
 
