@@ -109,6 +109,18 @@ def test_llama_gradients_match_unpruned(rule):
                                                                                      loss_of).saved_bytes
 
 
+@pytest.mark.parametrize("rules", [
+    (peftc.LoRA(target="q_proj|v_proj", r=4, dropout=0.1, use_dora=True),),
+    (peftc.IA3(target="k_proj|v_proj|down_proj", feedforward="down_proj"),),
+    (peftc.Prefix(length=3, projection=True),),
+    (peftc.SparseDelta(target="o_proj", density=0.1), peftc.NormTuning(target="input_layernorm")),
+], ids=["dora-dropout", "ia3", "prefix-projection", "sparse-delta+norm-tuning"])
+def test_other_methods_gradients_match_unpruned(rules):
+    model, kwargs = tiny_llama(layers=1)
+    plain, pruned = compile_pair(model, peftc.Spec(*rules), kwargs)
+    assert_same_grads(plain, pruned, kwargs)
+
+
 def test_dropout_stores_no_mask():
     """With dropout, the pruned graph saves what the graph without dropout saves (x once, shared by q and v)."""
     model, kwargs = tiny_llama()
