@@ -134,6 +134,35 @@ def merged_conv2d(x, w, bias, stride, padding, dilation, groups, a, b, s):
                                groups)
 
 
+def _ia3_where(bind: Bindings, scope: MergeScope) -> bool:
+    l_ = bind["l"]
+    return scope.frozen_base(bind["w"]) and scope.merging(l_) and l_.target.endswith(".ia3_l")
+
+
+def _ia3_output_bias_where(bind: Bindings, scope: MergeScope) -> bool:
+    return _ia3_where(bind, scope) and scope.frozen_base(bind["bias"])
+
+
+def ia3_output(x, w, bias, l, flat):
+    return aten.mul.Tensor(aten.linear.default(x, w, bias), aten.view.default(l, flat))
+
+
+def merged_ia3_output(x, w, bias, l, flat):
+    return aten.linear.default(x, aten.mul.Tensor(w, l), bias)  # l is [out, 1]: it scales W's rows
+
+
+def merged_ia3_output_bias(x, w, bias, l, flat):
+    return aten.linear.default(x, aten.mul.Tensor(w, l), aten.mul.Tensor(bias, aten.view.default(l, flat)))
+
+
+def ia3_feedforward(x, w, bias, l, flat):
+    return aten.linear.default(aten.mul.Tensor(x, aten.view.default(l, flat)), w, bias)
+
+
+def merged_ia3_feedforward(x, w, bias, l, flat):
+    return aten.linear.default(x, aten.mul.Tensor(w, l), bias)  # l is [1, in]: it scales W's columns
+
+
 def dropped_adapter(x, p, train, a):
     return aten.linear.default(aten.dropout.default(x, p, train), a)
 
@@ -152,6 +181,11 @@ MERGE_RULES = RuleSet(
     Rule("lora-linear", lora_linear, merged_linear, _lora_where, replaces="w"),
     Rule("lora-addmm", lora_addmm, merged_addmm, _lora_where, replaces="w"),
     Rule("lora-conv2d", lora_conv2d, merged_conv2d, _lora_where, replaces="w"),
+    # IA3 (HF PEFT's merge: W *= l; an output vector scales the bias too)
+    Rule("ia3-output-bias", ia3_output, merged_ia3_output_bias, _ia3_output_bias_where, replaces=("w", "bias")),
+    Rule("ia3-output", ia3_output, merged_ia3_output, lambda bind, scope: _ia3_where(bind, scope)
+         and bind["bias"] is None, replaces="w"),
+    Rule("ia3-feedforward", ia3_feedforward, merged_ia3_feedforward, _ia3_where, replaces="w"),
 )
 
 
