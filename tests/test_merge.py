@@ -267,3 +267,27 @@ def test_fold_params_folds_the_prefix_projection_mlp():
     assert {n for n, _ in merged.named_parameters()} == base_names(model)
     linears = sum(n.target == torch.ops.aten.linear.default for n in merged.graph_module.graph.nodes)
     assert linears == 8  # q, k, v, o, gate, up, down, lm_head: none of the projection MLP's is left
+
+
+def test_merge_of_a_pruned_training_model():
+    """merge() runs its rules before prune-grads, so a pipeline with prune-grads merges too, and prune-grads still
+    fuses the dropout of the adapters left trainable."""
+    from peftc.passes.prune_grads import PruneGrads
+    from peftc.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    model = MLP([6, 8, 8, 4], bias=True).train()
+    x = torch.randn(5, 6)
+    spec = peftc.Spec(peftc.LoRA(target="layers.0|layers.1|layers.2", r=2, dropout=0.2))
+    cm = peftc.compile(copy.deepcopy(model), spec, args=(x,), dynamic=False,
+                       pipeline=Pipeline(Pipeline.for_spec(spec).passes + (PruneGrads(),)))
+    randomize_adapters(cm)
+    merged = cm.merge(adapters=["layers.0", "layers.2"])
+    assert merged.counters["merge-reparam.lora-linear"] == 2
+    assert merged.counters["prune-grads.dropout-linear"] == 1
+    merged(x).sum().backward()
+    assert {n for n, p in merged.named_parameters() if p.grad is not None} == {"layers.1.lora_A.weight",
+                                                                              "layers.1.lora_B.weight"}
+    cm.eval(), merged.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(x), cm(x), rtol=1e-5, atol=1e-6)
