@@ -11,9 +11,9 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from peftc.errors import SpecError
-from peftc.match import MatmulSite, matmul_sites, select
+from peftc.match import ConvSite, MatmulSite, conv_sites, matmul_sites, select
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
-from peftc.rewrite import NodeBuilder
+from peftc.rewrite import NodeBuilder, replace_uses
 from peftc.spec import LoRA
 
 aten = torch.ops.aten
@@ -28,6 +28,28 @@ def lora_init_a(r: int, in_features: int, like: torch.Tensor) -> torch.Tensor:
     a = torch.empty(r, in_features, dtype=adapter_dtype(like.dtype), device=like.device)
     nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # HF PEFT's default init of lora_A
     return a
+
+
+def lora_init_conv_a(r: int, in_channels: int, kernel: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    a = torch.empty(r, in_channels, *kernel, dtype=adapter_dtype(like.dtype), device=like.device)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # HF PEFT's lora_A is an nn.Conv with this init
+    return a
+
+
+def dora_magnitude(weight: torch.Tensor, dtype: torch.dtype, in_out: bool) -> torch.Tensor:
+    """‖W + s·BA‖ per output unit at init (B = 0): the norm of each output row (conv filter) of W, whose
+    output dim is 1 when it is stored (in, out) like GPT-2's Conv1D."""
+    w = weight.detach().to(dtype)
+    return w.norm(dim=0) if in_out else w.flatten(1).norm(dim=1)
+
+
+def _bias(site) -> Node | None:
+    args = site.node.args
+    if site.form == "addmm":
+        return args[0]
+    if site.form in ("linear", "conv"):
+        return args[2] if len(args) > 2 else None
+    return None
 
 
 def _free_letter(used: str) -> str:
@@ -50,8 +72,10 @@ class InsertLora(Pass):
     rule: LoRA = field(default_factory=LoRA)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        sites = select(matmul_sites(gm, ctx.params, ctx.info), self.rule.target, self.rule.exclude, ctx.info,
-                       where=repr(self.rule))
+        sites: list[MatmulSite | ConvSite] = matmul_sites(gm, ctx.params, ctx.info)
+        if self.rule.target != "all-linear":  # HF's "all-linear" leaves convolutions alone
+            sites += conv_sites(gm, ctx.params, ctx.info)
+        sites = select(sites, self.rule.target, self.rule.exclude, ctx.info, where=repr(self.rule))
         modified = False
         for site in sites:
             done = site.node.meta.get("peftc.adapted", {})
@@ -60,49 +84,181 @@ class InsertLora(Pass):
                     raise SpecError(f"{self.rule!r} matches `{site.module}`, which {done['lora']!r} already adapts; "
                                     f"narrow one target or add an `exclude`")
                 continue  # idempotent: this rule already adapted this matmul
+            self._check(site)
             self._insert(gm, ctx, site)
             site.node.meta["peftc.adapted"] = {**done, "lora": self.rule}
             ctx.count("insert-lora.inserted")
             modified = True
         return PassResult(gm, modified)
 
-    def _insert(self, gm: GraphModule, ctx: PassContext, site: MatmulSite) -> None:
-        r = self.rule.r
+    def _check(self, site: MatmulSite | ConvSite) -> None:
+        rule, where = self.rule, f"{self.rule!r} on `{site.module}`"
+        if isinstance(site, ConvSite):
+            if rule.slices:
+                raise SpecError(f"{where}: `slices` apply to matmuls, not convolutions; exclude this module")
+            if site.groups != 1 or any(d != 1 for d in site.dilation):
+                raise SpecError(f"{where}: LoRA on a convolution with groups={site.groups}, "
+                                f"dilation={site.dilation} is not supported (HF PEFT's lora_A ignores dilation); "
+                                f"exclude this module")
+        elif site.form == "einsum" and (rule.use_dora or rule.slices):
+            raise SpecError(f"{where}: use_dora and slices need a linear/addmm/mm/matmul site, this one is an "
+                            f"einsum ({site.equation}); exclude it")
+        if rule.slices:
+            too_far = [n for n, (_, end) in rule.slices.items() if end > site.out_features]
+            if too_far:
+                raise SpecError(f"{where}: slice `{too_far[0]}` ends at {rule.slices[too_far[0]][1]} but the "
+                                f"weight has {site.out_features} output columns")
+
+    def _add_pair(self, gm: GraphModule, ctx: PassContext, site, key: str, r: int, out_features: int,
+                  dtype: torch.dtype, weight: torch.Tensor) -> tuple[str, str]:
+        """Register `<module>.lora_A<key>.weight` (frozen with LoRA-FA) and `<module>.lora_B<key>.weight`."""
+        a_name, b_name = f"{site.adapter_prefix}.lora_A{key}.weight", f"{site.adapter_prefix}.lora_B{key}.weight"
+        conv = isinstance(site, ConvSite)
+        a_init = (lambda: lora_init_conv_a(r, site.in_features, site.kernel, weight)) if conv \
+            else (lambda: lora_init_a(r, site.in_features, weight))
+        b_shape = (out_features, r, *[1] * len(site.kernel)) if conv else (out_features, r)
+        ctx.params.add(gm, a_name, a_init, method="lora", added_by=self.name, trainable=not self.rule.freeze_a)
+        ctx.params.add(gm, b_name, lambda: torch.zeros(b_shape, dtype=dtype, device=weight.device),
+                       method="lora", added_by=self.name)
+        return a_name, b_name
+
+    def _insert(self, gm: GraphModule, ctx: PassContext, site: MatmulSite | ConvSite) -> None:
         weight = ctx.params[site.weight].tensor
         dtype = adapter_dtype(weight.dtype)
-        a_name, b_name = f"{site.module}.lora_A.weight", f"{site.module}.lora_B.weight"
-        ctx.params.add(gm, a_name, lambda: lora_init_a(r, site.in_features, weight), method="lora",
-                       added_by=self.name)
-        ctx.params.add(gm, b_name, lambda: torch.zeros(site.out_features, r, dtype=dtype, device=weight.device),
-                       method="lora", added_by=self.name)
-
         y = site.node
         stem = site.module.replace(".", "_")
         b = NodeBuilder(gm, y.next, self.name, "lora", like=y)
         x: Node = site.x
         if dtype != weight.dtype:
             x = b.call(aten.to.dtype, x, dtype, name=f"{stem}_lora_x")
-        if self.rule.dropout > 0 and ctx.training:
+        dropped = self.rule.dropout > 0 and ctx.training
+        if dropped:
             x = b.call(aten.dropout.default, x, float(self.rule.dropout), True, name=f"{stem}_lora_dropout")
-        a_w, b_w = b.attr(a_name), b.attr(b_name)
-        if site.form == "einsum":
-            delta = self._einsum_delta(b, site, x, a_w, b_w, stem)
+        if self.rule.slices:
+            out = self._slices(gm, ctx, b, site, x, dtype, weight, stem)
         else:
-            down = b.call(aten.linear.default, x, a_w, name=f"{stem}_lora_A")
-            delta = b.call(aten.linear.default, down, b_w, name=f"{stem}_lora_B")
-        scaled = b.call(aten.mul.Tensor, delta, self.rule.scaling, name=f"{stem}_lora_scaled")
-        added = out = b.call(aten.add.Tensor, y, scaled, name=f"{stem}_lora_out")
+            r, scaling = self.rule.rank_for(site.module), self.rule.scaling_for(site.module)
+            a_name, b_name = self._add_pair(gm, ctx, site, "", r, site.out_features, dtype, weight)
+            a_w, b_w = b.attr(a_name), b.attr(b_name)
+            if isinstance(site, ConvSite):
+                delta = self._conv_delta(b, site, x, a_w, b_w, stem)
+            elif site.form == "einsum":
+                delta = self._einsum_delta(b, site, x, a_w, b_w, stem)
+            else:
+                down = b.call(aten.linear.default, x, a_w, name=f"{stem}_lora_A")
+                delta = b.call(aten.linear.default, down, b_w, name=f"{stem}_lora_B")
+            if self.rule.use_dora:
+                y_a = y if dtype == weight.dtype else b.call(aten.to.dtype, y, dtype, name=f"{stem}_lora_y")
+                out = self._dora(gm, ctx, b, site, x, y_a, a_w, b_w, delta, scaling, dropped, dtype, stem)
+            else:
+                scaled = b.call(aten.mul.Tensor, delta, scaling, name=f"{stem}_lora_scaled")
+                out = b.call(aten.add.Tensor, y, scaled, name=f"{stem}_lora_out")
         if dtype != weight.dtype:
             out = b.call(aten.to.dtype, out, weight.dtype, name=f"{stem}_lora_cast")
-        y.replace_all_uses_with(out, delete_user_cb=lambda user: user is not added)
+        replace_uses(y, out, keep=b.created)
+
+    def _slices(self, gm: GraphModule, ctx: PassContext, b: NodeBuilder, site: MatmulSite, x: Node,
+                dtype: torch.dtype, weight: torch.Tensor, stem: str) -> Node:
+        """y ==> cat([y[..., :s0], y[..., s0:e0] + s_0·B_0(A_0 x), ...], -1): one adapter per column slice."""
+        y = site.node
+        pieces, pos = [], 0
+        for key, (start, end) in sorted(self.rule.slices.items(), key=lambda kv: kv[1]):
+            if start > pos:
+                pieces.append(b.call(aten.slice.Tensor, y, -1, pos, start, name=f"{stem}_lora_keep_{pos}"))
+            r, scaling = self.rule.rank_for(site.module, key), self.rule.scaling_for(site.module, key)
+            a_name, b_name = self._add_pair(gm, ctx, site, f".{key}", r, end - start, dtype, weight)
+            down = b.call(aten.linear.default, x, b.attr(a_name), name=f"{stem}_lora_A_{key}")
+            up = b.call(aten.linear.default, down, b.attr(b_name), name=f"{stem}_lora_B_{key}")
+            scaled = b.call(aten.mul.Tensor, up, scaling, name=f"{stem}_lora_scaled_{key}")
+            part = b.call(aten.slice.Tensor, y, -1, start, end, name=f"{stem}_lora_slice_{key}")
+            pieces.append(b.call(aten.add.Tensor, part, scaled, name=f"{stem}_lora_out_{key}"))
+            pos = end
+        if pos < site.out_features:
+            pieces.append(b.call(aten.slice.Tensor, y, -1, pos, site.out_features, name=f"{stem}_lora_keep_{pos}"))
+        return b.call(aten.cat.default, pieces, -1, name=f"{stem}_lora_out")
+
+    def _conv_delta(self, b: NodeBuilder, site: ConvSite, x: Node, a_w: Node, b_w: Node, stem: str) -> Node:
+        """HF PEFT's conv LoRA: A is a conv with the base's kernel, stride and padding to r channels, B a 1x1 conv."""
+        n = len(site.kernel)
+        if site.node.target == aten.convolution.default:
+            down = b.call(aten.convolution.default, x, a_w, None, site.stride, site.padding, [1] * n, False,
+                          [0] * n, 1, name=f"{stem}_lora_A")
+            return b.call(aten.convolution.default, down, b_w, None, [1] * n, [0] * n, [1] * n, False, [0] * n, 1,
+                          name=f"{stem}_lora_B")
+        down = b.call(site.node.target, x, a_w, None, site.stride, site.padding, name=f"{stem}_lora_A")
+        one = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[n]
+        return b.call(one, down, b_w, None, [1] * n, [0] * n, name=f"{stem}_lora_B")
+
+    def _dora(self, gm: GraphModule, ctx: PassContext, b: NodeBuilder, site: MatmulSite | ConvSite, x: Node,
+              y: Node, a_w: Node, b_w: Node, lora: Node, scaling: float, dropped: bool, dtype: torch.dtype,
+              stem: str) -> Node:
+        """HF PEFT's DoRA: y + (m/‖W + s·BA‖ - 1)·base + m/‖W + s·BA‖ · s·B(A x), the norm detached.
+
+        `base` is y without its bias, or W·dropout(x) when dropout is active, as HF PEFT computes it.
+        """
+        weight = ctx.params[site.weight].tensor
+        conv = isinstance(site, ConvSite)
+        r = self.rule.rank_for(site.module)
+        if conv:
+            w = site.node.args[1]
+            w_oi = w if weight.dtype == dtype else b.call(aten.to.dtype, w, dtype, name=f"{stem}_lora_w")
+            flat_b = b.call(aten.view.default, b_w, [site.out_features, r], name=f"{stem}_lora_B_flat")
+            flat_a = b.call(aten.view.default, a_w, [r, -1], name=f"{stem}_lora_A_flat")
+            lw = b.call(aten.view.default, b.call(aten.mm.default, flat_b, flat_a, name=f"{stem}_lora_BA"),
+                        list(weight.shape), name=f"{stem}_lora_weight")
+            dims = list(range(1, weight.dim()))
+        else:
+            w = site.node.args[1] if site.form == "linear" else site.node.args[2 if site.form == "addmm" else 1]
+            if weight.dtype != dtype:
+                w = b.call(aten.to.dtype, w, dtype, name=f"{stem}_lora_w")
+            # linear reads W as (out, in); addmm/mm/matmul as (in, out)
+            w_oi = w if site.form == "linear" else b.call(aten.t.default, w, name=f"{stem}_lora_w_t")
+            lw = b.call(aten.mm.default, b_w, a_w, name=f"{stem}_lora_weight")
+            dims = [1]
+        m_name = f"{site.adapter_prefix}.lora_magnitude_vector"
+        shape = (1, site.out_features, *[1] * len(site.kernel)) if conv else (site.out_features,)
+        in_out = not conv and site.weight_in_out
+        ctx.params.add(gm, m_name, lambda: dora_magnitude(weight, dtype, in_out).reshape(shape), method="lora",
+                       added_by=self.name)
+        lw = b.call(aten.detach.default, lw, name=f"{stem}_lora_weight_detached")
+        combined = b.call(aten.add.Tensor, w_oi, b.call(aten.mul.Tensor, lw, scaling, name=f"{stem}_dora_sdw"),
+                          name=f"{stem}_dora_w")
+        norm = b.call(aten.linalg_vector_norm.default, combined, 2, dims, conv, name=f"{stem}_dora_norm")
+        if conv:
+            norm = b.call(aten.transpose.int, norm, 0, 1, name=f"{stem}_dora_norm_t")
+        norm = b.call(aten.detach.default, norm, name=f"{stem}_dora_norm_detached")
+        scale = b.call(aten.div.Tensor, b.attr(m_name), norm, name=f"{stem}_dora_scale")
+        if dropped:
+            if not conv:
+                base = b.call(aten.linear.default, x, w_oi, name=f"{stem}_dora_base")
+            elif site.node.target == aten.convolution.default:
+                base = b.call(aten.convolution.default, x, w_oi, None, *site.node.args[3:], name=f"{stem}_dora_base")
+            else:
+                base = b.call(site.node.target, x, w_oi, None, site.stride, site.padding, site.dilation, site.groups,
+                              name=f"{stem}_dora_base")
+        else:
+            bias = _bias(site)
+            base = y
+            if bias is not None:
+                if weight.dtype != dtype:
+                    bias = b.call(aten.to.dtype, bias, dtype, name=f"{stem}_dora_bias")
+                if conv:
+                    bias = b.call(aten.view.default, bias, [1, -1, *[1] * len(site.kernel)],
+                                  name=f"{stem}_dora_bias_view")
+                base = b.call(aten.sub.Tensor, y, bias, name=f"{stem}_dora_base")
+        base_term = b.call(aten.mul.Tensor, b.call(aten.sub.Tensor, scale, 1, name=f"{stem}_dora_scale_m1"), base,
+                           name=f"{stem}_dora_base_term")
+        lora_term = b.call(aten.mul.Tensor, b.call(aten.mul.Tensor, scale, lora, name=f"{stem}_dora_lora"), scaling,
+                           name=f"{stem}_dora_lora_term")
+        return b.call(aten.add.Tensor, y, b.call(aten.add.Tensor, base_term, lora_term, name=f"{stem}_dora"),
+                      name=f"{stem}_lora_out")
 
     def _einsum_delta(self, b: NodeBuilder, site: MatmulSite, x: Node, a_w: Node, b_w: Node, stem: str) -> Node:
         """Same equation with A in W's place (r where W had out), then contract r with B."""
         contracted, kept = site.weight_subscripts
         inputs, output = site.equation.split("->")
         subs = inputs.split(",")
-        w_idx = next(i for i, s in enumerate(subs) if sorted(s) == sorted(contracted + kept)
-                     and site.node.args[1][i] is not site.x)
+        w_idx = 1 - site.x_path[1]
         w_subs = subs[w_idx]
         a_laid = a_w if w_subs.index(kept) == 0 else b.call(aten.t.default, a_w, name=f"{stem}_lora_A_t")
         operands = [x, a_laid] if w_idx == 1 else [a_laid, x]

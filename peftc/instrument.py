@@ -44,8 +44,9 @@ def verify(gm: GraphModule, ctx: PassContext) -> None:
                             f"requires_grad={p.tensor.requires_grad}")
         if ctx.base_frozen and p.trainable and p.role != ADAPTER:
             raise PassError(f"`{p.name}` is a frozen base {p.role} but is trainable")
-        if p.name.endswith(".lora_A.weight"):
-            b_name = p.name.removesuffix("lora_A.weight") + "lora_B.weight"
+        if ".lora_A." in p.name:  # `<module>.lora_A.weight`, or `<module>.lora_A.<slice>.weight`
+            head, _, tail = p.name.rpartition(".lora_A.")
+            b_name = f"{head}.lora_B.{tail}"
             if b_name not in ctx.params:
                 raise PassError(f"`{p.name}` has no matching `{b_name}`")
             r_a, r_b = p.tensor.shape[0], ctx.params[b_name].tensor.shape[1]

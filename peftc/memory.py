@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from peftc.errors import PeftcError
 
-__all__ = ["LiveStorageTracker", "MeasureError", "StepReport", "measure_step", "storage_bytes"]
+__all__ = ["LiveStorageTracker", "MeasureError", "StepReport", "default_loss", "measure_step", "storage_bytes"]
 
 
 class MeasureError(PeftcError):
@@ -59,6 +59,16 @@ def _storage_ref(t: torch.Tensor) -> StorageWeakRef | None:
         return StorageWeakRef(t.untyped_storage())
     except (RuntimeError, NotImplementedError):
         return None
+
+
+def _storage_ids(leaves: Iterable[Any]) -> set[int]:
+    """The `cdata` of the storages behind the tensors among `leaves`."""
+    ids = set()
+    for leaf in leaves:
+        ref = _storage_ref(leaf) if isinstance(leaf, torch.Tensor) else None
+        if ref is not None:
+            ids.add(ref.cdata)
+    return ids
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -101,6 +111,14 @@ class LiveStorageTracker(TorchDispatchMode):
         self.peak_bytes = 0
         """The most bytes alive at once since the tracker started, or since the last `reset_peak()`."""
 
+    def __enter__(self) -> LiveStorageTracker:
+        # Under a dispatch mode the first call of some ops imports torch._dynamo, and that import leaves reference
+        # cycles holding the frames of the running forward, with its activations, until the next garbage
+        # collection: the first step measured in a process would read too high. Import it before tracking starts.
+        import torch._dynamo  # noqa: F401
+
+        return super().__enter__()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -109,29 +127,21 @@ class LiveStorageTracker(TorchDispatchMode):
         if func is torch.ops.aten.lift_fresh.default:
             arg_storages: set[int] = set()
         else:
-            arg_storages = {ref.cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-                            for ref in [_storage_ref(t)] if ref is not None}
+            arg_storages = _storage_ids(tree_leaves((args, kwargs)))
         self._sweep()
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                ref = _storage_ref(t)
-                if ref is not None and ref.cdata not in arg_storages:
-                    self._add(ref, t.untyped_storage().nbytes())
-                elif ref is not None and ref.cdata in self._live:
-                    self._resize(ref.cdata, t.untyped_storage().nbytes())  # resize_ / out= may grow a storage
+            ref = _storage_ref(t) if isinstance(t, torch.Tensor) else None
+            if ref is None:
+                continue
+            # A new storage, or a tracked one that resize_ or out= may have grown; else an alias of an argument.
+            if ref.cdata not in arg_storages or ref.cdata in self._live:
+                self._set(ref, t.untyped_storage().nbytes())
         self.peak_bytes = max(self.peak_bytes, self._live_bytes)
         return out
 
-    def _add(self, ref: StorageWeakRef, nbytes: int) -> None:
-        if ref.cdata in self._live:
-            self._resize(ref.cdata, nbytes)
-        else:
-            self._live[ref.cdata] = (ref, nbytes)
-            self._live_bytes += nbytes
-
-    def _resize(self, cdata: int, nbytes: int) -> None:
-        ref, old = self._live[cdata]
-        self._live[cdata] = (ref, nbytes)
+    def _set(self, ref: StorageWeakRef, nbytes: int) -> None:
+        _, old = self._live.get(ref.cdata, (ref, 0))
+        self._live[ref.cdata] = (ref, nbytes)
         self._live_bytes += nbytes - old
 
     def _sweep(self) -> None:
@@ -202,11 +212,10 @@ class StepReport:
 
 
 def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def _fmt_count(n: int) -> str:
@@ -237,9 +246,11 @@ def measure_step(
 
     Side effects, none of them undone: every parameter's `.grad` (and that of every input tensor that requires
     grad) is set to None before the step, so that backward allocates them afresh and they can be measured; after
-    the step they hold this step's gradients. The module is run in whatever train/eval mode it is in. Garbage
-    collection is run before the step and disabled during it, so that a collection at a random moment cannot
-    change the numbers from one run to the next.
+    the step they hold this step's gradients. The module is run in whatever train/eval mode it is in.
+
+    Garbage collection runs before the step and at the end of forward, and is disabled otherwise, so that a
+    collection at a random moment cannot change the numbers from one run to the next: `saved_bytes` counts only
+    what is reachable, while the peaks include any cyclic garbage the step creates (an upper bound).
 
     The output and the loss stay referenced during backward, as in an ordinary training loop, so they count in
     `peak_bytes`. `loss_fn` runs inside the measured forward pass.
@@ -250,9 +261,8 @@ def measure_step(
     loss_fn = loss_fn or default_loss
     params = list(module.parameters())
     buffers = list(module.buffers())
-    state_storages = {ref.cdata for t in params + buffers for ref in [_storage_ref(t)] if ref is not None}
-    inputs = [t for t in _tensors((args, kwargs))
-              if (ref := _storage_ref(t)) is not None and ref.cdata not in state_storages]
+    state_storages = _storage_ids(params + buffers)
+    inputs = [t for t in _tensors((args, kwargs)) if not _storage_ids([t]) <= state_storages]
 
     for t in params + inputs:
         if t.is_leaf and t.grad is not None:
@@ -267,6 +277,8 @@ def measure_step(
                 output = module(*args, **kwargs)
                 loss = loss_fn(output)
             _check_loss(loss)
+            # Count what forward keeps reachable, not cyclic garbage it left behind for a later collection.
+            gc.collect()
             saved_bytes = tracker.live_bytes
             forward_peak_bytes = tracker.peak_bytes
             with FlopCounterMode(display=False) as backward_counter:

@@ -135,5 +135,7 @@ class ParamTable:
         return "\n".join(p.row() for p in self) + "\n"
 
     def count(self, trainable: bool | None = None) -> int:
+        # Integer tensors (a sparse delta's indices) are bookkeeping, not parameters.
         return sum(p.tensor.numel() for p in self
-                   if p.role != BUFFER and (trainable is None or p.trainable == trainable))
+                   if p.role != BUFFER and p.tensor.is_floating_point()
+                   and (trainable is None or p.trainable == trainable))

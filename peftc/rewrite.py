@@ -20,16 +20,18 @@ class NodeBuilder:
         self.graph = gm.graph
         self.anchor = anchor
         self.meta: dict[str, Any] = {"peftc.pass": pass_name, "peftc.role": role}
+        self.created: list[Node] = []  # every node this builder emitted, in order
         if like is not None and "nn_module_stack" in like.meta:
             self.meta["nn_module_stack"] = like.meta["nn_module_stack"]
 
     def _tag(self, node: Node) -> Node:
         node.meta.update(self.meta)
+        self.created.append(node)
         return node
 
-    def call(self, target, *args: Any, name: str | None = None) -> Node:
+    def call(self, target, *args: Any, name: str | None = None, kwargs: dict[str, Any] | None = None) -> Node:
         with self.graph.inserting_before(self.anchor):
-            node = self.graph.create_node("call_function", target, tuple(args), name=name)
+            node = self.graph.create_node("call_function", target, tuple(args), kwargs, name=name)
         return self._tag(node)
 
     def attr(self, qualname: str) -> Node:
@@ -37,9 +39,11 @@ class NodeBuilder:
             return self._tag(self.graph.get_attr(qualname))
 
 
-def replace_uses(old: Node, new: Node) -> None:
-    """Point every user of `old` except `new` itself (which reads old) at `new`."""
-    old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+def replace_uses(old: Node, new: Node, keep: Any = ()) -> None:
+    """Point every user of `old` except `new` itself (which reads old), and the nodes in `keep` (the rest of the
+    rewrite that reads old), at `new`."""
+    keep = set(keep)
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and user not in keep)
 
 
 def erase_dead(gm: GraphModule, candidates) -> int:
@@ -68,15 +72,15 @@ class Rule:
     """A declarative rewrite: wherever `pattern` matches and `where(bindings, ctx)` holds, put `replacement`.
 
     Both are functions of the same arguments written with aten ops; an argument matches any node or literal, and
-    the replacement receives what it matched. `replaces` names the argument whose tensor the replacement's folded
-    weight takes the place of (fold-params then gives the folded tensor that parameter's name).
+    the replacement receives what it matched. `replaces` names the argument(s) whose tensors the replacement's
+    folded weights take the place of (fold-params gives a folded tensor the name of the one it matches in shape).
     """
 
     name: str
     pattern: Callable
     replacement: Callable
     where: Callable[[Bindings, Any], bool] | None = None
-    replaces: str | None = None
+    replaces: str | tuple[str, ...] | None = None
 
 
 class RuleSet:
@@ -109,9 +113,9 @@ class RuleSet:
             meta = {"peftc.pass": pass_name, "peftc.role": rule.name}
             bound = {pn.target: gn for pn, gn in rp.nodes_map.items() if pn.op == "placeholder"}
             if rule.replaces is not None:
-                source = bound[rule.replaces]
-                if isinstance(source, Node) and source.op == "get_attr":
-                    meta["peftc.replaces"] = source.target
+                names = (rule.replaces,) if isinstance(rule.replaces, str) else rule.replaces
+                meta["peftc.replaces"] = tuple(bound[n].target for n in names
+                                               if isinstance(bound[n], Node) and bound[n].op == "get_attr")
             like = rp.anchor.meta.get("nn_module_stack")
             for node in rp.replacements:
                 node.meta.update(meta)

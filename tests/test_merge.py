@@ -28,7 +28,7 @@ def op_count(gm) -> int:
 
 def plain_op_count(model: nn.Module, kwargs: dict, training: bool) -> int:
     model = copy.deepcopy(model).train(training)
-    return op_count(capture(model, (), call_kwargs(model, kwargs), ParamTable()))
+    return op_count(capture(model, (), call_kwargs(model, kwargs), ParamTable(), dynamic=False))
 
 
 def randomize_adapters(cm, seed=1, scale=0.3):
@@ -53,7 +53,7 @@ def test_merge_parity_op_count_and_names():
     model, kwargs = tiny_llama()
     spec = peftc.Spec(peftc.LoRA(target="q_proj|v_proj|gate_proj", r=4, alpha=8, dropout=0.1),
                       peftc.LoRA(target="o_proj|down_proj", r=2, alpha=4, use_rslora=True))
-    cm = peftc.compile(copy.deepcopy(model).train(), spec, kwargs=kwargs)
+    cm = peftc.compile(copy.deepcopy(model).train(), spec, kwargs=kwargs, dynamic=False)
     randomize_adapters(cm)
     merged = cm.merge()  # from a training-mode model: the LoRA dropout goes, the rest of the graph stays
     assert merged.training
@@ -82,7 +82,8 @@ def test_merge_parity_op_count_and_names():
 
 def test_merge_subset_leaves_the_rest_trainable():
     model, kwargs = tiny_llama()
-    cm = peftc.compile(copy.deepcopy(model).eval(), peftc.LoRA(target="q_proj|v_proj", r=4), kwargs=kwargs)
+    cm = peftc.compile(copy.deepcopy(model).eval(), peftc.LoRA(target="q_proj|v_proj", r=4), kwargs=kwargs,
+                       dynamic=False)
     randomize_adapters(cm)
     merged = cm.merge(adapters=["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj.lora_A.weight",
                                 "model.layers.1.self_attn.v_proj.lora_B.weight"])
@@ -107,7 +108,7 @@ def test_merge_gpt2_conv1d_addmm():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)).eval()
     kwargs = {"input_ids": torch.randint(0, 64, (2, 8))}
-    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target="c_attn|c_fc", r=4), kwargs=kwargs)
+    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target="c_attn|c_fc", r=4), kwargs=kwargs, dynamic=False)
     randomize_adapters(cm)
     merged = cm.merge()
     assert merged.counters["merge-reparam.lora-addmm"] == 2
@@ -115,17 +116,6 @@ def test_merge_gpt2_conv1d_addmm():
     with torch.no_grad():
         assert torch.allclose(merged(**kwargs).logits, cm(**kwargs).logits, rtol=1e-5, atol=1e-5)
     assert {n for n, _ in merged.named_parameters()} <= base_names(model) | {"lm_head.weight"}
-
-
-def test_passes_are_idempotent():
-    model, kwargs = tiny_llama()
-    cm = peftc.compile(copy.deepcopy(model).eval(), peftc.LoRA(target="q_proj", r=4), kwargs=kwargs)
-    merged = cm.merge()
-    gm, ctx = merged.graph_module, PassContext(merged.params, merged._info, training=False)
-    code = gm.code
-    assert MergeReparam().run(gm, ctx).modified is False
-    assert FoldParams().run(gm, ctx).modified is False
-    assert gm.code == code and not ctx.counters
 
 
 class MLP(nn.Module):
@@ -141,13 +131,26 @@ class MLP(nn.Module):
         return x
 
 
+def test_passes_are_idempotent():
+    model = MLP([4, 6, 3], bias=True).eval()
+    cm = peftc.compile(model, peftc.LoRA(target="layers.0", r=2), args=(torch.randn(2, 4),), dynamic=False)
+    merged = cm.merge()
+    assert merged.counters["fold-params.folded"] == 1
+    gm, ctx = merged.graph_module, PassContext(merged.params, merged._info, training=False)
+    code = gm.code
+    assert MergeReparam().run(gm, ctx).modified is False
+    assert FoldParams().run(gm, ctx).modified is False
+    assert gm.code == code and not ctx.counters
+
+
 def test_bf16_merge_error_no_larger_than_hf_merge_and_unload():
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     torch.manual_seed(0)
     model = MLP([64, 128, 64], bias=True).to(torch.bfloat16).eval()
     x = torch.randn(64, 64).to(torch.bfloat16)
-    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target="layers.0|layers.1", r=8, alpha=16), args=(x,))
+    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target="layers.0|layers.1", r=8, alpha=16), args=(x,),
+                       dynamic=False)
     randomize_adapters(cm, scale=0.05)
     adapters = cm.adapter_state_dict()
 
@@ -169,7 +172,8 @@ def test_bf16_merge_error_no_larger_than_hf_merge_and_unload():
         merged = cm.merge()
         assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
         ours_err = (merged(x).float() - ref).abs().mean()
-    assert op_count(merged.graph_module) == op_count(capture(copy.deepcopy(model), (x,), {}, ParamTable()))
+    plain = capture(copy.deepcopy(model), (x,), {}, ParamTable(), dynamic=False)
+    assert op_count(merged.graph_module) == op_count(plain)
     assert ours_err <= hf_err, (ours_err, hf_err)
 
 
@@ -192,3 +196,98 @@ def test_merge_parity_property(widths, bias, r, alpha, rslora, data):
     assert op_count(merged.graph_module) == op_count(capture(copy.deepcopy(model), (x,), {}, ParamTable(),
                                                              dynamic=False))
     assert {k for k, _ in merged.named_parameters()} == base_names(model)
+
+
+def test_merge_conv2d_lora():
+    from benchmarks.models import ResNet, randomize_batch_norm
+
+    torch.manual_seed(0)
+    model = ResNet((4, 8, 8))
+    randomize_batch_norm(model)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    targets = ["stages.2.0.conv1", "stages.2.0.conv2", "stages.2.0.down.0", "head"]
+    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target=targets, r=2, alpha=4), args=(x,), dynamic=False)
+    randomize_adapters(cm)
+    merged = cm.merge()
+    assert merged.counters["merge-reparam.lora-conv2d"] == 3
+    assert merged.counters["merge-reparam.lora-linear"] == 1
+    with torch.no_grad():
+        assert torch.allclose(merged(x), cm(x), rtol=1e-5, atol=1e-5)
+    assert op_count(merged.graph_module) == op_count(capture(copy.deepcopy(model), (x,), {}, ParamTable(),
+                                                             dynamic=False))
+    assert {n for n, _ in merged.named_parameters()} == base_names(model)
+
+
+def tiny_llama_1():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=64)
+    return LlamaForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 64, (2, 8))}
+
+
+def test_merge_ia3_output_and_feedforward():
+    model, kwargs = tiny_llama_1()
+    cm = peftc.compile(copy.deepcopy(model), peftc.IA3(target="k_proj|v_proj|down_proj", feedforward="down_proj"),
+                       kwargs=kwargs, dynamic=False)
+    randomize_adapters(cm)
+    merged = cm.merge()
+    assert merged.counters["merge-reparam.ia3-output"] == 2
+    assert merged.counters["merge-reparam.ia3-feedforward"] == 1
+    with torch.no_grad():
+        assert torch.allclose(merged(**kwargs).logits, cm(**kwargs).logits, rtol=1e-5, atol=1e-5)
+    assert op_count(merged.graph_module) == plain_op_count(model, kwargs, training=False)
+    assert {n for n, _ in merged.named_parameters()} == base_names(model)
+
+
+def test_merge_ia3_scales_the_bias_too():
+    model = MLP([4, 6, 3], bias=True).eval()
+    x = torch.randn(5, 4)
+    cm = peftc.compile(copy.deepcopy(model), peftc.IA3(target="layers.0|layers.1", feedforward="layers.1"),
+                       args=(x,), dynamic=False)
+    randomize_adapters(cm)
+    merged = cm.merge()
+    assert merged.counters["merge-reparam.ia3-output-bias"] == 1
+    with torch.no_grad():
+        assert torch.allclose(merged(x), cm(x), rtol=1e-5, atol=1e-6)
+    assert {n for n, _ in merged.named_parameters()} == base_names(model)  # the scaled bias keeps its name
+    assert op_count(merged.graph_module) == op_count(capture(copy.deepcopy(model), (x,), {}, ParamTable(),
+                                                             dynamic=False))
+
+
+def test_fold_params_folds_the_prefix_projection_mlp():
+    """No rule needed: the prefix MLP reads only (frozen, once merged) parameters, so fold-params evaluates it."""
+    model, kwargs = tiny_llama_1()
+    cm = peftc.compile(copy.deepcopy(model), peftc.Prefix(length=3, projection=True), kwargs=kwargs, dynamic=False)
+    randomize_adapters(cm, scale=0.1)
+    merged = cm.merge()
+    assert merged.counters["fold-params.folded"] >= 1
+    with torch.no_grad():
+        assert torch.allclose(merged(**kwargs).logits, cm(**kwargs).logits, rtol=1e-5, atol=1e-6)
+    assert {n for n, _ in merged.named_parameters()} == base_names(model)
+    linears = sum(n.target == torch.ops.aten.linear.default for n in merged.graph_module.graph.nodes)
+    assert linears == 8  # q, k, v, o, gate, up, down, lm_head: none of the projection MLP's is left
+
+
+def test_merge_of_a_pruned_training_model():
+    """merge() runs its rules before prune-grads, so a pipeline with prune-grads merges too, and prune-grads still
+    fuses the dropout of the adapters left trainable."""
+    from peftc.passes.prune_grads import PruneGrads
+    from peftc.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    model = MLP([6, 8, 8, 4], bias=True).train()
+    x = torch.randn(5, 6)
+    spec = peftc.Spec(peftc.LoRA(target="layers.0|layers.1|layers.2", r=2, dropout=0.2))
+    cm = peftc.compile(copy.deepcopy(model), spec, args=(x,), dynamic=False,
+                       pipeline=Pipeline(Pipeline.for_spec(spec).passes + (PruneGrads(),)))
+    randomize_adapters(cm)
+    merged = cm.merge(adapters=["layers.0", "layers.2"])
+    assert merged.counters["merge-reparam.lora-linear"] == 2
+    assert merged.counters["prune-grads.dropout-linear"] == 1
+    merged(x).sum().backward()
+    assert {n for n, p in merged.named_parameters() if p.grad is not None} == {"layers.1.lora_A.weight",
+                                                                              "layers.1.lora_B.weight"}
+    cm.eval(), merged.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(x), cm(x), rtol=1e-5, atol=1e-6)

@@ -23,6 +23,42 @@ def _is_guard_failure(e: Exception) -> bool:
     return isinstance(e, (AssertionError, RuntimeError)) and "Guard failed" in str(e)
 
 
+def hunks_mentioning(diff: str, module: str) -> str:
+    """The hunks of a unified diff whose changed lines name `module` (dotted, or as code spells it).
+
+    For display, not for `patch`: in the parameter table, rows of other modules are dropped from a kept hunk.
+    """
+    needles = (module + ".", module.replace(".", "_") + "_")
+    out: list[str] = []
+    header: list[str] = []  # the current file's header, until one of its hunks is kept
+    hunk: list[str] = []
+    table = False  # the current file is the parameter table
+
+    def mentions(line: str) -> bool:
+        return any(n in line for n in needles)
+
+    def flush() -> None:
+        if not any(line[:1] in "+-" and mentions(line) for line in hunk[1:]):
+            return
+        out.extend(header)
+        header.clear()
+        out.extend(line for line in hunk if not (table and line[:1] in "+-" and not mentions(line)))
+
+    for line in diff.splitlines(True):
+        if line.startswith("--- "):
+            flush()
+            hunk, header, table = [], [line], line.rstrip().endswith("params.txt")
+        elif line.startswith("+++ "):
+            header.append(line)
+        elif line.startswith("@@"):
+            flush()
+            hunk = [line]
+        else:
+            hunk.append(line)
+    flush()
+    return "".join(out)
+
+
 class PassReport:
     """What each pass did: nodes added/removed, parameters added, trainable count. `str()` renders a table."""
 
@@ -188,13 +224,17 @@ class CompiledModel(nn.Module):
         return merged
 
     # ---- what the compiler did ----------------------------------------------------------------------------
-    def diff(self, pass_name: str | None = None) -> str:
-        """Unified diffs of code and parameter table for each pass that changed something (or one pass)."""
+    def diff(self, pass_name: str | None = None, module: str | None = None) -> str:
+        """Unified diffs of code and parameter table for each pass that changed something.
+
+        `pass_name` keeps one pass's diffs; `module` keeps the hunks that mention that module path.
+        """
         records = [r for r in self.diff_ir.records if pass_name is None or r.name == pass_name]
         if pass_name is not None and not records:
             names = ", ".join(dict.fromkeys(r.name for r in self.diff_ir.records))
             raise PeftcError(f"no pass named `{pass_name}` ran; passes: {names}")
-        return "".join(r.diff for r in records)
+        text = "".join(r.diff for r in records)
+        return text if module is None else hunks_mentioning(text, module)
 
     def report(self) -> PassReport:
         return PassReport(self.diff_ir.records)
