@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -33,6 +34,8 @@ from torch.utils import _pytree as pytree
 from ..errors import AdapterError, ExportError
 
 aten = torch.ops.aten
+# `<module>.lora_A.weight`, and `<module>.lora_B.<slice>.weight` for LoRA on column slices
+LORA_A, LORA_B = re.compile(r"\.lora_A(\.[^.]+)?\.weight$"), re.compile(r"\.lora_B(\.[^.]+)?\.weight$")
 
 # Relative tolerance of the ORT-vs-eager check: |ort - ref| <= tol * max(1, max|ref|).
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -418,7 +421,7 @@ def _lora_scale_nodes(gm: GraphModule) -> dict[str, Any]:
     """B's name ==> the `delta * s` node insert-lora emitted after the matmul that reads B."""
     out = {}
     for node in gm.graph.nodes:
-        if node.op != "get_attr" or not str(node.target).endswith(".lora_B.weight"):
+        if node.op != "get_attr" or not LORA_B.search(str(node.target)):
             continue
         for matmul in node.users:
             for user in matmul.users:
@@ -426,6 +429,15 @@ def _lora_scale_nodes(gm: GraphModule) -> dict[str, Any]:
                         and isinstance(user.args[1], (int, float)):
                     out.setdefault(node.target, []).append(user)
     return out
+
+
+def _check_lora_only(names: Iterable[str]) -> None:
+    """Adapters as inputs default to zero, which is a no-op only for LoRA's A/B (B = 0 adds nothing); a DoRA
+    magnitude or an IA3 vector of zeros would wipe the layer out."""
+    other = [n for n in names if not (LORA_A.search(n) or LORA_B.search(n))]
+    if other:
+        raise ExportError(f"adapters='inputs' supports LoRA A/B only: `{other[0]}` has no zero default that leaves "
+                          f"the base model unchanged. Export with merged=True instead")
 
 
 def adapter_inputs_module(gm: GraphModule, adapter_names: list[str]) -> tuple[GraphModule, dict[str, float]]:
@@ -437,10 +449,7 @@ def adapter_inputs_module(gm: GraphModule, adapter_names: list[str]) -> tuple[Gr
 
     from ..params import get_attr_path, set_attr_path
 
-    unsupported = [n for n in adapter_names if not n.endswith((".lora_A.weight", ".lora_B.weight"))]
-    if unsupported:
-        raise ExportError(f"adapters='inputs' supports LoRA only; `{unsupported[0]}` belongs to another method. "
-                          f"Export with merged=True instead")
+    _check_lora_only(adapter_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, from deepcopy
         graph = copy.deepcopy(gm.graph)
@@ -457,7 +466,7 @@ def adapter_inputs_module(gm: GraphModule, adapter_names: list[str]) -> tuple[Gr
             graph.erase_node(m)
         b = get_attr_path(new, b_name)
         set_attr_path(new, b_name, (b.detach() * scales[b_name]).contiguous())
-    missing = [n for n in adapter_names if n.endswith(".lora_B.weight") and n not in scales]
+    missing = [n for n in adapter_names if LORA_B.search(n) and n not in scales]
     if missing:
         raise ExportError(f"could not find the scaling of `{missing[0]}` in the graph")
     new.recompile()
@@ -548,12 +557,11 @@ def adapter_tensors(cm) -> dict[str, np.ndarray]:
     args, kwargs = cm.example_inputs
     with _eval(cm):
         scales = lora_scalings(cm.graph_for(*args, **kwargs))
+    _check_lora_only(p.name for p in cm.params if p.role == ADAPTER)
     out = {}
     for p in cm.params:
         if p.role != ADAPTER:
             continue
-        if not p.name.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise ExportError(f"onnxruntime adapters support LoRA only; `{p.name}` belongs to another method")
         t = p.tensor.detach()
         out[p.name] = _to_numpy(t * scales[p.name] if p.name in scales else t)
     return out
