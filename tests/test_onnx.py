@@ -244,3 +244,15 @@ def test_run_options_activates_disjoint_adapters_and_refuses_overlaps(llama, ada
     lower_onnx.write_adapter(tmp_path / "bad.onnx_adapter", {**q, next(iter(q)): np.zeros((3, 32), np.float32)})
     with pytest.raises(peftc.AdapterError, match=r"is \(3, 32\) float32"):
         lower_onnx.run_options([tmp_path / "bad.onnx_adapter"], path)
+
+
+def test_adapters_as_inputs_refuses_adapters_without_a_zero_no_op(tmp_path):
+    model, (x,) = tiny_mlp()
+    cm = peftc.compile(model, peftc.IA3(target="up"), (x,))
+    with pytest.raises(peftc.ExportError, match="LoRA A/B only: `up.ia3_l.*no zero default"):
+        cm.export_onnx(tmp_path / "ia3.onnx", merged=False, adapters="inputs")
+    with pytest.raises(peftc.ExportError, match="LoRA A/B only"):
+        cm.export_onnx_adapter(tmp_path / "ia3.onnx_adapter")
+    assert list(tmp_path.iterdir()) == []
+    report = cm.export_onnx(tmp_path / "ia3.onnx")  # merged: IA3 folds into the weight
+    assert report.nodes_optimized == 7 and report.max_abs_diff <= report.tolerance
