@@ -76,7 +76,7 @@ class InsertIA3(Pass):
         stem = site.module.replace(".", "_")
         y = site.node
         b = NodeBuilder(gm, y if is_ff else y.next, self.name, "ia3", like=y)
-        scale = b.call(aten.view.default, b.attr(name), [-1], name=f"{stem}_ia3_l")
+        scale = b.call(aten.view.default, b.attr(name), [-1], name=f"{stem}_ia3_scale")
         if is_ff:
             x = site.x
             if dtype != weight.dtype:

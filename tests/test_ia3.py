@@ -121,3 +121,13 @@ def test_spec_files_load_all_three_methods(tmp_path):
     assert peftc.Spec.from_dict(spec.to_dict()) == spec
     with pytest.raises(peftc.SpecError, match="did you mean length"):
         peftc.Spec.from_dict({"prompt_tuning": [{"lenght": 2}]})
+
+
+def test_bfloat16_base_is_unchanged_at_init_with_float32_vectors():
+    x = ids()
+    model = HandLM().to(torch.bfloat16)
+    cm = peftc.compile(model, peftc.IA3(target=("k", "v", "o"), feedforward=("o",)), kwargs=dict(input_ids=x))
+    assert {cm.params[n].tensor.dtype for n in cm.params.names("adapter")} == {torch.float32}
+    out = cm(input_ids=x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, model(x), atol=0, rtol=0)

@@ -161,3 +161,42 @@ def test_spec_validation():
         peftc.Prefix(encoder_hidden_size=8)
     with pytest.raises(peftc.SpecError, match="all-linear"):
         peftc.Prefix(target="all-linear")
+
+
+def test_train_mode_capture_reuses_the_prefix(hand):
+    cm, x = hand
+    before = cm.params.names()
+    cm.train()
+    try:
+        out = cm(input_ids=x)
+    finally:
+        cm.eval()
+    assert cm.params.names() == before  # the training graph reads the same prefix tensors
+    torch.testing.assert_close(out, cm(input_ids=x), atol=1e-5, rtol=1e-5)  # HandLM has no dropout
+
+
+def test_bfloat16_base_trains_float32_prefix():
+    x = ids()
+    cm = peftc.compile(HandLM(("softmax", "sdpa")).to(torch.bfloat16), peftc.Prefix(length=LENGTH),
+                       kwargs=dict(input_ids=x))
+    assert {cm.params[n].tensor.dtype for n in cm.params.names("adapter")} == {torch.float32}
+    out = cm(input_ids=x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert all(cm.params[n].tensor.grad is not None for n in cm.params.names("adapter"))
+
+
+def test_methods_compose_on_one_model():
+    x = ids()
+    spec = peftc.Spec(peftc.PromptTuning(length=2), peftc.Prefix(length=LENGTH),
+                      peftc.IA3(target=("k_proj", "v_proj", "down_proj"), feedforward=("down_proj",)),
+                      peftc.LoRA(target="q_proj", r=2))
+    cm = peftc.compile(tiny_llama(), spec, kwargs=dict(input_ids=x, labels=x))
+    out = cm(input_ids=x, labels=x)
+    assert out.logits.shape == (2, 8 + 2, 64)
+    out.loss.backward()
+    assert grad_names(cm) == {p.name for p in cm.params if p.trainable} == {
+        "prompt_embeddings", "model.layers.0.self_attn.prefix_key", "model.layers.0.self_attn.prefix_value",
+        "model.layers.0.self_attn.k_proj.ia3_l", "model.layers.0.self_attn.v_proj.ia3_l",
+        "model.layers.0.mlp.down_proj.ia3_l", "model.layers.0.self_attn.q_proj.lora_A.weight",
+        "model.layers.0.self_attn.q_proj.lora_B.weight"}
