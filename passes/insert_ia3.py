@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -32,7 +32,7 @@ class InsertIA3(Pass):
 
     name: ClassVar[str] = "insert-ia3"
     rule_type: ClassVar[type] = IA3
-    rule: IA3 = field(default_factory=lambda: IA3(target="k_proj|v_proj|down_proj", feedforward="down_proj"))
+    rule: IA3
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         where = repr(self.rule)

@@ -51,7 +51,8 @@ def tiny_bert(impl: str = "sdpa", layers: int = 1, head: str = "classifier"):
 
 
 class HandAttention(nn.Module):
-    """Causal grouped-query attention written by hand, as `softmax` (written out) or `sdpa` (is_causal, enable_gqa).
+    """Causal grouped-query attention written by hand, as `softmax` (written out, K/V repeated), `broadcast`
+    (written out, one K/V head broadcast by the matmul) or `sdpa` (is_causal, enable_gqa).
 
     `prefix=(pk, pv)` ([kv_heads, P, d] each) runs the reference prefix semantics in plain PyTorch, for tests.
     """
@@ -80,8 +81,9 @@ class HandAttention(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            rep = self.heads // self.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if self.form == "softmax":
+                rep = self.heads // self.kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d)
             scores = scores.masked_fill(~causal, float("-inf"))
             out = scores.softmax(-1) @ v
@@ -95,7 +97,7 @@ class HandLM(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(VOCAB, dim)
-        self.blocks = nn.ModuleList(HandAttention(dim, form=f) for f in forms)
+        self.blocks = nn.ModuleList(HandAttention(dim, kv_heads=1 if f == "broadcast" else 2, form=f) for f in forms)
         self.head = nn.Linear(dim, VOCAB, bias=False)
 
     def forward(self, input_ids: torch.Tensor, prefixes=None) -> torch.Tensor:

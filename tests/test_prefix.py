@@ -123,6 +123,14 @@ def test_hand_written_matches_reference(hand):
     torch.testing.assert_close(cm(input_ids=x), cm._source(x, prefixes=prefixes), atol=1e-5, rtol=1e-5)
 
 
+def test_multi_query_attention_broadcast_by_the_matmul_matches_reference():
+    x = ids()
+    cm = peftc.compile(HandLM(("broadcast",)), peftc.Prefix(length=LENGTH), kwargs=dict(input_ids=x))
+    pk, pv = (cm.params[f"blocks.0.prefix_{w}"].tensor for w in ("key", "value"))
+    assert pk.shape == (1, LENGTH, 4)
+    torch.testing.assert_close(cm(input_ids=x), cm._source(x, prefixes=[(pk, pv)]), atol=1e-5, rtol=1e-5)
+
+
 def test_hand_written_trains(hand):
     cm, x = hand
     target = torch.full_like(x, 7)
