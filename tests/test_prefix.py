@@ -22,11 +22,19 @@ def grad_names(cm) -> set[str]:
     return {n for n, p in cm.named_parameters() if p.grad is not None}
 
 
-def hf_trainable(model, **config) -> int:
+def hf_prefix(model, **config):
     from peft import PrefixTuningConfig, get_peft_model
 
-    pm = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=LENGTH, **config))
-    return sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    return get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=LENGTH, **config)).eval()
+
+
+def hf_trainable(model, **config) -> int:
+    return sum(p.numel() for p in hf_prefix(model, **config).parameters() if p.requires_grad)
+
+
+def hf_positions(x: torch.Tensor) -> torch.Tensor:
+    """HF PEFT keeps the prefix in the KV cache, so transformers numbers the real tokens from LENGTH on."""
+    return torch.arange(LENGTH, LENGTH + x.shape[1]).expand(x.shape[0], -1)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +76,19 @@ def test_llama_prefix_trains_only_prefix_and_counts_match_hf(llama):
     assert last < first - 0.1
 
 
+def test_llama_matches_hf_prefix_tuning_given_its_positions(llama):
+    cm, x, mask = llama
+    pm = hf_prefix(tiny_llama(), task_type="CAUSAL_LM")
+    # HF PEFT's flat prefix: [length, layers·(key, value)·kv_heads·head_dim]
+    flat = torch.cat([cm.params[f"model.layers.0.self_attn.prefix_{w}"].tensor.permute(1, 0, 2).reshape(LENGTH, -1)
+                      for w in ("key", "value")], 1)
+    with torch.no_grad():
+        pm.prompt_encoder.default.embedding.weight.copy_(flat)
+    ours = logits(cm(input_ids=x, attention_mask=mask, position_ids=hf_positions(x)))
+    theirs = logits(pm(input_ids=x, attention_mask=mask))
+    torch.testing.assert_close(ours[mask.bool()], theirs[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
 def test_sdpa_and_written_out_forms_agree(llama):
     cm, x, mask = llama
     eager = peftc.compile(tiny_llama("eager"), peftc.Prefix(length=LENGTH),
@@ -91,6 +112,15 @@ def test_gpt2_eager_with_projection_is_causal_and_counts_match_hf():
     later = x.clone()
     later[:, 5:] = (later[:, 5:] + 3) % 64
     torch.testing.assert_close(logits(cm(input_ids=later))[:, :5], out[:, :5], atol=1e-5, rtol=0)
+    pm = hf_prefix(tiny_gpt2(), task_type="CAUSAL_LM", prefix_projection=True, encoder_hidden_size=24)
+    hf_names = {n.replace("prompt_encoder.default.", "prefix_encoder."): p for n, p in pm.named_parameters()
+                if n.startswith("prompt_encoder.")}
+    assert set(hf_names) == {p.name for p in cm.params if p.trainable}
+    with torch.no_grad():  # the MLP's parameters map 1:1 onto HF PEFT's prompt encoder
+        for name in hf_names:
+            hf_names[name].copy_(cm.params[name].tensor)
+    torch.testing.assert_close(logits(cm(input_ids=x, position_ids=hf_positions(x))), logits(pm(input_ids=x)),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_bert_padding_is_kept_and_counts_match_hf():
