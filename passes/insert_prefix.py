@@ -54,7 +54,12 @@ class InsertPrefix(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         where = repr(self.rule)
-        sites = select_attention(attention_sites(gm), self.rule.target, where)
+        every = attention_sites(gm)
+        sites = select_attention(every, self.rule.target, where)
+        others = {s.node.meta.get("peftc.adapted", {}).get("prefix") for s in every} - {None, self.rule}
+        if self.rule.projection and any(o.projection for o in others):
+            raise SpecError(f"{where}: the model already has a projected prefix ({ENCODER}.*) from another rule; "
+                            f"use one projected prefix rule, or projection=false")
         todo = []
         for site in sites:
             done = site.node.meta.get("peftc.adapted", {}).get("prefix")
@@ -65,8 +70,6 @@ class InsertPrefix(Pass):
                                 f"`target`")
         if not todo:
             return PassResult(gm, False)
-        if self.rule.projection and len(todo) != len(sites):
-            raise SpecError(f"{where}: a projected prefix must cover all its sites in one rule")
         modules = list(dict.fromkeys(s.module for s in sites))
         projected = self._projection(gm, ctx, sites, modules) if self.rule.projection else None
         for site in todo:

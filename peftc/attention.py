@@ -201,7 +201,7 @@ def _value_matmul(softmax: Node) -> Node | None:
 
 def _softmax_site(node: Node) -> AttentionSite | None:
     scores = node.args[0]
-    val = _val(scores)
+    val = _val(unwrap_prefix(scores))
     if val is None or val.dim() not in (3, 4) or node.args[1] not in (-1, val.dim() - 1):
         return None
     chain = _scores_chain(scores)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import peftc
 from attention_models import HandLM, check_golden, ids, logits, tiny_bert, tiny_gpt2, tiny_llama, train_steps
+from peftc.attention import attention_sites
 from peftc.pipeline import PassContext
 from peftc.passes.insert_prefix import InsertPrefix
 
@@ -174,6 +175,7 @@ def test_golden_diff_and_idempotent(hand):
     check_golden("insert-prefix.diff", cm.diff("insert-prefix"))
     gm = cm.graph_module
     code = gm.code
+    assert [(s.form, s.module) for s in attention_sites(gm)] == [("softmax", "blocks.0"), ("sdpa", "blocks.1")]
     result = InsertPrefix(peftc.Prefix(length=LENGTH)).run(gm, PassContext(cm.params, cm._info, training=False))
     assert not result.modified and gm.code == code
 
@@ -190,6 +192,13 @@ def test_projection_matches_reference():
     per_site = [[c.view(LENGTH, 2, 4).permute(1, 0, 2) for c in kv[:, 16 * i:16 * (i + 1)].split(8, 1)]
                 for i in range(2)]
     torch.testing.assert_close(cm(input_ids=x), cm._source(x, prefixes=per_site), atol=1e-5, rtol=1e-5)
+
+
+def test_two_projected_prefix_rules_are_refused():
+    spec = peftc.Spec(peftc.Prefix(length=2, target="blocks.0", projection=True),
+                      peftc.Prefix(length=2, target="blocks.1", projection=True))
+    with pytest.raises(peftc.SpecError, match="one projected prefix"):
+        peftc.compile(HandLM(("softmax", "sdpa")), spec, kwargs=dict(input_ids=ids()))
 
 
 def test_spec_validation():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import peftc
-from attention_models import HandLM, check_golden, ids, logits, tiny_bert, tiny_gpt2, tiny_llama, train_steps
+from attention_models import HandLM, check_golden, ids, tiny_bert, tiny_gpt2, tiny_llama, train_steps
 from peftc.pipeline import PassContext
 from peftc.passes.insert_prompt_tuning import InsertPromptTuning
 
