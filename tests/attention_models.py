@@ -52,7 +52,8 @@ def tiny_bert(impl: str = "sdpa", layers: int = 1, head: str = "classifier"):
 
 class HandAttention(nn.Module):
     """Causal grouped-query attention written by hand, as `softmax` (written out, K/V repeated), `broadcast`
-    (written out, one K/V head broadcast by the matmul) or `sdpa` (is_causal, enable_gqa).
+    (written out, one K/V head broadcast by the matmul), `sdpa` (is_causal, enable_gqa) or `sdpa_float` (an
+    additive [L, L] float mask).
 
     `prefix=(pk, pv)` ([kv_heads, P, d] each) runs the reference prefix semantics in plain PyTorch, for tests.
     """
@@ -75,7 +76,10 @@ class HandAttention(nn.Module):
             pk, pv = (p.unsqueeze(0).expand(b, -1, -1, -1) for p in prefix)
             k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
             causal = torch.cat([causal.new_ones(n, prefix[0].shape[1]), causal], 1)
-        if self.form == "sdpa":
+        if self.form == "sdpa_float":  # an additive float mask, broadcast over batch and heads
+            additive = torch.zeros(causal.shape, device=x.device).masked_fill(~causal, float("-inf"))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, enable_gqa=True)
+        elif self.form == "sdpa":
             if prefix is not None:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True)
             else:

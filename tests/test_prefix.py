@@ -152,14 +152,18 @@ def test_hand_written_matches_reference(hand):
                 for i in range(2)]
     assert cm.counters["insert-prefix.softmax"] == 1 and cm.counters["insert-prefix.sdpa"] == 1
     torch.testing.assert_close(cm(input_ids=x), cm._source(x, prefixes=prefixes), atol=1e-5, rtol=1e-5)
+    other = ids(3, 5, seed=4)
+    torch.testing.assert_close(cm(input_ids=other), cm._source(other, prefixes=prefixes), atol=1e-5, rtol=1e-5)
 
 
-def test_multi_query_attention_broadcast_by_the_matmul_matches_reference():
+def test_multi_query_broadcast_and_float_mask_match_reference():
     x = ids()
-    cm = peftc.compile(HandLM(("broadcast",)), peftc.Prefix(length=LENGTH), kwargs=dict(input_ids=x))
-    pk, pv = (cm.params[f"blocks.0.prefix_{w}"].tensor for w in ("key", "value"))
-    assert pk.shape == (1, LENGTH, 4)
-    torch.testing.assert_close(cm(input_ids=x), cm._source(x, prefixes=[(pk, pv)]), atol=1e-5, rtol=1e-5)
+    cm = peftc.compile(HandLM(("broadcast", "sdpa_float")), peftc.Prefix(length=LENGTH), kwargs=dict(input_ids=x))
+    prefixes = [tuple(cm.params[f"blocks.{i}.prefix_{w}"].tensor for w in ("key", "value")) for i in range(2)]
+    assert prefixes[0][0].shape == (1, LENGTH, 4) and prefixes[1][0].shape == (2, LENGTH, 4)
+    other = ids(3, 5, seed=4)  # another batch and length through the same dynamic graph
+    for inp in (x, other):
+        torch.testing.assert_close(cm(input_ids=inp), cm._source(inp, prefixes=prefixes), atol=1e-5, rtol=1e-5)
 
 
 def test_hand_written_trains(hand):
