@@ -11,7 +11,7 @@ from torch.fx import GraphModule
 from peftc.errors import SpecError
 from peftc.match import MatmulSite, matmul_sites, select
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
-from peftc.rewrite import NodeBuilder
+from peftc.rewrite import NodeBuilder, replace_uses
 from peftc.spec import IA3
 
 from .insert_lora import adapter_dtype
@@ -87,7 +87,6 @@ class InsertIA3(Pass):
             y.replace_input_with(site.x, scaled)
             return
         out = b.call(aten.mul.Tensor, y, scale, name=f"{stem}_ia3_out")
-        first = out
         if dtype != weight.dtype:
             out = b.call(aten.to.dtype, out, weight.dtype, name=f"{stem}_ia3_cast")
-        y.replace_all_uses_with(out, delete_user_cb=lambda user: user is not first)
+        replace_uses(y, out)

@@ -36,5 +36,16 @@ class NodeBuilder:
 
 
 def replace_uses(old: Node, new: Node) -> None:
-    """Point every user of `old` except `new` itself (which reads old) at `new`."""
-    old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    """Point every user of `old` at `new`, except the inserted nodes `new` is computed from (which read old).
+
+    `new` may be a chain (`y -> add -> cast`): every tagged node on it keeps reading `old`, or the graph would loop.
+    """
+    chain: set[Node] = set()
+    stack = [new]
+    while stack:
+        node = stack.pop()
+        if node in chain or node is old or "peftc.pass" not in node.meta:
+            continue
+        chain.add(node)
+        stack.extend(node.all_input_nodes)
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in chain)

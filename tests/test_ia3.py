@@ -131,3 +131,12 @@ def test_bfloat16_base_is_unchanged_at_init_with_float32_vectors():
     out = cm(input_ids=x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, model(x), atol=0, rtol=0)
+
+
+def test_cast_chains_after_a_matmul_rewire_cleanly_for_lora_too():
+    """rewrite.replace_uses keeps every inserted node between y and its replacement reading y (bf16 adds casts)."""
+    x = ids()
+    model = HandLM().to(torch.bfloat16)
+    spec = peftc.Spec(peftc.IA3(target=("k", "v")), peftc.LoRA(target=("q", "k"), r=2))
+    cm = peftc.compile(model, spec, kwargs=dict(input_ids=x))
+    torch.testing.assert_close(cm(input_ids=x), model(x), atol=0, rtol=0)  # both identity at init
