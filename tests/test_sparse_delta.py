@@ -13,7 +13,6 @@ from peftc.errors import SpecError
 from variants_helpers import Captured, ids, probe, tiny_gpt2, tiny_llama
 
 torch.set_num_threads(2)
-SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ def deltas(ctx, method):
     return {p.name: p for p in ctx.params if p.method == method and p.trainable}
 
 
-rules = st.sampled_from([
+RULES = [
     peftc.SparseDelta(target=r".*_proj\.weight", density=0.05, select="random", seed=3),
     peftc.SparseDelta(target="all-linear", density=0.02, select="magnitude"),
     peftc.SparseDelta(target=["embed_tokens", "wte", "norm", "ln_f"], density=0.1, select="magnitude"),
@@ -65,11 +64,13 @@ rules = st.sampled_from([
                       select="random"),
     peftc.NormTuning(),
     peftc.BitFit(),
-])
+]
 
 
-@SETTINGS
-@given(rule=rules, which=st.sampled_from(["llama", "gpt2"]), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.kind}-{r.target}"[:40])
+@settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**16))
 def test_identity_at_init_and_gradient_set_is_trainable_set(llama, gpt2, rule, which, seed):
     cap = llama if which == "llama" else gpt2
     if isinstance(rule, peftc.BitFit) and which == "llama":
