@@ -117,7 +117,7 @@ class InsertLora(Pass):
     def _add_pair(self, gm: GraphModule, ctx: PassContext, site, key: str, r: int, out_features: int,
                   dtype: torch.dtype, weight: torch.Tensor) -> tuple[str, str]:
         """Register `<module>.lora_A<key>.weight` (frozen with LoRA-FA) and `<module>.lora_B<key>.weight`."""
-        a_name, b_name = f"{site.module}.lora_A{key}.weight", f"{site.module}.lora_B{key}.weight"
+        a_name, b_name = f"{site.adapter_prefix}.lora_A{key}.weight", f"{site.adapter_prefix}.lora_B{key}.weight"
         conv = isinstance(site, ConvSite)
         a_init = (lambda: lora_init_conv_a(r, site.in_features, site.kernel, weight)) if conv \
             else (lambda: lora_init_a(r, site.in_features, weight))
@@ -230,7 +230,7 @@ class InsertLora(Pass):
             w_oi = w if site.form == "linear" else b.call(aten.t.default, w, name=f"{stem}_lora_w_t")
             lw = b.call(aten.mm.default, b_w, a_w, name=f"{stem}_lora_weight")
             dims = [1]
-        m_name = f"{site.module}.lora_magnitude_vector"
+        m_name = f"{site.adapter_prefix}.lora_magnitude_vector"
         shape = (1, site.out_features, *[1] * len(site.kernel)) if conv else (site.out_features,)
         in_out = not conv and site.weight_in_out
         ctx.params.add(gm, m_name, lambda: dora_magnitude(weight, dtype, in_out).reshape(shape), method="lora",
@@ -273,8 +273,7 @@ class InsertLora(Pass):
         contracted, kept = site.weight_subscripts
         inputs, output = site.equation.split("->")
         subs = inputs.split(",")
-        w_idx = next(i for i, s in enumerate(subs) if sorted(s) == sorted(contracted + kept)
-                     and site.node.args[1][i] is not site.x)
+        w_idx = 1 - site.x_path[1]
         w_subs = subs[w_idx]
         a_laid = a_w if w_subs.index(kept) == 0 else b.call(aten.t.default, a_w, name=f"{stem}_lora_A_t")
         operands = [x, a_laid] if w_idx == 1 else [a_laid, x]

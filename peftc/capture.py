@@ -89,7 +89,8 @@ def _explain(model: nn.Module, kwargs: dict[str, Any], err: Exception) -> str:
     msg = str(err).strip()
     first = next((line for line in msg.splitlines() if line.strip()), type(err).__name__)
     frames = traceback.extract_tb(err.__traceback__)
-    user = [f for f in frames if "site-packages/torch" not in f.filename and "/peftc/" not in f.filename]
+    user = [f for f in frames if "site-packages/torch" not in f.filename and "/peftc/" not in f.filename
+            and not f.filename.startswith("<")]
     where = f" at {user[-1].filename}:{user[-1].lineno} (`{user[-1].line}`)" if user else ""
     fix = "check that the model runs eagerly on the example inputs"
     if re.search(r"Cache|past_key_values", msg):

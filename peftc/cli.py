@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import time
 import traceback
+from pathlib import Path
 
 from .errors import PeftcError, SpecError
 
@@ -25,6 +28,362 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- shared pieces of compile / diff / explain ------------------------------------------------------------------
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb": 1000 ** 2, "mib": 1024 ** 2,
+          "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3, "t": 1000 ** 4, "tb": 1000 ** 4, "tib": 1024 ** 4}
+
+
+def parse_bytes(text: str) -> int:
+    """`2GiB`, `512MiB`, `1.5GB`, `1048576` ==> bytes (binary units with `i`, decimal without)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise UsageError(f"--memory-budget {text!r}: write a size such as 2GiB, 512MiB or 1000000 (bytes)")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value < 1:
+        raise UsageError(f"--memory-budget {text!r} must be at least one byte")
+    return int(value)
+
+
+class Progress:
+    """Steps on stderr: a live spinner on a terminal, one `✓ step (time)` line per finished step everywhere."""
+
+    def __init__(self, quiet: bool = False):
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False)
+        self.quiet = quiet
+        self._status = None
+        self._step: str | None = None
+        self._start = 0.0
+        self.timings: list[tuple[str, float]] = []
+
+    def step(self, message: str) -> None:
+        self.done()
+        self._step, self._start = message, time.perf_counter()
+        if not self.quiet and self.console.is_terminal:
+            self._status = self.console.status(message)
+            self._status.start()
+
+    def done(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        if self._step is not None:
+            seconds = time.perf_counter() - self._start
+            self.timings.append((self._step, seconds))
+            if not self.quiet:
+                self.console.print(f"[green]✓[/] {self._step} [dim]({seconds:.2f}s)[/]")
+            self._step = None
+
+    def abort(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        self._step = None
+
+    # the pipeline instrument protocol: a step per pass
+    def before(self, index, p, gm, ctx):
+        self.step(f"pass #{index + 1} {p.name}")
+
+    def after(self, index, p, result, ctx):
+        pass
+
+    def failed(self, index, p, gm, ctx, error):
+        self.abort()
+
+
+def _import_factory(target: str):
+    """`package.module:factory` or `path/to/file.py:factory` ==> the callable."""
+    import importlib
+    import importlib.util
+
+    module_name, _, attr = target.rpartition(":")
+    if not module_name or not attr:
+        raise UsageError(f"MODEL {target!r}: give a Hugging Face model directory or `package.module:factory`")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise UsageError(f"MODEL {target!r}: file {path} does not exist")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise UsageError(f"MODEL {target!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+    else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:  # as `python -m` would
+            sys.path.insert(0, str(Path.cwd()))
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            raise UsageError(f"MODEL {target!r}: cannot import `{module_name}` ({e}); is it on PYTHONPATH?") from e
+        except Exception as e:
+            raise UsageError(f"MODEL {target!r}: importing `{module_name}` failed: {type(e).__name__}: {e}") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"MODEL {target!r}: `{module_name}` has no callable `{attr}`")
+    return factory
+
+
+def _from_factory(target: str):
+    from torch import nn
+
+    result = _import_factory(target)()
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+        raise UsageError(f"MODEL {target!r}: the factory must return (model, example_inputs), got "
+                         f"{type(result).__name__}")
+    model, inputs = result
+    if isinstance(inputs, dict):
+        return model, (), inputs
+    if isinstance(inputs, (tuple, list)):
+        return model, tuple(inputs), {}
+    raise UsageError(f"MODEL {target!r}: example_inputs must be a tuple of args or a dict of kwargs, got "
+                     f"{type(inputs).__name__}")
+
+
+def _from_hf_dir(directory: Path):
+    """A local Hugging Face model directory (config.json + weights), loaded offline; inputs from its config."""
+    import os
+
+    import torch
+
+    if not (directory / "config.json").is_file():
+        raise UsageError(f"MODEL {directory}: a model directory needs config.json (save it with save_pretrained)")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory must never reach the network
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModel
+    try:
+        model = cls.from_pretrained(directory, local_files_only=True).eval()
+    except OSError as e:
+        raise UsageError(f"MODEL {directory}: cannot load weights: {str(e).splitlines()[0]}") from None
+    gen = torch.Generator().manual_seed(0)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab:
+        seq = min(16, getattr(config, "max_position_embeddings", 16) or 16)
+        kwargs = {"input_ids": torch.randint(0, vocab, (2, seq), generator=gen)}
+        if getattr(config, "is_encoder_decoder", False):
+            kwargs["decoder_input_ids"] = torch.randint(0, vocab, (2, seq), generator=gen)
+    elif hasattr(config, "image_size") and hasattr(config, "num_channels"):
+        kwargs = {"pixel_values": torch.randn(2, config.num_channels, config.image_size, config.image_size,
+                                              generator=gen)}
+    else:
+        raise UsageError(f"MODEL {directory}: cannot derive example inputs from its config (no vocab_size or "
+                         f"image_size); use a `module:factory` instead")
+    return model, (), kwargs
+
+
+def load_model(target: str):
+    """MODEL ==> (model, args, kwargs)."""
+    path = Path(target)
+    if path.is_dir():
+        return _from_hf_dir(path)
+    if ":" in target and not path.exists():
+        return _from_factory(target)
+    if path.exists():
+        raise UsageError(f"MODEL {target!r} is a file; give a model directory or `module:factory`")
+    raise UsageError(f"MODEL {target!r} does not exist; give a Hugging Face model directory or "
+                     f"`package.module:factory`")
+
+
+def load_peft_adapter(directory: str) -> dict:
+    """A Hugging Face PEFT adapter directory ==> state dict keyed as peftc names adapters."""
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    weights = path / "adapter_model.safetensors"
+    if not path.is_dir():
+        raise UsageError(f"--adapter {directory}: no such directory")
+    if not weights.is_file():
+        raise UsageError(f"--adapter {directory}: no adapter_model.safetensors in it (save it with PEFT's "
+                         f"save_pretrained)")
+    prefix = "base_model.model."
+    return {k.removeprefix(prefix): v for k, v in load_file(str(weights)).items()}
+
+
+def _compile(args: argparse.Namespace, progress: Progress):
+    import peftc
+    from .instrument import PrintIR
+    from .spec import Spec
+
+    if args.spec is None and args.pipeline is None:
+        raise UsageError("give --spec FILE or a pipeline (-p \"insert-lora{r=8,target=q_proj|v_proj}\")")
+    spec = Spec.load(args.spec) if args.spec else None
+    pipeline = peftc.Pipeline.parse(args.pipeline) if args.pipeline else None
+    progress.step(f"loading {args.model}")
+    model, margs, mkwargs = load_model(args.model)
+    adapter = load_peft_adapter(args.adapter) if getattr(args, "adapter", None) else None
+    progress.step("capturing with torch.export")
+    instruments = [progress, *([PrintIR()] if args.print_ir_after_change else [])]
+    cm = peftc.compile(model, spec, margs, mkwargs, pipeline=pipeline, instruments=instruments)
+    progress.done()
+    if adapter is not None:
+        cm.load_adapter_state_dict(adapter)
+    if args.time_passes:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="pass timings")
+        t.add_column("pass")
+        t.add_column("ms", justify="right")
+        for r in cm.report().records:
+            t.add_row(f"#{r.index + 1} {r.name}", f"{r.seconds * 1e3:.2f}")
+        for name, seconds in progress.timings:
+            if not name.startswith("pass #"):
+                t.add_row(f"[dim]{name}[/]", f"{seconds * 1e3:.0f}")
+        Console(stderr=True).print(t)
+    return cm
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before minutes of compiling, not after, when the output cannot be written."""
+    import tempfile
+
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"-o {out}: directory {parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise PeftcError(f"-o {out}: cannot write to {parent}: {e.strerror}") from None
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    out = Path(args.output)
+    if out.suffix != ".onnx":
+        raise UsageError(f"-o {out}: the output must be a .onnx file")
+    _check_writable(out)
+    if args.export_adapter:
+        _check_writable(Path(args.export_adapter))
+    progress = Progress(args.quiet)
+    try:
+        cm = _compile(args, progress)
+        report = cm.export_onnx(out, merged=not args.adapters_as_inputs,
+                                adapters="inputs" if args.adapters_as_inputs else None, verify=not args.no_verify,
+                                progress=progress.step)
+        progress.done()
+        if args.export_adapter:
+            progress.step(f"writing adapter {args.export_adapter}")
+            cm.export_onnx_adapter(args.export_adapter, onnx_model=out if args.adapters_as_inputs else None)
+            progress.done()
+    finally:
+        progress.abort()
+    print(report)
+    trainable, total = cm.parameter_counts()
+    print(f"trainable params: {trainable:,} of {total:,}")
+    if budget is not None:
+        print(f"memory budget: {budget:,} bytes accepted, but peftc has no recompute scheduler yet: the budget does "
+              f"not change the compiled model")
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    progress = Progress(args.quiet)
+    try:
+        cm = _compile(args, progress)
+    finally:
+        progress.abort()
+    if args.dump_dir:
+        if args.pass_name:
+            cm.diff(args.pass_name)  # raises when no such pass ran
+        try:
+            written = cm.diff_ir.dump(args.dump_dir)
+        except OSError as e:
+            raise PeftcError(f"cannot write diffs to {args.dump_dir}: {e.strerror}") from None
+        if args.pass_name:
+            written = [p for p in written if p.stem.split("-", 1)[-1] == args.pass_name]
+        for path in written:
+            print(path)
+        return 0
+    text = cm.diff(args.pass_name)
+    print(text if text else "no pass changed anything", end="" if text else "\n")
+    return 0
+
+
+def _saved_for_backward(cm) -> tuple[int, int, dict[str, int]]:
+    """Measured: tensors autograd saves in one training forward on the example inputs (distinct storages)."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    args, kwargs = cm.example_inputs
+    seen: dict[int, int] = {}
+    by_dtype: dict[str, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen[key] = t.untyped_storage().nbytes()
+            name = str(t.dtype).removeprefix("torch.")
+            by_dtype[name] = by_dtype.get(name, 0) + seen[key]
+        return t
+
+    params = {p.tensor.untyped_storage().data_ptr() for p in cm.params}
+    was = cm.training
+    cm.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = cm(*args, **kwargs)
+        del out
+    finally:
+        cm.train(was)
+    for key in params & seen.keys():  # weights are resident anyway; count only activations
+        seen.pop(key)
+    return len(seen), sum(seen.values()), by_dtype
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .params import BUFFER
+
+    progress = Progress(args.quiet)
+    try:
+        cm = _compile(args, progress)
+        progress.step("measuring what a training step saves for backward")
+        n_saved, saved_bytes, _ = _saved_for_backward(cm)
+        progress.done()
+    finally:
+        progress.abort()
+    console = Console(width=110, highlight=False)
+    t = Table(title="parameters")
+    for col in ("role", "method", "tensors", "params", "trainable"):
+        t.add_column(col, justify="left" if col in ("role", "method") else "right")
+    groups: dict[tuple[str, str], list] = {}
+    for p in cm.params:
+        if p.role != BUFFER:
+            groups.setdefault((p.role, p.method or "-"), []).append(p)
+    for (role, method), ps in groups.items():
+        t.add_row(role, method, str(len(ps)), f"{sum(p.tensor.numel() for p in ps):,}",
+                  f"{sum(p.tensor.numel() for p in ps if p.trainable):,}")
+    console.print(t)
+    trainable, total = cm.parameter_counts()
+    console.print(f"trainable: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    console.print(cm.report().table())
+    console.print(f"saved for backward (measured, one training forward on the example inputs): {n_saved} "
+                  f"activation tensors, {saved_bytes:,} bytes")
+    console.print("recomputed in backward: nothing (peftc has no recompute scheduler yet)")
+    return 0
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from .pipeline import PASSES
+
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name}: {doc[0].removeprefix(name + ':').strip() if doc else ''}")
+        for opt, typ, default in cls.options():
+            print(f"    {opt}: {typ} = {default!r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="peftc", description="A compiler for parameter-efficient fine-tuning of PyTorch models.")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks on errors")
@@ -32,7 +391,46 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="compile a built-in small Llama with LoRA and train it briefly")
     demo.add_argument("--steps", type=int, default=50)
     demo.set_defaults(func=_cmd_demo)
+
+    common = _Parser(add_help=False)
+    common.add_argument("model", metavar="MODEL",
+                        help="a local Hugging Face model directory, or package.module:factory / file.py:factory "
+                             "returning (model, example_inputs)")
+    common.add_argument("--spec", help="spec file (.toml or .json)")
+    common.add_argument("-p", "--pipeline", help='explicit pass pipeline, e.g. "insert-lora{r=8,target=q_proj}"')
+    common.add_argument("--print-ir-after-change", action="store_true", help="print the graph after each pass "
+                        "that changed it")
+    common.add_argument("--time-passes", action="store_true", help="print how long each pass took")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    common.add_argument("--verbose", action="store_true", help="print tracebacks on errors")
+
+    comp = sub.add_parser("compile", parents=[common], help="compile and lower to a verified, optimized ONNX file")
+    comp.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    comp.add_argument("--adapter", help="a Hugging Face PEFT adapter directory to load before exporting")
+    comp.add_argument("--memory-budget", help="training memory budget (e.g. 2GiB); parsed and validated, not yet "
+                      "used: there is no recompute scheduler")
+    comp.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-eager check")
+    comp.add_argument("--adapters-as-inputs", action="store_true", help="export the base model with LoRA A/B as "
+                      "graph inputs (onnxruntime multi-LoRA) instead of merging them")
+    comp.add_argument("--export-adapter", metavar="FILE", help="also write the adapter as an .onnx_adapter file")
+    comp.set_defaults(func=_cmd_compile)
+
+    diff = sub.add_parser("diff", parents=[common], help="show what each pass changed (code and parameter table)")
+    diff.add_argument("--pass", dest="pass_name", metavar="NAME", help="only this pass")
+    diff.add_argument("--dump-dir", metavar="DIR", help="write one .diff file per pass into DIR")
+    diff.set_defaults(func=_cmd_diff)
+
+    explain = sub.add_parser("explain", parents=[common], help="trainable parameters, pass report, memory")
+    explain.add_argument("--adapter", help="a Hugging Face PEFT adapter directory to load")
+    explain.set_defaults(func=_cmd_explain)
+
+    passes = sub.add_parser("passes", help="list every registered pass and its options")
+    passes.set_defaults(func=_cmd_passes)
     return parser
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, SpecError) as e:
         if verbose:
             traceback.print_exc()
-        print(f"peftc: error: {e}", file=sys.stderr)
+        print(f"peftc: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # every other failure: one line, exit 1
         if verbose:
             traceback.print_exc()
-        print(f"peftc: error: {type(e).__name__ + ': ' if not isinstance(e, PeftcError) else ''}{e}", file=sys.stderr)
+        print(f"peftc: error: {type(e).__name__ + ': ' if not isinstance(e, PeftcError) else ''}{_one_line(e)}",
+              file=sys.stderr)
         return 1
 
 

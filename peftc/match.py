@@ -32,16 +32,27 @@ _KEEPS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.alias
 @dataclass(frozen=True)
 class MatmulSite:
     node: Node  # the matmul
-    x: Node  # its activation operand
+    x_path: tuple[int, ...]  # where the activation operand sits in node.args
     weight: str  # the parameter it reads (the get_attr target)
-    module: str  # the path adapters are named after
+    module: str  # the module path targets match against
     in_features: int
     out_features: int
     form: str  # linear | addmm | mm | matmul | einsum
     # einsum only: the equation and the weight's subscripts (contracted index, output index)
+    # Where adapter tensors live: `<module>.lora_A.weight`, as HF PEFT names them. A weight that is not a module's
+    # `weight` (`mlp.w1`, read functionally) is itself a tensor, so its adapters go beside it (`mlp.w1_adapter`).
+    adapter_prefix: str = ""
     equation: str | None = None
     weight_subscripts: tuple[str, str] | None = None
     weight_in_out: bool = False  # the parameter is stored (in, out), as GPT-2's Conv1D stores it
+
+    @property
+    def x(self) -> Node:
+        """The activation operand as the graph has it now: an earlier rewrite may have replaced it."""
+        arg = self.node.args
+        for i in self.x_path:
+            arg = arg[i]
+        return arg
 
 
 @dataclass(frozen=True)
@@ -50,9 +61,9 @@ class ConvSite:
     non-transposed `aten.convolution`. HF PEFT names its adapters after the module, as for a matmul."""
 
     node: Node
-    x: Node
     weight: str
     module: str
+    adapter_prefix: str
     in_features: int  # input channels
     out_features: int  # output channels
     kernel: tuple[int, ...]
@@ -61,6 +72,10 @@ class ConvSite:
     dilation: list[int]
     groups: int
     form: str = "conv"
+
+    @property
+    def x(self) -> Node:
+        return self.node.args[0]
 
 
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
@@ -84,7 +99,7 @@ def conv_sites(gm: GraphModule, table: ParamTable, info: ModelInfo) -> list[Conv
         shape = table[w.target].tensor.shape
         n = len(shape) - 2
         groups = groups or 1
-        sites.append(ConvSite(node, x, w.target, _module_path(node, w.target, info), in_features=shape[1] * groups,
+        sites.append(ConvSite(node, w.target, *_module_path(node, w.target, info), in_features=shape[1] * groups,
                               out_features=shape[0], kernel=tuple(shape[2:]), stride=list(stride or [1] * n),
                               padding=padding if padding is not None else [0] * n,
                               dilation=list(dilation or [1] * n), groups=groups))
@@ -112,8 +127,8 @@ def _weight_source(node: Node, table: ParamTable) -> tuple[str, bool] | None:
     return node.target, flipped
 
 
-def _module_path(node: Node, weight: str, info: ModelInfo) -> str:
-    """The module an adapter on this weight is named after, as HF PEFT names it.
+def _module_path(node: Node, weight: str, info: ModelInfo) -> tuple[str, str]:
+    """(module path, adapter prefix) of an adapter on this weight, as HF PEFT names it.
 
     A tied weight is reachable under several names; pick the one owned by the module the op ran in.
     """
@@ -122,7 +137,7 @@ def _module_path(node: Node, weight: str, info: ModelInfo) -> str:
     names = info.aliases.get(weight, (weight,))
     chosen = next((n for n in names if n.rpartition(".")[0] == innermost), names[0])
     owner, _, leaf = chosen.rpartition(".")
-    return owner if leaf == "weight" and owner else chosen
+    return (owner, owner) if leaf == "weight" and owner else (chosen, chosen + "_adapter")
 
 
 def _einsum_site(node: Node, table: ParamTable):
@@ -140,7 +155,7 @@ def _einsum_site(node: Node, table: ParamTable):
         kept = [c for c in w_subs if c in output and c not in x_subs]
         if len(contracted) != 1 or len(kept) != 1:
             return None
-        return operands[1 - w_idx], source, (contracted[0], kept[0]), equation.replace(" ", ""), w_subs
+        return (1, 1 - w_idx), source, (contracted[0], kept[0]), equation.replace(" ", ""), w_subs
     return None
 
 
@@ -153,19 +168,19 @@ def matmul_sites(gm: GraphModule, table: ParamTable, info: ModelInfo) -> list[Ma
     for node in gm.graph.nodes:
         if node.op != "call_function" or "peftc.pass" in node.meta:
             continue
-        form = x = source = None
+        form = x_path = source = None
         equation = subscripts = None
         if node.target == aten.linear.default:
-            form, x, source = "linear", node.args[0], _weight_source(node.args[1], table)
+            form, x_path, source = "linear", (0,), _weight_source(node.args[1], table)
             transposed = False
         elif node.target in (aten.addmm.default, aten.mm.default, aten.matmul.default):
             form = str(node.target).split(".")[1]
-            x, w = (node.args[1], node.args[2]) if form == "addmm" else node.args[:2]
-            source, transposed = _weight_source(w, table), True
+            x_path = (1,) if form == "addmm" else (0,)
+            source, transposed = _weight_source(node.args[x_path[0] + 1], table), True
         elif node.target == aten.einsum.default:
             found = _einsum_site(node, table)
             if found:
-                x, source, subscripts, equation, w_subs = found
+                x_path, source, subscripts, equation, w_subs = found
                 form, transposed = "einsum", w_subs.index(subscripts[0]) == 0
         if form is None or source is None:
             continue
@@ -173,8 +188,9 @@ def matmul_sites(gm: GraphModule, table: ParamTable, info: ModelInfo) -> list[Ma
         rows, cols = table[weight].tensor.shape
         if transposed != flipped:  # weight laid out (in, out)
             rows, cols = cols, rows
-        sites.append(MatmulSite(node, x, weight, _module_path(node, weight, info), in_features=cols,
-                                out_features=rows, form=form, equation=equation, weight_subscripts=subscripts,
+        module, prefix = _module_path(node, weight, info)
+        sites.append(MatmulSite(node, x_path, weight, module, in_features=cols, out_features=rows, form=form,
+                                adapter_prefix=prefix, equation=equation, weight_subscripts=subscripts,
                                 weight_in_out=transposed != flipped))
     return sites
 
@@ -212,13 +228,15 @@ def select(sites: Iterable[MatmulSite], target: Target, exclude: Target, info: M
 
 def no_match_message(where: str, target: Target, exclude: Target, paths: list[str]) -> str:
     wanted = [target] if isinstance(target, str) else list(target or [])
+
+    def score(path: str) -> float:
+        leaf = path.rpartition(".")[2]
+        return max(max(difflib.SequenceMatcher(None, t, path).ratio(),
+                       difflib.SequenceMatcher(None, t.rpartition(".")[2], leaf).ratio()) for t in wanted)
+
+    close = sorted(paths, key=score, reverse=True)[:5]
     leaves = sorted({p.rpartition(".")[2] for p in paths})
-    close: list[str] = []
-    for t in wanted:
-        close += difflib.get_close_matches(t, paths, n=3, cutoff=0.4)
-        close += difflib.get_close_matches(t.rpartition(".")[2], leaves, n=3, cutoff=0.4)
-    close = list(dict.fromkeys(close))[:5] or paths[:5]
     excluded = f" after exclude={exclude!r}" if exclude is not None else ""
     return (f"{where}: target={target!r} matches no matmul{excluded}. Closest module paths: "
             f"{', '.join(close) if close else '(the model has no matmul with a parameter weight)'}"
-            f" ({len(paths)} candidates in all; leaf names: {', '.join(leaves[:12])})")
+            f" ({len(paths)} candidates; leaf names: {', '.join(leaves[:12])})")

@@ -9,6 +9,7 @@ passes find their adapter tensors here and reuse them, so every graph shares one
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -71,6 +72,8 @@ class ParamTable:
 
     def __init__(self) -> None:
         self._entries: dict[str, Param] = {}
+        # Tensors fold-params computed, keyed by the expression that computed them: (name, tensor).
+        self.constants: dict[str, tuple[str, torch.Tensor]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -83,6 +86,12 @@ class ParamTable:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def copy(self) -> "ParamTable":
+        """A table with copies of the entries (the tensors are shared) and no folded constants."""
+        table = ParamTable()
+        table._entries = {name: dataclasses.replace(p) for name, p in self._entries.items()}
+        return table
 
     def names(self, role: str | None = None) -> list[str]:
         return [p.name for p in self if role is None or p.role == role]

@@ -55,7 +55,7 @@ class Pass:
     def from_options(cls, **options: Any) -> "Pass":
         """Build from CLI-style options; passes that carry a spec rule build the rule from them."""
         if cls.rule_type is not None:
-            return cls(cls.rule_type(**options))
+            return cls(cls.rule_type.from_dict(options, f"pass `{cls.name}`"))
         known = {f.name for f in dataclasses.fields(cls)}
         for key in options:
             if key not in known:

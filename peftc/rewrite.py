@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from torch.fx import GraphModule, Node
+from torch.fx.subgraph_rewriter import replace_pattern_with_filters
 
 
 class NodeBuilder:
@@ -27,9 +29,9 @@ class NodeBuilder:
         self.created.append(node)
         return node
 
-    def call(self, target, *args: Any, name: str | None = None) -> Node:
+    def call(self, target, *args: Any, name: str | None = None, kwargs: dict[str, Any] | None = None) -> Node:
         with self.graph.inserting_before(self.anchor):
-            node = self.graph.create_node("call_function", target, tuple(args), name=name)
+            node = self.graph.create_node("call_function", target, tuple(args), kwargs, name=name)
         return self._tag(node)
 
     def attr(self, qualname: str) -> Node:
@@ -42,3 +44,84 @@ def replace_uses(old: Node, new: Node, keep: Any = ()) -> None:
     rewrite that reads old), at `new`."""
     keep = set(keep)
     old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and user not in keep)
+
+
+def erase_dead(gm: GraphModule, candidates) -> int:
+    """Erase `candidates` that nothing reads, then whatever they alone read, provided it is a `get_attr` or a node a
+    peftc pass made. Unlike `eliminate_dead_code`, it never touches the captured model's own unused nodes."""
+    erased = 0
+    todo = list(candidates)
+    while todo:
+        node = todo.pop()
+        if node._erased or node.graph is not gm.graph or node.users or node.op not in ("get_attr", "call_function"):
+            continue
+        if node.op == "call_function" and "peftc.pass" not in node.meta:
+            continue
+        inputs = node.all_input_nodes
+        gm.graph.erase_node(node)
+        erased += 1
+        todo.extend(inputs)
+    return erased
+
+
+Bindings = dict  # pattern argument name -> the graph Node (or literal) it matched
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A declarative rewrite: wherever `pattern` matches and `where(bindings, ctx)` holds, put `replacement`.
+
+    Both are functions of the same arguments written with aten ops; an argument matches any node or literal, and
+    the replacement receives what it matched. `replaces` names the argument whose tensor the replacement's folded
+    weight takes the place of (fold-params then gives the folded tensor that parameter's name).
+    """
+
+    name: str
+    pattern: Callable
+    replacement: Callable
+    where: Callable[[Bindings, Any], bool] | None = None
+    replaces: str | None = None
+
+
+class RuleSet:
+    """An ordered list of rules applied one after another; `apply` counts every hit under `<pass>.<rule>`."""
+
+    def __init__(self, *rules: Rule):
+        self.rules = list(rules)
+
+    def add(self, rule: Rule) -> Rule:
+        if any(r.name == rule.name for r in self.rules):
+            raise ValueError(f"a rule named {rule.name!r} is already in this rule set")
+        self.rules.append(rule)
+        return rule
+
+    def apply(self, gm: GraphModule, ctx: Any, pass_name: str) -> int:
+        hits = 0
+        for rule in self.rules:
+            hits += self._apply(rule, gm, ctx, pass_name)
+        return hits
+
+    def _apply(self, rule: Rule, gm: GraphModule, ctx: Any, pass_name: str) -> int:
+        def bindings(match, pattern_graph) -> Bindings:
+            return {pn.target: match.nodes_map[pn] for pn in pattern_graph.nodes if pn.op == "placeholder"}
+
+        def accept(match, original_graph, pattern_graph) -> bool:
+            return rule.where is None or bool(rule.where(bindings(match, pattern_graph), ctx))
+
+        replaced = replace_pattern_with_filters(gm, rule.pattern, rule.replacement, match_filters=[accept])
+        for rp in replaced:
+            meta = {"peftc.pass": pass_name, "peftc.role": rule.name}
+            bound = {pn.target: gn for pn, gn in rp.nodes_map.items() if pn.op == "placeholder"}
+            if rule.replaces is not None:
+                source = bound[rule.replaces]
+                if isinstance(source, Node) and source.op == "get_attr":
+                    meta["peftc.replaces"] = source.target
+            like = rp.anchor.meta.get("nn_module_stack")
+            for node in rp.replacements:
+                node.meta.update(meta)
+                if like is not None:
+                    node.meta.setdefault("nn_module_stack", like)
+            erase_dead(gm, [n for n in bound.values() if isinstance(n, Node)])
+        if hasattr(ctx, "count") and replaced:
+            ctx.count(f"{pass_name}.{rule.name}", len(replaced))
+        return len(replaced)

@@ -46,6 +46,8 @@ class Rule:
     """Base of every method rule. `kind` is the spec-file table name (`[[lora]]`)."""
 
     kind: ClassVar[str] = ""
+    # HF PEFT's names for our keys, so a ported config gets told what the key is called here.
+    hf_names: ClassVar[dict[str, str]] = {"target_modules": "target", "exclude_modules": "exclude"}
 
     def _where(self) -> str:
         return f"{type(self).__name__}"
@@ -55,10 +57,13 @@ class Rule:
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         for key in data:
             if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=3)
+                close = [cls.hf_names[key]] if key in cls.hf_names else difflib.get_close_matches(key, sorted(known), n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
                 raise SpecError(f"{where}: unknown key `{key}`{hint}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except SpecError as e:
+            raise SpecError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,8 @@ class LoRA(Rule):
     """
 
     kind: ClassVar[str] = "lora"
+    hf_names: ClassVar[dict[str, str]] = {**Rule.hf_names, "lora_alpha": "alpha", "lora_dropout": "dropout",
+                                          "rank": "r"}
 
     target: Target = "all-linear"
     r: int = 8
@@ -281,6 +288,86 @@ class Spec:
                      if v is not None}
             out.setdefault(rule.kind, []).append(entry)
         return out
+
+
+def _positive_int(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SpecError(f"{where}: `{key}` must be a positive integer, got {value!r}")
+    return value
+
+
+@register_rule
+@dataclass(frozen=True)
+class Prefix(Rule):
+    """Prefix tuning on matched attention: `length` learned key/value positions per KV head, placed before the keys.
+
+    `target` selects attention by module path with LoRA's selector forms; None (the default) selects every
+    attention. `projection=True` trains the prefix through HF PEFT's reparameterization MLP (embedding → Linear →
+    Tanh → Linear, hidden size `encoder_hidden_size`, default the KV width heads·head_dim), shared by all sites.
+    """
+
+    kind: ClassVar[str] = "prefix"
+
+    length: int = 16
+    target: Target = None
+    projection: bool = False
+    encoder_hidden_size: int | None = None
+
+    def __post_init__(self) -> None:
+        where = self._where()
+        _positive_int(self.length, "length", where)
+        if self.target == "all-linear":
+            raise SpecError(f"{where}: `target` selects attention modules; 'all-linear' is for matmul methods. "
+                            f"Leave it unset to select every attention")
+        object.__setattr__(self, "target", _as_target(self.target, "target", where))
+        if not isinstance(self.projection, bool):
+            raise SpecError(f"{where}: `projection` must be true or false, got {self.projection!r}")
+        if self.encoder_hidden_size is not None:
+            _positive_int(self.encoder_hidden_size, "encoder_hidden_size", where)
+            if not self.projection:
+                raise SpecError(f"{where}: `encoder_hidden_size` sizes the projection MLP; set projection=true "
+                                f"or drop it")
+
+
+@register_rule
+@dataclass(frozen=True)
+class PromptTuning(Rule):
+    """Prompt tuning: `length` learned virtual-token embeddings prepended after the input embedding lookup.
+
+    As in HF PEFT, the attention mask gets `length` ones prepended, labels `length` times -100, position ids are
+    recomputed over the longer sequence, and the outputs (logits) include the virtual positions.
+    """
+
+    kind: ClassVar[str] = "prompt_tuning"
+
+    length: int = 16
+
+    def __post_init__(self) -> None:
+        _positive_int(self.length, "length", self._where())
+
+
+@register_rule
+@dataclass(frozen=True)
+class IA3(Rule):
+    """(IA)³: learned scaling vectors, initialized to 1, on matched matmuls (HF PEFT's IA3).
+
+    `y = x W^T ==> y · l` (l: [out]) on every `target` matmul, or `y = (x · l) W^T` (l: [in]) on those also named by
+    `feedforward`, which must be a subset of `target`. Both take LoRA's selector forms.
+    """
+
+    kind: ClassVar[str] = "ia3"
+
+    target: Target = None
+    feedforward: Target = None
+    exclude: Target = None
+
+    def __post_init__(self) -> None:
+        where = self._where()
+        for key in ("target", "feedforward", "exclude"):
+            object.__setattr__(self, key, _as_target(getattr(self, key), key, where))
+        if self.target is None:
+            raise SpecError(f"{where}: `target` is required, e.g. IA3(target='k_proj|v_proj|down_proj', "
+                            f"feedforward='down_proj')")
 
 
 SELECTIONS = ("random", "magnitude", "mask")

@@ -12,15 +12,51 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from ..capture import ModelInfo, call_kwargs, capture
-from ..errors import AdapterError, PeftcError
+from ..errors import AdapterError, PassError, PeftcError
 from ..instrument import DiffIR, PassRecord, Verify
-from ..params import ADAPTER, BUFFER, ParamTable, get_attr_path, set_attr_path
+from ..params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from ..pipeline import Instrument, PassContext, Pipeline
 from ..spec import Spec
 
 
 def _is_guard_failure(e: Exception) -> bool:
     return isinstance(e, (AssertionError, RuntimeError)) and "Guard failed" in str(e)
+
+
+def hunks_mentioning(diff: str, module: str) -> str:
+    """The hunks of a unified diff whose changed lines name `module` (dotted, or as code spells it).
+
+    For display, not for `patch`: in the parameter table, rows of other modules are dropped from a kept hunk.
+    """
+    needles = (module + ".", module.replace(".", "_") + "_")
+    out: list[str] = []
+    header: list[str] = []  # the current file's header, until one of its hunks is kept
+    hunk: list[str] = []
+    table = False  # the current file is the parameter table
+
+    def mentions(line: str) -> bool:
+        return any(n in line for n in needles)
+
+    def flush() -> None:
+        if not any(line[:1] in "+-" and mentions(line) for line in hunk[1:]):
+            return
+        out.extend(header)
+        header.clear()
+        out.extend(line for line in hunk if not (table and line[:1] in "+-" and not mentions(line)))
+
+    for line in diff.splitlines(True):
+        if line.startswith("--- "):
+            flush()
+            hunk, header, table = [], [line], line.rstrip().endswith("params.txt")
+        elif line.startswith("+++ "):
+            header.append(line)
+        elif line.startswith("@@"):
+            flush()
+            hunk = [line]
+        else:
+            hunk.append(line)
+    flush()
+    return "".join(out)
 
 
 class PassReport:
@@ -59,10 +95,11 @@ class CompiledModel(nn.Module):
 
     def __init__(self, model: nn.Module, spec: Spec | None, pipeline: Pipeline, args: tuple,
                  kwargs: dict[str, Any], *, dynamic: bool = True, verify: bool = True,
-                 instruments: Sequence[Instrument] = ()):
+                 instruments: Sequence[Instrument] = (), params: ParamTable | None = None):
         super().__init__()
         self.spec, self.pipeline, self.dynamic, self.verify = spec, pipeline, dynamic, verify
-        self.params = ParamTable()
+        self.params = params if params is not None else ParamTable()
+        self._example = (tuple(args), dict(kwargs))  # merge() captures the model again on these
         self.counters = None
         self.diff_ir = DiffIR()
         # The source model is kept to capture new signatures, but not registered: its parameters are ours.
@@ -73,11 +110,15 @@ class CompiledModel(nn.Module):
         first = self._lower(tuple(args), call_kwargs(model, kwargs),
                             instruments=[*([Verify()] if verify else []), self.diff_ir, *instruments])
         object.__setattr__(self, "graph_module", first)  # not a submodule: its tensors are registered below
-        for p in self.params:
+        for p in self._exposed():
             try:
                 set_attr_path(self, p.name, p.tensor)
             except KeyError as e:  # a top-level module name that clashes with a CompiledModel attribute
                 raise PeftcError(f"cannot expose `{p.name}` on CompiledModel: {e}") from None
+
+    def _exposed(self) -> list[Param]:
+        """The table entries registered on the module (named_parameters / state_dict)."""
+        return list(self.params)
 
     # ---- calling -------------------------------------------------------------------------------------------
     def _key(self, args: tuple, kwargs: dict[str, Any]):
@@ -152,14 +193,48 @@ class CompiledModel(nn.Module):
             for key, value in state_dict.items():
                 ours[key].tensor.copy_(value)
 
+    def merge(self, adapters: str | Sequence[str] | None = None) -> "MergedModel":
+        """A new module with the adapters folded into the base weights; this model stays as it is, trainable.
+
+        `adapters` picks some (module paths such as "model.layers.0.self_attn.q_proj", tensor names, or method
+        names such as "lora"); the others stay trainable in the new module. The new module is called like the
+        original model, and its parameters carry the base model's names (plus those of the adapters left).
+        Half-precision weights are merged in fp32 and cast once.
+        """
+        from ..passes.fold_params import FoldParams
+        from ..passes.merge_reparam import MergeReparam, select_adapters
+
+        chosen = select_adapters(self.params, adapters)
+        table = self.params.copy()
+        for p in table:
+            if p.role == ADAPTER:  # copies: training this model later must not move the merged weights
+                keep = p.trainable and p.name not in chosen
+                p.tensor, p.trainable = nn.Parameter(p.tensor.detach().clone(), requires_grad=keep), keep
+        # Merge right after the adapter passes, before optimizations that fuse adapter ops (prune-grads).
+        passes = list(self.pipeline.passes)
+        last_adapter = max((i for i, q in enumerate(passes) if q.rule_type is not None), default=0)
+        passes[last_adapter + 1:last_adapter + 1] = [MergeReparam(tuple(sorted(chosen))), FoldParams()]
+        merged = MergedModel(self._source, self.spec, Pipeline(tuple(passes)), *self._example,
+                             training=self.training, dynamic=self.dynamic, verify=self.verify, params=table)
+        unmerged = sorted(chosen & {n.target for n in merged.graph_module.graph.nodes if n.op == "get_attr"})
+        if unmerged:
+            raise PassError(f"merge: no merge rule matched how `{unmerged[0]}` is applied"
+                            + (f" (and {len(unmerged) - 1} more)" if len(unmerged) > 1 else "")
+                            + "; leave its module out of adapters=[...] or add a rule to MERGE_RULES")
+        return merged
+
     # ---- what the compiler did ----------------------------------------------------------------------------
-    def diff(self, pass_name: str | None = None) -> str:
-        """Unified diffs of code and parameter table for each pass that changed something (or one pass)."""
+    def diff(self, pass_name: str | None = None, module: str | None = None) -> str:
+        """Unified diffs of code and parameter table for each pass that changed something.
+
+        `pass_name` keeps one pass's diffs; `module` keeps the hunks that mention that module path.
+        """
         records = [r for r in self.diff_ir.records if pass_name is None or r.name == pass_name]
         if pass_name is not None and not records:
             names = ", ".join(dict.fromkeys(r.name for r in self.diff_ir.records))
             raise PeftcError(f"no pass named `{pass_name}` ran; passes: {names}")
-        return "".join(r.diff for r in records)
+        text = "".join(r.diff for r in records)
+        return text if module is None else hunks_mentioning(text, module)
 
     def report(self) -> PassReport:
         return PassReport(self.diff_ir.records)
@@ -176,3 +251,60 @@ class CompiledModel(nn.Module):
         line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
         print(line)
         return line
+
+    # ---- ONNX ------------------------------------------------------------------------------------------------
+    @property
+    def example_inputs(self) -> tuple[tuple, dict[str, Any]]:
+        """The (args, kwargs) the model was compiled with, as peftc calls it (what ONNX export traces on)."""
+        args, kwargs = self._example
+        return args, call_kwargs(self._source, kwargs)
+
+    def graph_for(self, *args: Any, **kwargs: Any) -> GraphModule:
+        """The graph that serves this call signature in the current train/eval mode, captured if it is new."""
+        kwargs = call_kwargs(self._source, kwargs)
+        graphs = self._graphs.get(self._key(args, kwargs))
+        return graphs[0] if graphs else self._lower(args, kwargs)
+
+    def export_onnx(self, path, merged: bool = True, dynamic: bool = True, opset: int | None = None,
+                    verify: bool = True, adapters: str | None = None, progress=None):
+        """Lower to an optimized ONNX file at `path`, checked against this model in onnxruntime.
+
+        merged=True folds the adapters into the base weights (same graph as the base model). merged=False with
+        adapters="inputs" makes every LoRA A / scaled B a graph input (default zero) for onnxruntime's multi-LoRA;
+        adapters=None keeps them as initializers. Batch and sequence axes are dynamic unless dynamic=False.
+        verify=True runs onnxruntime on the example inputs and a second shape and raises ExportError past
+        1e-4 * max(1, max|reference|) (fp32). The file appears only when everything succeeded.
+        Returns an ExportReport (node counts, max difference, file size).
+        """
+        from .onnx import export_compiled
+
+        return export_compiled(self, path, merged=merged, adapters=adapters, dynamic=dynamic, opset=opset,
+                               verify=verify, progress=progress)
+
+    def export_onnx_adapter(self, path, onnx_model=None) -> int:
+        """Write the current adapter as an onnxruntime `.onnx_adapter` file (LoRA scaling folded into B).
+
+        With `onnx_model` (a file from export_onnx(merged=False, adapters="inputs")), names, shapes and dtypes are
+        checked against its adapter inputs first; onnxruntime checks none of them. Returns the file size.
+        """
+        from .onnx import export_compiled_adapter
+
+        return export_compiled_adapter(self, path, onnx_model)
+
+class MergedModel(CompiledModel):
+    """What CompiledModel.merge() returns: the same pipeline plus merge-reparam and fold-params, on its own copy
+    of the parameter table. Only the tensors its graphs read are registered, so parameter names are the base
+    model's (merged weights included) plus those of the adapters left unmerged."""
+
+    def __init__(self, model: nn.Module, spec: Spec | None, pipeline: Pipeline, args: tuple,
+                 kwargs: dict[str, Any], *, training: bool, **options: Any):
+        was_training = model.training
+        model.train(training)
+        try:
+            super().__init__(model, spec, pipeline, args, kwargs, **options)
+        finally:
+            model.train(was_training)
+
+    def _exposed(self) -> list[Param]:
+        read = {n.target for n in self.graph_module.graph.nodes if n.op == "get_attr"}
+        return [p for p in self.params if p.name in read or p.trainable]

@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def tiny_llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg))
+
+
+def tiny_gpt2(**overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    cfg.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**cfg))
+
+
+def tiny_bert(**overrides):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=64, num_labels=3)
+    cfg.update(overrides)
+    return BertForSequenceClassification(BertConfig(**cfg))
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    yield
+
+
+def ids(batch=2, seq=8, vocab=64, seed=0):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
