@@ -162,14 +162,14 @@ class InsertLora(Pass):
             out = b.call(aten.to.dtype, out, weight.dtype, name=f"{stem}_lora_cast")
         # What a merge pass needs to fold this adapter into W: which weight, its layout, each (A, B, scaling,
         # output columns), and DoRA's magnitude.
-        adapters = {key: (f"{site.module}.lora_A{key and '.' + key}.weight",
-                          f"{site.module}.lora_B{key and '.' + key}.weight",
+        adapters = {key: (f"{site.adapter_prefix}.lora_A{key and '.' + key}.weight",
+                          f"{site.adapter_prefix}.lora_B{key and '.' + key}.weight",
                           self.rule.scaling_for(site.module, key or None), span)
                     for key, span in (self.rule.slices or {"": None}).items()}
         out.meta["peftc.lora"] = {
             "weight": site.weight, "module": site.module, "form": site.form,
             "weight_in_out": getattr(site, "weight_in_out", False), "adapters": adapters,
-            "magnitude": f"{site.module}.lora_magnitude_vector" if self.rule.use_dora else None}
+            "magnitude": f"{site.adapter_prefix}.lora_magnitude_vector" if self.rule.use_dora else None}
         replace_uses(y, out, keep=b.created)
 
     def _slices(self, gm: GraphModule, ctx: PassContext, b: NodeBuilder, site: MatmulSite, x: Node,
