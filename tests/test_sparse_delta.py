@@ -304,3 +304,43 @@ def test_spec_errors_and_files(tmp_path):
     spec = peftc.Spec.load(path)
     assert spec.rules == (peftc.SparseDelta(target="q_proj", density=0.02, select="random"), peftc.BitFit(),
                           peftc.NormTuning(exclude="ln_f"))
+
+
+def test_lora_composes_with_a_delta_on_the_same_weight_in_either_order(llama):
+    """LoRA finds a matmul whose weight a delta rewrote to W + delta; both adapters train."""
+    sd = peftc.SparseDelta(target=r".*q_proj\.weight", density=0.1)
+    lora = peftc.LoRA(target="q_proj", r=2)
+    for spec in (peftc.Spec(sd, lora), peftc.Spec(lora, sd)):
+        gm, ctx = llama.rewrite(spec)
+        trainable = {p.name for p in ctx.params if p.trainable}
+        assert {p.method for p in ctx.params if p.trainable} == {"sparse_delta", "lora"}
+        assert len(trainable) == 2 * 3  # per layer: delta values, lora_A, lora_B
+        with torch.no_grad():
+            torch.testing.assert_close(llama.logits(gm), llama.logits(), rtol=0, atol=0)
+            for p in ctx.params:
+                if p.name.endswith("lora_B.weight"):
+                    p.tensor.normal_()
+        backward(llama, gm)
+        assert {p.name for p in ctx.params if p.tensor.grad is not None} == trainable
+        with torch.no_grad():
+            for p in ctx.params:
+                if p.role == "adapter":
+                    p.tensor.grad = None
+                    if p.name.endswith("lora_B.weight"):
+                        p.tensor.zero_()
+
+
+def test_deltas_merge_into_the_base_weights():
+    """The deltas are parameter-only subgraphs, so CompiledModel.merge() folds them into W exactly."""
+    torch.manual_seed(0)
+    model = tiny_gpt2().eval()
+    x = ids()
+    spec = peftc.Spec(peftc.SparseDelta(target=r".*c_fc\.weight", density=0.1, structure="columns"),
+                      peftc.BitFit(exclude=r".*ln_.*"), peftc.NormTuning())
+    cm = peftc.compile(model, spec, kwargs=dict(input_ids=x))
+    with torch.no_grad():
+        for p in cm.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    merged = cm.merge()
+    assert not [n for n, _ in merged.named_parameters() if any(m in n for m in ("delta", "bitfit", "norm_tuning"))]
+    torch.testing.assert_close(merged(input_ids=x).logits, cm(input_ids=x).logits, rtol=0, atol=1e-6)
