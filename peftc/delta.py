@@ -277,7 +277,7 @@ def fisher_masks(model: nn.Module, batches: Iterable[Any], density: float = 0.01
     for n, s in scores.items():
         dim = _structured_dim(structure, s.shape, n)
         idx = top_index(s, density, dim)
-        units = torch.zeros(s.numel() if dim is None else s.shape[dim], dtype=torch.bool)
+        units = torch.zeros(s.numel() if dim is None else s.shape[dim], dtype=torch.bool, device=s.device)
         units[idx] = True
         if dim is None:
             masks[n] = units.view(s.shape)

@@ -155,7 +155,20 @@ def test_lora_fa_freezes_a_and_saves_the_adapter_input(llama):
     layers = llama.model.config.num_hidden_layers
     # q_proj and v_proj read the same normed hidden state: one (batch, seq, hidden) float32 tensor per layer that
     # only lora_A's weight gradient needs.
-    assert saved_bytes(llama, plain) - saved_bytes(llama, fa) >= layers * batch * seq * hidden * 4
+    stored = layers * batch * seq * hidden * 4
+    assert saved_bytes(llama, plain) - saved_bytes(llama, fa) >= stored
+    # The same through peftc.memory's storage tracker, which counts only what the step allocated.
+    from peftc.memory import measure_step
+
+    def loss(out):
+        return (out.logits * probe(out.logits.shape)).sum()
+
+    steps = [measure_step(gm, kwargs=llama.kwargs, loss_fn=loss) for gm in (plain, fa)]
+    assert steps[0].saved_bytes - steps[1].saved_bytes >= stored
+    assert steps[0].grad_bytes - steps[1].grad_bytes == sum(ctx_fa.params[n].tensor.numel() * 4 for n in a_names)
+    for ctx in (ctx_plain, ctx_fa):
+        for p in ctx.params:
+            p.tensor.grad = None
     logits = llama.logits(fa)
     (logits * probe(logits.shape)).sum().backward()
     assert all(ctx_fa.params[n].tensor.grad is None for n in a_names)
