@@ -333,3 +333,19 @@ def test_identity_at_init_gradient_set_and_idempotence(llama, gpt2, cnn, case, s
         for n, t in adapters.items():
             t.copy_(saved[n])
             t.grad = None
+
+
+@pytest.mark.parametrize("spec", [
+    peftc.Spec(peftc.SparseDelta(target=r"0\.weight", density=0.2), peftc.BitFit(target="2"), peftc.NormTuning()),
+    peftc.Spec(peftc.LoRA(target=["0", "2"], r=2, use_dora=True, freeze_a=True)),
+], ids=["deltas", "dora-fa"])
+def test_half_precision_base_trains_fp32_adapters(spec):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)).to(torch.bfloat16).eval()
+    x = torch.randn(3, 5, 8, dtype=torch.bfloat16)
+    cm = peftc.compile(model, spec, args=(x,))
+    assert torch.equal(cm(x), model(x))  # exact at init, even with DoRA's m/‖W‖ = 1 computed in fp32
+    params = cm.trainable_parameters()
+    assert params and {p.dtype for p in params} == {torch.float32}
+    cm(x).float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
