@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/peftc demo
 
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

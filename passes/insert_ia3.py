@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -11,7 +11,7 @@ from torch.fx import GraphModule
 from peftc.errors import SpecError
 from peftc.match import MatmulSite, matmul_sites, select
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
-from peftc.rewrite import NodeBuilder
+from peftc.rewrite import NodeBuilder, replace_uses
 from peftc.spec import IA3
 
 from .insert_lora import adapter_dtype
@@ -32,7 +32,7 @@ class InsertIA3(Pass):
 
     name: ClassVar[str] = "insert-ia3"
     rule_type: ClassVar[type] = IA3
-    rule: IA3 = field(default_factory=lambda: IA3(target="k_proj|v_proj|down_proj", feedforward="down_proj"))
+    rule: IA3
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         where = repr(self.rule)
@@ -76,7 +76,7 @@ class InsertIA3(Pass):
         stem = site.module.replace(".", "_")
         y = site.node
         b = NodeBuilder(gm, y if is_ff else y.next, self.name, "ia3", like=y)
-        scale = b.call(aten.view.default, b.attr(name), [-1], name=f"{stem}_ia3_l")
+        scale = b.call(aten.view.default, b.attr(name), [-1], name=f"{stem}_ia3_scale")
         if is_ff:
             x = site.x
             if dtype != weight.dtype:
@@ -87,7 +87,6 @@ class InsertIA3(Pass):
             y.replace_input_with(site.x, scaled)
             return
         out = b.call(aten.mul.Tensor, y, scale, name=f"{stem}_ia3_out")
-        first = out
         if dtype != weight.dtype:
             out = b.call(aten.to.dtype, out, weight.dtype, name=f"{stem}_ia3_cast")
-        y.replace_all_uses_with(out, delete_user_cb=lambda user: user is not first)
+        replace_uses(y, out)

@@ -65,6 +65,11 @@ class InsertLora(Pass):
     Parameters are named as HF PEFT saves them: `<module>.lora_A.weight`, `<module>.lora_B.weight`, whatever the
     weight's layout (Conv1D's (in, out) included). A weight read by several matmuls gets one adapter, applied at
     every read, as a module-swapping library applies one adapter at every call of the module.
+
+    Variants, each HF PEFT's math and names unless noted: `use_dora` (y + (m/‖W+s·BA‖ - 1)·base + m/‖W+s·BA‖·s·BAx,
+    `<module>.lora_magnitude_vector`), `freeze_a` (LoRA-FA: A frozen), `rank_pattern`/`alpha_pattern`,
+    convolutions (A: conv with the base kernel/stride/padding to r channels, B: 1x1 conv), and peftc's own
+    `slices`: one adapter per output-column slice of a fused weight, `<module>.lora_A.<slice>.weight`.
     """
 
     name: ClassVar[str] = "insert-lora"
@@ -155,6 +160,16 @@ class InsertLora(Pass):
                 out = b.call(aten.add.Tensor, y, scaled, name=f"{stem}_lora_out")
         if dtype != weight.dtype:
             out = b.call(aten.to.dtype, out, weight.dtype, name=f"{stem}_lora_cast")
+        # What a merge pass needs to fold this adapter into W: which weight, its layout, each (A, B, scaling,
+        # output columns), and DoRA's magnitude.
+        adapters = {key: (f"{site.adapter_prefix}.lora_A{key and '.' + key}.weight",
+                          f"{site.adapter_prefix}.lora_B{key and '.' + key}.weight",
+                          self.rule.scaling_for(site.module, key or None), span)
+                    for key, span in (self.rule.slices or {"": None}).items()}
+        out.meta["peftc.lora"] = {
+            "weight": site.weight, "module": site.module, "form": site.form,
+            "weight_in_out": getattr(site, "weight_in_out", False), "adapters": adapters,
+            "magnitude": f"{site.adapter_prefix}.lora_magnitude_vector" if self.rule.use_dora else None}
         replace_uses(y, out, keep=b.created)
 
     def _slices(self, gm: GraphModule, ctx: PassContext, b: NodeBuilder, site: MatmulSite, x: Node,

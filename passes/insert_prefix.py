@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -53,7 +54,12 @@ class InsertPrefix(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         where = repr(self.rule)
-        sites = select_attention(attention_sites(gm), self.rule.target, where)
+        every = attention_sites(gm)
+        sites = select_attention(every, self.rule.target, where)
+        others = {s.node.meta.get("peftc.adapted", {}).get("prefix") for s in every} - {None, self.rule}
+        if self.rule.projection and any(o.projection for o in others):
+            raise SpecError(f"{where}: the model already has a projected prefix ({ENCODER}.*) from another rule; "
+                            f"use one projected prefix rule, or projection=false")
         todo = []
         for site in sites:
             done = site.node.meta.get("peftc.adapted", {}).get("prefix")
@@ -64,8 +70,6 @@ class InsertPrefix(Pass):
                                 f"`target`")
         if not todo:
             return PassResult(gm, False)
-        if self.rule.projection and len(todo) != len(sites):
-            raise SpecError(f"{where}: a projected prefix must cover all its sites in one rule")
         modules = list(dict.fromkeys(s.module for s in sites))
         projected = self._projection(gm, ctx, sites, modules) if self.rule.projection else None
         for site in todo:
@@ -96,14 +100,20 @@ class InsertPrefix(Pass):
         out = len(modules) * 2 * kv_dim
         dtype, device = self._dtype(sites[0])
 
-        def linear(n_in: int, n_out: int) -> nn.Linear:
-            return nn.Linear(n_in, n_out, dtype=dtype, device=device)
+        def weight(n_out: int, n_in: int) -> torch.Tensor:  # nn.Linear's default init, as HF PEFT's MLP gets
+            w = torch.empty(n_out, n_in, dtype=dtype, device=device)
+            return nn.init.kaiming_uniform_(w, a=math.sqrt(5))
 
-        lin0, lin2 = linear(kv_dim, hidden), linear(hidden, out)
+        def bias(n_out: int, n_in: int) -> torch.Tensor:
+            bound = 1 / math.sqrt(n_in)
+            return torch.empty(n_out, dtype=dtype, device=device).uniform_(-bound, bound)
+
         init = {
             f"{ENCODER}.embedding.weight": lambda: torch.randn(self.rule.length, kv_dim, dtype=dtype, device=device),
-            f"{ENCODER}.transform.0.weight": lambda: lin0.weight, f"{ENCODER}.transform.0.bias": lambda: lin0.bias,
-            f"{ENCODER}.transform.2.weight": lambda: lin2.weight, f"{ENCODER}.transform.2.bias": lambda: lin2.bias,
+            f"{ENCODER}.transform.0.weight": lambda: weight(hidden, kv_dim),
+            f"{ENCODER}.transform.0.bias": lambda: bias(hidden, kv_dim),
+            f"{ENCODER}.transform.2.weight": lambda: weight(out, hidden),
+            f"{ENCODER}.transform.2.bias": lambda: bias(out, hidden),
         }
         for name, make in init.items():
             ctx.params.add(gm, name, make, method="prefix", added_by=self.name)
@@ -137,14 +147,13 @@ class InsertPrefix(Pass):
         return out[0], out[1]
 
     # ---- rewrites -------------------------------------------------------------------------------------------
-    def _batched(self, b: NodeBuilder, prefix: Node, like: Node, heads_at_op: int, site: AttentionSite,
-                 name: str) -> Node:
-        """[kv_heads, P, d] ==> like's layout: [batch, heads_at_op, P, d] (or [batch, P, d] for 3-d attention)."""
+    def _batched(self, b: NodeBuilder, prefix: Node, like: Node, site: AttentionSite, name: str) -> Node:
+        """[kv_heads, P, d] ==> like's layout: [batch, K/V heads at the op, P, d] (or [batch, P, d] if 3-d)."""
         val = like.meta["val"]
         if self._dtype(site)[0] != val.dtype:
             prefix = b.call(aten.to.dtype, prefix, val.dtype, name=f"{name}_cast")
-        if heads_at_op != site.kv_heads:
-            prefix = b.call(aten.repeat_interleave.self_int, prefix, heads_at_op // site.kv_heads, 0,
+        if site.k_heads_at_op != site.kv_heads:
+            prefix = b.call(aten.repeat_interleave.self_int, prefix, site.k_heads_at_op // site.kv_heads, 0,
                             name=f"{name}_repeat")
         batch = b.call(aten.sym_size.int, like, 0, name=f"{name}_batch")
         if val.dim() == 4:
@@ -157,11 +166,10 @@ class InsertPrefix(Pass):
         schema = node.target._schema
         args = {a.name: v for a, v in zip(schema.arguments, node.args)}
         args.update(node.kwargs)
-        heads_at_op = site.k_heads_at_op
-        k = b.call(aten.cat.default, [self._batched(b, pk, site.k, heads_at_op, site, f"{stem}_prefix_k"), site.k],
-                   -2, name=f"{stem}_prefix_keys")
-        v = b.call(aten.cat.default, [self._batched(b, pv, site.v, heads_at_op, site, f"{stem}_prefix_v"), site.v],
-                   -2, name=f"{stem}_prefix_values")
+        k = b.call(aten.cat.default, [self._batched(b, pk, site.k, site, f"{stem}_prefix_k"), site.k], -2,
+                   name=f"{stem}_prefix_keys")
+        v = b.call(aten.cat.default, [self._batched(b, pv, site.v, site, f"{stem}_prefix_v"), site.v], -2,
+                   name=f"{stem}_prefix_values")
         length = self.rule.length
         mask = site.mask
         if mask is not None:
@@ -190,8 +198,8 @@ class InsertPrefix(Pass):
         q_val = site.q.meta["val"]
         if self._dtype(site)[0] != q_val.dtype:
             pk = b.call(aten.to.dtype, pk, q_val.dtype, name=f"{stem}_prefix_k_cast")
-        if site.heads != site.kv_heads:
-            pk = b.call(aten.repeat_interleave.self_int, pk, site.heads // site.kv_heads, 0,
+        if site.k_heads_at_op != site.kv_heads:
+            pk = b.call(aten.repeat_interleave.self_int, pk, site.k_heads_at_op // site.kv_heads, 0,
                         name=f"{stem}_prefix_k_repeat")
         pkt = b.call(aten.transpose.int, pk, -1, -2, name=f"{stem}_prefix_kT")
         # [batch, heads, Lq, d] @ [heads, d, P] broadcasts over the batch
@@ -201,8 +209,7 @@ class InsertPrefix(Pass):
         joined = b.call(aten.cat.default, [scores, site.scores], -1, name=f"{stem}_prefix_joined")
         site.node.replace_input_with(site.scores, joined)
         bv = NodeBuilder(gm, site.pv, self.name, "prefix", like=site.pv)
-        heads_at_op = site.v.meta["val"].shape[1] if site.v.meta["val"].dim() == 4 else 1
-        values = bv.call(aten.cat.default, [self._batched(bv, pv, site.v, heads_at_op, site, f"{stem}_prefix_v"),
-                                            site.v], -2, name=f"{stem}_prefix_values")
+        values = bv.call(aten.cat.default, [self._batched(bv, pv, site.v, site, f"{stem}_prefix_v"), site.v], -2,
+                         name=f"{stem}_prefix_values")
         site.pv.replace_input_with(site.v, values)
 

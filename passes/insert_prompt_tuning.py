@@ -68,9 +68,8 @@ class InsertPromptTuning(Pass):
             raise PassError(f"prompt tuning lengthens the sequence, but `{source.target}` was captured with a fixed "
                             f"length {seq}; compile with dynamic=True and example sequences of length >= 2")
         length = self.rule.length
-        table_weight = lookup.args[0] if lookup is not None else None
-        hidden = (table_weight.meta["val"].shape[1] if lookup is not None else source.meta["val"].shape[-1])
         like = lookup.meta["val"] if lookup is not None else source.meta["val"]
+        hidden = like.shape[-1]
         dtype = adapter_dtype(like.dtype)
         ctx.params.add(gm, PROMPT, lambda: torch.randn(length, hidden, dtype=dtype, device=like.device),
                        method="prompt_tuning", added_by=self.name)

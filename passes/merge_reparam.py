@@ -49,7 +49,7 @@ def select_adapters(table: ParamTable, adapters: Any) -> frozenset[str]:
     for item in adapters:
         hit = {n for n in names if n == item or n.startswith(item + ".") or table[n].method == item}
         if not hit:
-            modules = sorted({n.rsplit(".", 2)[0] for n in names})
+            modules = sorted({n.rsplit(".", 2 if n.endswith(".weight") else 1)[0] for n in names})
             close = difflib.get_close_matches(item, modules + names, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; adapters: {', '.join(modules[:8])}"
             raise SpecError(f"merge(adapters=...): `{item}` names no adapter{hint}")

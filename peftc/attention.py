@@ -53,6 +53,7 @@ class AttentionSite:
     kv_heads: int  # key/value heads before any repeat (== heads without grouped-query attention)
     head_dim: int
     value_dim: int
+    k_heads_at_op: int = 0  # K/V heads where they enter the attention: kv_heads, heads, or 1 when broadcast
     mask: Node | None = None  # SDPA's attn_mask (the softmax form keeps its mask ops in `scale_ops`' chain)
     is_causal: bool = False  # SDPA's is_causal flag
     enable_gqa: bool = False  # SDPA's enable_gqa flag: K/V reach the op with kv_heads heads
@@ -61,11 +62,6 @@ class AttentionSite:
     qk: Node | None = None  # the scores matmul q @ k^T
     pv: Node | None = None  # the output matmul p @ v
     scale_ops: tuple[Node, ...] = ()  # scalar scalings and casts between qk and softmax, in order
-
-    @property
-    def k_heads_at_op(self) -> int:
-        """How many heads K/V have where they enter the attention (after any repeat)."""
-        return self.kv_heads if self.enable_gqa else self.heads
 
 
 def _val(node) -> torch.Tensor | None:
@@ -135,9 +131,11 @@ def _sdpa_site(node: Node) -> AttentionSite | None:
         return None
     gqa = bool(args.get("enable_gqa"))
     at_op = _static(k_val.shape[1]) if k_val.dim() == 4 else 1
-    kv_heads = at_op if gqa else _kv_heads(k, heads, head_dim, heads)
+    if at_op is None:
+        return None
+    kv_heads = at_op if gqa else _kv_heads(k, heads, head_dim, at_op)
     return AttentionSite(node, "sdpa", _module_of(node), q, k, v, heads, kv_heads, head_dim,
-                         _static(v_val.shape[-1]), mask=args.get("attn_mask"),
+                         _static(v_val.shape[-1]), k_heads_at_op=at_op, mask=args.get("attn_mask"),
                          is_causal=bool(args.get("is_causal")), enable_gqa=gqa)
 
 
@@ -203,7 +201,7 @@ def _value_matmul(softmax: Node) -> Node | None:
 
 def _softmax_site(node: Node) -> AttentionSite | None:
     scores = node.args[0]
-    val = _val(scores)
+    val = _val(unwrap_prefix(scores))
     if val is None or val.dim() not in (3, 4) or node.args[1] not in (-1, val.dim() - 1):
         return None
     chain = _scores_chain(scores)
@@ -218,10 +216,14 @@ def _softmax_site(node: Node) -> AttentionSite | None:
     if found is None or v_val is None or v_val.dim() != val.dim():
         return None
     heads, head_dim = found
+    at_op = _static(v_val.shape[1]) if v_val.dim() == 4 else 1
+    if at_op is None:
+        return None
     k = kt.args[0] if kt.target == aten.transpose.int else kt
-    kv_heads = min(_kv_heads(k, heads, head_dim, heads), _kv_heads(v, heads, _static(v_val.shape[-1]), heads))
+    kv_heads = min(_kv_heads(k, heads, head_dim, at_op), _kv_heads(v, heads, _static(v_val.shape[-1]), at_op))
     return AttentionSite(node, "softmax", _module_of(node), q, kt, v, heads, kv_heads, head_dim,
-                         _static(v_val.shape[-1]), scores=scores, qk=qk, pv=pv, scale_ops=scale_ops)
+                         _static(v_val.shape[-1]), k_heads_at_op=at_op, scores=scores, qk=qk, pv=pv,
+                         scale_ops=scale_ops)
 
 
 def attention_sites(gm: GraphModule) -> list[AttentionSite]:

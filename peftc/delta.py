@@ -209,7 +209,9 @@ def already_adapted(read: Read, rule: Any, method: str) -> bool:
     done = read.node.meta.get("peftc.adapted", {})
     for other in DELTA_METHODS:
         if other in done:
-            if other == method and done[other] == rule:
+            # masks take no part in ==, so rules that differ only in their masks are told apart by identity
+            same_masks = getattr(done[other], "masks", None) is getattr(rule, "masks", None)
+            if other == method and done[other] == rule and same_masks:
                 return True
             raise SpecError(f"{rule!r} selects `{read.name}`, which {done[other]!r} already adapts; narrow one "
                             f"target or add an `exclude`")
@@ -275,7 +277,7 @@ def fisher_masks(model: nn.Module, batches: Iterable[Any], density: float = 0.01
     for n, s in scores.items():
         dim = _structured_dim(structure, s.shape, n)
         idx = top_index(s, density, dim)
-        units = torch.zeros(s.numel() if dim is None else s.shape[dim], dtype=torch.bool)
+        units = torch.zeros(s.numel() if dim is None else s.shape[dim], dtype=torch.bool, device=s.device)
         units[idx] = True
         if dim is None:
             masks[n] = units.view(s.shape)

@@ -110,6 +110,10 @@ def _weight_source(node: Node, table: ParamTable) -> tuple[str, bool] | None:
     """(parameter name, flipped) when `node` is a 2-d base parameter, possibly transposed or cast."""
     flipped = False
     while node.op == "call_function":
+        delta = node.meta.get("peftc.delta")
+        if delta is not None:  # W + delta (sparse-delta, bitfit, ...): still W's site, laid out as W
+            entry = table[delta["param"]]
+            return (delta["param"], flipped) if entry.role == BASE and entry.tensor.dim() == 2 else None
         if node.target in _FLIPS:
             flipped = not flipped
         elif node.target == aten.transpose.int and sorted(a % 2 for a in node.args[1:3]) == [0, 1]:

@@ -40,10 +40,20 @@ class NodeBuilder:
 
 
 def replace_uses(old: Node, new: Node, keep: Any = ()) -> None:
-    """Point every user of `old` except `new` itself (which reads old), and the nodes in `keep` (the rest of the
-    rewrite that reads old), at `new`."""
-    keep = set(keep)
-    old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and user not in keep)
+    """Point every user of `old` at `new`, except the inserted nodes `new` is computed from (which read old).
+
+    `new` may be a chain (`y -> add -> cast`): every tagged node on it keeps reading `old`, or the graph would loop.
+    `keep` names more nodes that must keep reading `old` (the rest of a rewrite that reads it).
+    """
+    chain: set[Node] = set(keep)
+    stack = [new]
+    while stack:
+        node = stack.pop()
+        if node in chain or node is old or "peftc.pass" not in node.meta:
+            continue
+        chain.add(node)
+        stack.extend(node.all_input_nodes)
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and user not in chain)
 
 
 def erase_dead(gm: GraphModule, candidates) -> int:

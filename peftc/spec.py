@@ -161,8 +161,9 @@ class LoRA(Rule):
             if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise SpecError(f"{where}: slice name {name!r} must be an identifier (it names "
                                 f"`<module>.lora_A.<name>.weight`)")
-            if (not isinstance(span, (list, tuple)) or len(span) != 2 or
-                    not all(isinstance(i, int) and not isinstance(i, bool) for i in span) or not 0 <= span[0] < span[1]):
+            ints = isinstance(span, (list, tuple)) and len(span) == 2 and \
+                all(isinstance(i, int) and not isinstance(i, bool) for i in span)
+            if not ints or not 0 <= span[0] < span[1]:
                 raise SpecError(f"{where}: slice `{name}` must be [start, end) output columns with "
                                 f"0 <= start < end, got {span!r}")
             spans[name] = (span[0], span[1])

@@ -291,3 +291,21 @@ def test_merge_of_a_pruned_training_model():
     cm.eval(), merged.eval()
     with torch.no_grad():
         assert torch.allclose(merged(x), cm(x), rtol=1e-5, atol=1e-6)
+
+
+class EinsumNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.einsum("bi,oi->bo", x, self.proj.weight)
+
+
+def test_merge_refuses_what_no_rule_merges():
+    from peftc.errors import PassError
+
+    x = torch.randn(2, 4)
+    cm = peftc.compile(EinsumNet(), peftc.LoRA(target="proj", r=2), args=(x,), dynamic=False)
+    with pytest.raises(PassError, match="no merge rule matched how `proj.lora_A.weight` is applied"):
+        cm.merge()
