@@ -10,6 +10,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from peftc.errors import SpecError
+from peftc.merge import merge_tagged
 from peftc.params import ADAPTER, BASE, ParamTable
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
 from peftc.rewrite import Bindings, Rule, RuleSet
@@ -160,4 +161,6 @@ class MergeReparam(Pass):
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         scope = MergeScope(ctx, select_adapters(ctx.params, self.adapters))
         hits = MERGE_RULES.apply(gm, scope, self.name)
+        # Then every adapter its insert pass tagged (DoRA, slices, IA3, LoRA on mm/matmul/einsum/conv ...).
+        hits += merge_tagged(gm, scope, self.name)
         return PassResult(gm, hits > 0)
