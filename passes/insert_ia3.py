@@ -70,7 +70,7 @@ class InsertIA3(Pass):
         weight = ctx.params[site.weight].tensor
         dtype = adapter_dtype(weight.dtype)
         shape = (1, site.in_features) if is_ff else (site.out_features, 1)
-        name = f"{site.module}.ia3_l"
+        name = f"{site.adapter_prefix}.ia3_l"  # beside a bare parameter (`w1` -> `w1_adapter.ia3_l`), as for LoRA
         ctx.params.add(gm, name, lambda: torch.ones(shape, dtype=dtype, device=weight.device), method="ia3",
                        added_by=self.name)
         stem = site.module.replace(".", "_")

@@ -79,9 +79,10 @@ def _weight_leaf(site, dying: set[Node]) -> tuple[Node, Node] | None:
 class _Merge:
     """Builds W' (and b') for one tagged adapter, before its site."""
 
-    def __init__(self, gm: GraphModule, ctx, site, kind: str, tag: dict, pass_name: str):
+    def __init__(self, gm: GraphModule, ctx, site, kind: str, tag: dict, pass_name: str, anchor: Node):
         self.table, self.site, self.tag = ctx.params, site, tag
-        self.b = NodeBuilder(gm, site.node, pass_name, "merge-" + kind.rpartition(".")[2], like=site.node)
+        # before the node that reads W, which may be a layout op ahead of the site
+        self.b = NodeBuilder(gm, anchor, pass_name, "merge-" + kind.rpartition(".")[2], like=site.node)
         self.in_out = tag["weight_in_out"]
         self.shape = list(self.table[tag["weight"]].tensor.shape)
         self.dtype = self.table[tag["weight"]].tensor.dtype  # W + δ and an earlier W' keep W's dtype
@@ -151,8 +152,9 @@ class _Merge:
         return self.b.call(aten.mul.Tensor, w, vec)
 
     def ia3_bias(self, bias: Node) -> Node:
+        self.b.anchor = self.site.node  # the bias may be read after W's layout ops
         vec = self.b.call(aten.view.default, self.b.attr(self.tag["vector"]), [-1])
-        return self.b.call(aten.mul.Tensor, bias, vec)
+        return self.b.call(aten.mul.Tensor, self.upcast(bias), vec)
 
 
 def _bias(site) -> Node | None:
@@ -206,12 +208,13 @@ def merge_tagged(gm: GraphModule, scope: Any, pass_name: str) -> int:
         if not rewire:
             continue
         reader, leaf = rewire
-        m = _Merge(gm, scope.ctx, site, kind, tag, pass_name)
+        m = _Merge(gm, scope.ctx, site, kind, tag, pass_name, anchor=reader)
         w = m.upcast(leaf)
         reader.replace_input_with(leaf, m.done(m.lora(w) if kind == LORA else m.ia3(w), leaf))
         bias = _bias(site)
         if kind == IA3 and not tag["feedforward"] and bias is not None:
-            site.node.replace_input_with(bias, m.done(m.ia3_bias(m.upcast(bias)), bias))
+            b = m.ia3_bias(bias)
+            site.node.replace_input_with(bias, m.done(b, bias))
         if kind == IA3 and tag["feedforward"]:
             x = next(i for n in dying for i in n.all_input_nodes if i not in dying)
             site.node.replace_input_with(out, x)
