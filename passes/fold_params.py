@@ -92,10 +92,9 @@ class FoldParams(Pass):
 
     def _name(self, gm: GraphModule, ctx: PassContext, nodes: list[Node], tensor: torch.Tensor) -> str:
         table = ctx.params
-        replaces = nodes[0].meta.get("peftc.replaces")
-        if replaces in table:
+        inside = set().union(*(_ancestors(n) for n in nodes))
+        for replaces in nodes[0].meta.get("peftc.replaces", ()):
             original = table[replaces].tensor
-            inside = set().union(*(_ancestors(n) for n in nodes))
             readers = [u for n in gm.graph.nodes if n.op == "get_attr" and n.target == replaces for u in n.users]
             if original.shape == tensor.shape and original.dtype == tensor.dtype and all(u in inside for u in readers):
                 return replaces

@@ -50,7 +50,7 @@ def select_adapters(table: ParamTable, adapters: Any) -> frozenset[str]:
     for item in adapters:
         hit = {n for n in names if n == item or n.startswith(item + ".") or table[n].method == item}
         if not hit:
-            modules = sorted({n.rsplit(".", 2)[0] for n in names})
+            modules = sorted({n.rsplit(".", 2 if n.endswith(".weight") else 1)[0] for n in names})
             close = difflib.get_close_matches(item, modules + names, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; adapters: {', '.join(modules[:8])}"
             raise SpecError(f"merge(adapters=...): `{item}` names no adapter{hint}")
@@ -120,6 +120,50 @@ def merged_addmm_cast(bias, x, w, a, b, s, x32, dt):
     return aten.addmm.default(bias, x, aten.to.dtype(aten.add.Tensor(w, aten.t.default(_delta(a, b, s))), dt))
 
 
+def lora_conv2d(x, w, bias, stride, padding, dilation, groups, a, b, s):
+    # HF PEFT's conv LoRA: A is a conv with the base's geometry (so it shares stride, padding, dilation, groups),
+    # B a 1x1 conv.
+    base = aten.conv2d.default(x, w, bias, stride, padding, dilation, groups)
+    down = aten.conv2d.default(x, a, None, stride, padding, dilation, groups)
+    return aten.add.Tensor(base, aten.mul.Tensor(aten.conv2d.default(down, b, None, [1, 1], [0, 0], [1, 1], 1), s))
+
+
+def merged_conv2d(x, w, bias, stride, padding, dilation, groups, a, b, s):
+    # HF PEFT's conv delta: B composed with A, as a conv over A's input channels.
+    delta = aten.permute.default(aten.conv2d.default(aten.permute.default(a, [1, 0, 2, 3]), b), [1, 0, 2, 3])
+    return aten.conv2d.default(x, aten.add.Tensor(w, aten.mul.Tensor(delta, s)), bias, stride, padding, dilation,
+                               groups)
+
+
+def _ia3_where(bind: Bindings, scope: MergeScope) -> bool:
+    l_ = bind["l"]
+    return scope.frozen_base(bind["w"]) and scope.merging(l_) and l_.target.endswith(".ia3_l")
+
+
+def _ia3_output_bias_where(bind: Bindings, scope: MergeScope) -> bool:
+    return _ia3_where(bind, scope) and scope.frozen_base(bind["bias"])
+
+
+def ia3_output(x, w, bias, l, flat):
+    return aten.mul.Tensor(aten.linear.default(x, w, bias), aten.view.default(l, flat))
+
+
+def merged_ia3_output(x, w, bias, l, flat):
+    return aten.linear.default(x, aten.mul.Tensor(w, l), bias)  # l is [out, 1]: it scales W's rows
+
+
+def merged_ia3_output_bias(x, w, bias, l, flat):
+    return aten.linear.default(x, aten.mul.Tensor(w, l), aten.mul.Tensor(bias, aten.view.default(l, flat)))
+
+
+def ia3_feedforward(x, w, bias, l, flat):
+    return aten.linear.default(aten.mul.Tensor(x, aten.view.default(l, flat)), w, bias)
+
+
+def merged_ia3_feedforward(x, w, bias, l, flat):
+    return aten.linear.default(x, aten.mul.Tensor(w, l), bias)  # l is [1, in]: it scales W's columns
+
+
 def dropped_adapter(x, p, train, a):
     return aten.linear.default(aten.dropout.default(x, p, train), a)
 
@@ -137,6 +181,12 @@ MERGE_RULES = RuleSet(
     Rule("lora-addmm-cast", lora_addmm_cast, merged_addmm_cast, _lora_cast_where, replaces="w"),
     Rule("lora-linear", lora_linear, merged_linear, _lora_where, replaces="w"),
     Rule("lora-addmm", lora_addmm, merged_addmm, _lora_where, replaces="w"),
+    Rule("lora-conv2d", lora_conv2d, merged_conv2d, _lora_where, replaces="w"),
+    # IA3 (HF PEFT's merge: W *= l; an output vector scales the bias too)
+    Rule("ia3-output-bias", ia3_output, merged_ia3_output_bias, _ia3_output_bias_where, replaces=("w", "bias")),
+    Rule("ia3-output", ia3_output, merged_ia3_output, lambda bind, scope: _ia3_where(bind, scope)
+         and bind["bias"] is None, replaces="w"),
+    Rule("ia3-feedforward", ia3_feedforward, merged_ia3_feedforward, _ia3_where, replaces="w"),
 )
 
 

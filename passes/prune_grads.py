@@ -3,6 +3,7 @@
     conv(x, W_frozen)                  ==>  frozen_conv(x, W)        (saves W, not x)
     batch_norm(x, frozen, training=0)  ==>  x * scale + shift         (saves the per-channel scale, not x)
     linear(dropout(x, p), A)           ==>  dropout_linear(x, A, p)   (saves x and an RNG state, no mask)
+    sdpa(q, k, v, causal bool mask)    ==>  sdpa(q, k, v, is_causal)  (saves no float copy of the mask)
     dropout(x, p)                      ==>  seeded_dropout(x, p)      (saves an RNG state, no mask)
     to(x, dt) ... to(x, dt)            ==>  one to(x, dt)             (several adapters share one copy of x)
 """
@@ -130,6 +131,23 @@ def frozen_conv(x, weight, bias, stride, padding, dilation, groups):
     return _FrozenConv.apply(x, weight, bias, stride, padding, dilation, groups)
 
 
+def mask_is_causal(mask: torch.Tensor) -> bool:
+    """True when a boolean attention mask is exactly the square lower-triangular (top-left aligned) causal mask."""
+    if mask.dtype != torch.bool or mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
+        return False
+    n = mask.shape[-1]
+    return bool((mask == torch.ones(n, n, dtype=torch.bool, device=mask.device).tril_()).all())
+
+
+def causal_sdpa(q, k, v, mask, causal: bool, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA that drops a mask known to be causal for `is_causal=True`: the kernel then saves no mask for backward
+    (with a boolean mask it saves a float copy per call) and skips the masked blocks."""
+    if causal and q.shape[-2] == k.shape[-2]:
+        mask, is_causal = None, True
+    return aten.scaled_dot_product_attention.default(q, k, v, mask, dropout_p, is_causal, scale=scale,
+                                                     enable_gqa=enable_gqa)
+
+
 # ---- analysis ----------------------------------------------------------------------------------------------------
 
 def grad_nodes(gm: GraphModule, table: ParamTable) -> set[Node]:
@@ -173,7 +191,8 @@ class PruneGrads(Pass):
         modified = self._share_casts(gm, ctx)
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in (*_CONVS, aten.batch_norm.default,
-                                                                  aten.dropout.default):
+                                                                  aten.dropout.default,
+                                                                  aten.scaled_dot_product_attention.default):
                 continue
             # Recomputed per candidate: a rewrite replaces nodes that later candidates read.
             grads = grad_nodes(gm, table)
@@ -183,6 +202,8 @@ class PruneGrads(Pass):
                 modified |= self._batch_norm(gm, ctx, node)
             elif node.target == aten.dropout.default:
                 modified |= self._dropout(gm, ctx, node, grads)
+            elif node.target == aten.scaled_dot_product_attention.default and any(a in grads for a in node.args[:3]):
+                modified |= self._sdpa(gm, ctx, node, grads)
         return PassResult(gm, modified)
 
     def _replace(self, old: Node, new: Node) -> None:
@@ -207,9 +228,10 @@ class PruneGrads(Pass):
         if training or mean is None or var is None or \
                 not all(_frozen_attr(t, ctx.params) for t in (w, b, mean, var)):
             return False
-        rank = node.args[0].meta["val"].dim() if "val" in node.args[0].meta else None
-        if rank is None:
+        val = node.meta.get("val")  # the output has x's shape; x may be a node a pass made, without "val"
+        if not isinstance(val, torch.Tensor):
             return False
+        rank = val.dim()
         shape = [-1] + [1] * (rank - 2)
         nb = NodeBuilder(gm, node, self.name, "frozen-batch-norm", like=node)
         scale = nb.call(aten.rsqrt.default, nb.call(aten.add.Tensor, var, eps))
@@ -243,6 +265,24 @@ class PruneGrads(Pass):
             ctx.count("prune-grads.seeded-dropout")
             return True
         return False
+
+    def _sdpa(self, gm: GraphModule, ctx: PassContext, node: Node, grads: set[Node]) -> bool:
+        names = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal")
+        bound = {**dict(zip(names, node.args)), **node.kwargs}
+        mask = bound.get("attn_mask")
+        val = mask.meta.get("val") if isinstance(mask, Node) else None
+        if val is None or val.dtype != torch.bool or mask in grads or bound.get("is_causal"):
+            return False
+        # One check per mask per call, shared by every attention layer that reads it.
+        flag = next((u for u in mask.users if u.target is mask_is_causal), None)
+        if flag is None:
+            flag = NodeBuilder(gm, mask.next, self.name, "causal-mask").call(mask_is_causal, mask)
+        nb = NodeBuilder(gm, node, self.name, "causal-mask", like=node)
+        new = nb.call(causal_sdpa, *node.args[:3], mask, flag, bound.get("dropout_p", 0.0), False)
+        new.kwargs = {k: v for k, v in node.kwargs.items() if k in ("scale", "enable_gqa")}
+        self._replace(node, new)
+        ctx.count("prune-grads.causal-sdpa")
+        return True
 
     @staticmethod
     def _random_between(first: Node, last: Node) -> bool:

@@ -82,15 +82,15 @@ class Rule:
     """A declarative rewrite: wherever `pattern` matches and `where(bindings, ctx)` holds, put `replacement`.
 
     Both are functions of the same arguments written with aten ops; an argument matches any node or literal, and
-    the replacement receives what it matched. `replaces` names the argument whose tensor the replacement's folded
-    weight takes the place of (fold-params then gives the folded tensor that parameter's name).
+    the replacement receives what it matched. `replaces` names the argument(s) whose tensors the replacement's
+    folded weights take the place of (fold-params gives a folded tensor the name of the one it matches in shape).
     """
 
     name: str
     pattern: Callable
     replacement: Callable
     where: Callable[[Bindings, Any], bool] | None = None
-    replaces: str | None = None
+    replaces: str | tuple[str, ...] | None = None
 
 
 class RuleSet:
@@ -123,9 +123,9 @@ class RuleSet:
             meta = {"peftc.pass": pass_name, "peftc.role": rule.name}
             bound = {pn.target: gn for pn, gn in rp.nodes_map.items() if pn.op == "placeholder"}
             if rule.replaces is not None:
-                source = bound[rule.replaces]
-                if isinstance(source, Node) and source.op == "get_attr":
-                    meta["peftc.replaces"] = source.target
+                names = (rule.replaces,) if isinstance(rule.replaces, str) else rule.replaces
+                meta["peftc.replaces"] = tuple(bound[n].target for n in names
+                                               if isinstance(bound[n], Node) and bound[n].op == "get_attr")
             like = rp.anchor.meta.get("nn_module_stack")
             for node in rp.replacements:
                 node.meta.update(meta)

@@ -196,3 +196,116 @@ def test_merge_parity_property(widths, bias, r, alpha, rslora, data):
     assert op_count(merged.graph_module) == op_count(capture(copy.deepcopy(model), (x,), {}, ParamTable(),
                                                              dynamic=False))
     assert {k for k, _ in merged.named_parameters()} == base_names(model)
+
+
+def test_merge_conv2d_lora():
+    from benchmarks.models import ResNet, randomize_batch_norm
+
+    torch.manual_seed(0)
+    model = ResNet((4, 8, 8))
+    randomize_batch_norm(model)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    targets = ["stages.2.0.conv1", "stages.2.0.conv2", "stages.2.0.down.0", "head"]
+    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target=targets, r=2, alpha=4), args=(x,), dynamic=False)
+    randomize_adapters(cm)
+    merged = cm.merge()
+    assert merged.counters["merge-reparam.lora-conv2d"] == 3
+    assert merged.counters["merge-reparam.lora-linear"] == 1
+    with torch.no_grad():
+        assert torch.allclose(merged(x), cm(x), rtol=1e-5, atol=1e-5)
+    assert op_count(merged.graph_module) == op_count(capture(copy.deepcopy(model), (x,), {}, ParamTable(),
+                                                             dynamic=False))
+    assert {n for n, _ in merged.named_parameters()} == base_names(model)
+
+
+def tiny_llama_1():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=64)
+    return LlamaForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 64, (2, 8))}
+
+
+def test_merge_ia3_output_and_feedforward():
+    model, kwargs = tiny_llama_1()
+    cm = peftc.compile(copy.deepcopy(model), peftc.IA3(target="k_proj|v_proj|down_proj", feedforward="down_proj"),
+                       kwargs=kwargs, dynamic=False)
+    randomize_adapters(cm)
+    merged = cm.merge()
+    assert merged.counters["merge-reparam.ia3-output"] == 2
+    assert merged.counters["merge-reparam.ia3-feedforward"] == 1
+    with torch.no_grad():
+        assert torch.allclose(merged(**kwargs).logits, cm(**kwargs).logits, rtol=1e-5, atol=1e-5)
+    assert op_count(merged.graph_module) == plain_op_count(model, kwargs, training=False)
+    assert {n for n, _ in merged.named_parameters()} == base_names(model)
+
+
+def test_merge_ia3_scales_the_bias_too():
+    model = MLP([4, 6, 3], bias=True).eval()
+    x = torch.randn(5, 4)
+    cm = peftc.compile(copy.deepcopy(model), peftc.IA3(target="layers.0|layers.1", feedforward="layers.1"),
+                       args=(x,), dynamic=False)
+    randomize_adapters(cm)
+    merged = cm.merge()
+    assert merged.counters["merge-reparam.ia3-output-bias"] == 1
+    with torch.no_grad():
+        assert torch.allclose(merged(x), cm(x), rtol=1e-5, atol=1e-6)
+    assert {n for n, _ in merged.named_parameters()} == base_names(model)  # the scaled bias keeps its name
+    assert op_count(merged.graph_module) == op_count(capture(copy.deepcopy(model), (x,), {}, ParamTable(),
+                                                             dynamic=False))
+
+
+def test_fold_params_folds_the_prefix_projection_mlp():
+    """No rule needed: the prefix MLP reads only (frozen, once merged) parameters, so fold-params evaluates it."""
+    model, kwargs = tiny_llama_1()
+    cm = peftc.compile(copy.deepcopy(model), peftc.Prefix(length=3, projection=True), kwargs=kwargs, dynamic=False)
+    randomize_adapters(cm, scale=0.1)
+    merged = cm.merge()
+    assert merged.counters["fold-params.folded"] >= 1
+    with torch.no_grad():
+        assert torch.allclose(merged(**kwargs).logits, cm(**kwargs).logits, rtol=1e-5, atol=1e-6)
+    assert {n for n, _ in merged.named_parameters()} == base_names(model)
+    linears = sum(n.target == torch.ops.aten.linear.default for n in merged.graph_module.graph.nodes)
+    assert linears == 8  # q, k, v, o, gate, up, down, lm_head: none of the projection MLP's is left
+
+
+def test_merge_of_a_pruned_training_model():
+    """merge() runs its rules before prune-grads, so a pipeline with prune-grads merges too, and prune-grads still
+    fuses the dropout of the adapters left trainable."""
+    from peftc.passes.prune_grads import PruneGrads
+    from peftc.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    model = MLP([6, 8, 8, 4], bias=True).train()
+    x = torch.randn(5, 6)
+    spec = peftc.Spec(peftc.LoRA(target="layers.0|layers.1|layers.2", r=2, dropout=0.2))
+    cm = peftc.compile(copy.deepcopy(model), spec, args=(x,), dynamic=False,
+                       pipeline=Pipeline(Pipeline.for_spec(spec).passes + (PruneGrads(),)))
+    randomize_adapters(cm)
+    merged = cm.merge(adapters=["layers.0", "layers.2"])
+    assert merged.counters["merge-reparam.lora-linear"] == 2
+    assert merged.counters["prune-grads.dropout-linear"] == 1
+    merged(x).sum().backward()
+    assert {n for n, p in merged.named_parameters() if p.grad is not None} == {"layers.1.lora_A.weight",
+                                                                              "layers.1.lora_B.weight"}
+    cm.eval(), merged.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(x), cm(x), rtol=1e-5, atol=1e-6)
+
+
+class EinsumNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.einsum("bi,oi->bo", x, self.proj.weight)
+
+
+def test_merge_refuses_what_no_rule_merges():
+    from peftc.errors import PassError
+
+    x = torch.randn(2, 4)
+    cm = peftc.compile(EinsumNet(), peftc.LoRA(target="proj", r=2), args=(x,), dynamic=False)
+    with pytest.raises(PassError, match="no merge rule matched how `proj.lora_A.weight` is applied"):
+        cm.merge()

@@ -101,11 +101,24 @@ def test_llama_gradients_match_unpruned(rule):
     assert_same_grads(plain, pruned, kwargs)
     n_dropout = sum(str(n.target) == "aten.dropout.default" for n in pruned.graph_module.graph.nodes)
     assert n_dropout == 0
+    assert pruned.counters["prune-grads.causal-sdpa"] == 2  # one per layer
     if rule.dropout:
         # Every LoRA dropout was fused with the adapter's A matmul, and none was left storing a mask.
         assert pruned.counters["prune-grads.dropout-linear"] == plain.counters["insert-lora.inserted"]
         assert measure_step(pruned, (), kwargs, loss_of).saved_bytes < measure_step(plain, (), kwargs,
                                                                                      loss_of).saved_bytes
+
+
+@pytest.mark.parametrize("rules", [
+    (peftc.LoRA(target="q_proj|v_proj", r=4, dropout=0.1, use_dora=True),),
+    (peftc.IA3(target="k_proj|v_proj|down_proj", feedforward="down_proj"),),
+    (peftc.Prefix(length=3, projection=True),),
+    (peftc.SparseDelta(target="o_proj", density=0.1), peftc.NormTuning(target="input_layernorm")),
+], ids=["dora-dropout", "ia3", "prefix-projection", "sparse-delta+norm-tuning"])
+def test_other_methods_gradients_match_unpruned(rules):
+    model, kwargs = tiny_llama(layers=1)
+    plain, pruned = compile_pair(model, peftc.Spec(*rules), kwargs)
+    assert_same_grads(plain, pruned, kwargs)
 
 
 def test_dropout_stores_no_mask():
@@ -193,3 +206,17 @@ def test_seeded_dropout_replays_mask_without_touching_rng():
     y = seeded_dropout(x, 0.3)
     torch.manual_seed(5)
     assert torch.equal(y, torch.nn.functional.dropout(x, 0.3))
+
+
+def test_padded_mask_is_not_taken_for_causal():
+    """With padding the mask is not the causal one: the runtime check keeps it, and gradients still match."""
+    model, kwargs = tiny_llama(layers=1)
+    kwargs = {**kwargs, "attention_mask": torch.tensor([[1] * 8, [0, 0] + [1] * 6])}
+    plain, pruned = compile_pair(model, peftc.Spec(peftc.LoRA(target="q_proj|v_proj", r=4)), kwargs)
+    assert pruned.counters["prune-grads.causal-sdpa"] == 1
+    assert_same_grads(plain, pruned, kwargs)
+    from peftc.passes.prune_grads import mask_is_causal
+
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    assert mask_is_causal(causal.expand(2, 1, 4, 4))
+    assert not mask_is_causal(causal.T) and not mask_is_causal(causal.float())

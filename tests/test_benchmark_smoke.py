@@ -1,0 +1,31 @@
+"""The benchmark runs end to end at its quick size and writes its report; memory and FLOP targets hold there too."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+
+def test_quick_benchmark(tmp_path):
+    from benchmarks.run import main
+
+    threads = torch.get_num_threads()
+    try:
+        results = main(["--quick", "--steps", "1", "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(results) == {"a", "b", "c"}
+    for key, r in results.items():
+        ours, hf = r["peftc"], r["hf_peft"]
+        assert r["loss_diff"] < 1e-4, key  # same model, adapters and inputs: the same loss
+        # Step time is too noisy at this size to assert; memory and FLOPs are exact.
+        assert ours["peak_bytes"] <= hf["peak_bytes"], key
+        assert ours["flops"] <= hf["flops"], key
+    # No dropout masks: (b) saves what (a) saves, plus at most one RNG state per adapter call (2 layers x q, v).
+    rng_states = 4 * torch.get_rng_state().numel()
+    assert results["b"]["peftc"]["saved_bytes"] <= results["a"]["peftc"]["saved_bytes"] + rng_states
+    assert results["c"]["peftc"]["saved_bytes"] < results["c"]["hf_peft"]["saved_bytes"]
+    saved = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert saved["results"]["a"]["peftc"]["flops"] == results["a"]["peftc"]["flops"]
+    assert "| (c) | peftc |" in (tmp_path / "benchmarks.md").read_text()
