@@ -137,7 +137,8 @@ def merged_conv2d(x, w, bias, stride, padding, dilation, groups, a, b, s):
 
 def _ia3_where(bind: Bindings, scope: MergeScope) -> bool:
     l_ = bind["l"]
-    return scope.frozen_base(bind["w"]) and scope.merging(l_) and l_.target.endswith(".ia3_l")
+    return scope.frozen_base(bind["w"]) and scope.merging(l_) and l_.target.endswith(".ia3_l") \
+        and scope.ctx.params[l_.target].tensor.dtype == scope.ctx.params[bind["w"].target].tensor.dtype  # no casts
 
 
 def _ia3_output_bias_where(bind: Bindings, scope: MergeScope) -> bool:

@@ -19,6 +19,7 @@ the plain capture's, op for op. No per-form pattern is needed; the graph only ha
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -96,9 +97,8 @@ class _Merge:
         """Cast back once; name the tensor W' takes the place of, so fold-params names the folded tensor after it."""
         if self.compute != self.dtype:
             node = self.b.call(aten.to.dtype, node, self.dtype)
-        replaces = source.target if source.op == "get_attr" else source.meta.get("peftc.replaces")
-        if replaces is not None:
-            node.meta["peftc.replaces"] = replaces
+        node.meta["peftc.replaces"] = (source.target,) if source.op == "get_attr" \
+            else source.meta.get("peftc.replaces", ())
         return node
 
     def _out_dim(self) -> int:
@@ -174,12 +174,44 @@ def _counter(kind: str, tag: dict) -> str:
     return "tag-lora-slices" if next(iter(tag["adapters"].values()))[3] is not None else "tag-lora"
 
 
-def _site_of(out: Node, kind: str, tag: dict, dying: set[Node], sites: dict, order: dict):
+@dataclass(frozen=True)
+class _Rewritten:
+    """A matmul a merge rule already rewrote (`linear(x, W·l, b·l)`): still the site of an adapter stacked on it."""
+
+    node: Node
+    form: str
+    weight: str
+    out_features: int
+
+
+_REWRITTEN = {aten.linear.default: "linear", aten.addmm.default: "addmm", aten.conv2d.default: "conv"}
+
+
+def _rewritten_site(node: Node, tag: dict, table) -> _Rewritten | None:
+    form = _REWRITTEN.get(node.target)
+    if form is None or "peftc.pass" not in node.meta:
+        return None
+    todo, seen = [node.args[2 if form == "addmm" else 1]], set()
+    while todo:  # W' reads W somewhere among its (parameter-only) inputs
+        n = todo.pop()
+        if n.op == "get_attr" and n.target == tag["weight"]:
+            shape = table[tag["weight"]].tensor.shape
+            return _Rewritten(node, form, tag["weight"], shape[1] if tag["weight_in_out"] else shape[0])
+        if n not in seen and n.op == "call_function" and "peftc.pass" in n.meta:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return None
+
+
+def _site_of(out: Node, kind: str, tag: dict, dying: set[Node], sites: dict, order: dict, table):
     """The matmul the adapter at `out` adapts, when the graph around it is the one its insert pass made."""
+    def site(node: Node):
+        return sites.get(node) or _rewritten_site(node, tag, table)
+
     if kind == IA3 and tag["feedforward"]:  # `out` is x·l, read by the site alone
-        found = [sites.get(u) for u in out.users] if len(out.users) == 1 else []
+        found = [site(u) for u in out.users] if len(out.users) == 1 else []
     else:  # `out` is y + adapter(x): y, read by the adapter's nodes alone
-        found = [sites.get(i) for n in dying for i in n.all_input_nodes if i not in dying]
+        found = [site(i) for n in dying for i in n.all_input_nodes if i not in dying]
         found = [s for s in found if s is not None and all(u in dying for u in s.node.users)]
     found = [s for s in found if s is not None and s.weight == tag["weight"]]
     return max(found, key=lambda s: order[s.node]) if found else None  # x may be an earlier read of W
@@ -188,39 +220,55 @@ def _site_of(out: Node, kind: str, tag: dict, dying: set[Node], sites: dict, ord
 def merge_tagged(gm: GraphModule, scope: Any, pass_name: str) -> int:
     """Merge every tagged adapter whose tensors are all in `scope.adapters`, counting `<pass>.tag-<method>`.
 
-    An adapter whose site cannot be told apart (a layout op of W shared with another reader, say) stays as it is,
-    and CompiledModel.merge() names it.
+    Repeats until nothing changes: with adapters stacked on one site, one may only be mergeable once another is (IA3
+    scaling the input that a LoRA also reads). An adapter whose site cannot be told apart (a layout op of W shared
+    with another reader, say) stays as it is; CompiledModel.merge() names it (`unmerged_tags`).
     """
     table, info = scope.ctx.params, scope.ctx.info
     sites = {s.node: s for s in matmul_sites(gm, table, info) + conv_sites(gm, table, info)}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     hits = 0
-    for out in list(gm.graph.nodes):
-        kind = LORA if LORA in out.meta else IA3 if IA3 in out.meta else None
-        if kind is None or out._erased:
-            continue
-        tag = out.meta[kind]
-        if not all(n in scope.adapters for n in _tensors(kind, tag)):
-            continue
-        dying = _chain(out, out.meta["peftc.pass"])
-        site = _site_of(out, kind, tag, dying, sites, order)
-        rewire = site and _weight_leaf(site, dying)
-        if not rewire:
-            continue
-        reader, leaf = rewire
-        m = _Merge(gm, scope.ctx, site, kind, tag, pass_name, anchor=reader)
-        w = m.upcast(leaf)
-        reader.replace_input_with(leaf, m.done(m.lora(w) if kind == LORA else m.ia3(w), leaf))
-        bias = _bias(site)
-        if kind == IA3 and not tag["feedforward"] and bias is not None:
-            b = m.ia3_bias(bias)
-            site.node.replace_input_with(bias, m.done(b, bias))
-        if kind == IA3 and tag["feedforward"]:
-            x = next(i for n in dying for i in n.all_input_nodes if i not in dying)
-            site.node.replace_input_with(out, x)
-        else:
-            out.replace_all_uses_with(site.node)
-        erase_dead(gm, [out, *dying])
-        scope.count(f"{pass_name}.{_counter(kind, tag)}")
-        hits += 1
-    return hits
+    while True:
+        before = hits
+        for out in list(gm.graph.nodes):
+            kind = LORA if LORA in out.meta else IA3 if IA3 in out.meta else None
+            if kind is None or out._erased or not all(n in scope.adapters for n in _tensors(kind, out.meta[kind])):
+                continue
+            hits += _merge_one(gm, scope, pass_name, out, kind, sites, order)
+        if hits == before:
+            return hits
+
+
+def _merge_one(gm: GraphModule, scope: Any, pass_name: str, out: Node, kind: str, sites: dict, order: dict) -> int:
+    tag = out.meta[kind]
+    dying = _chain(out, out.meta["peftc.pass"])
+    site = _site_of(out, kind, tag, dying, sites, order, scope.ctx.params)
+    rewire = site and _weight_leaf(site, dying)
+    if not rewire:
+        return 0
+    reader, leaf = rewire
+    m = _Merge(gm, scope.ctx, site, kind, tag, pass_name, anchor=reader)
+    w = m.upcast(leaf)
+    reader.replace_input_with(leaf, m.done(m.lora(w) if kind == LORA else m.ia3(w), leaf))
+    bias = _bias(site)
+    if kind == IA3 and not tag["feedforward"] and bias is not None:
+        site.node.replace_input_with(bias, m.done(m.ia3_bias(bias), bias))
+    if kind == IA3 and tag["feedforward"]:
+        x = next(i for n in dying for i in n.all_input_nodes if i not in dying)
+        site.node.replace_input_with(out, x)
+    else:
+        out.replace_all_uses_with(site.node)
+    erase_dead(gm, [out, *dying])
+    scope.count(f"{pass_name}.{_counter(kind, tag)}")
+    return 1
+
+
+def unmerged_tags(gm: GraphModule, chosen) -> list[str]:
+    """Adapter tensors in `chosen` whose tagged adapter is still in the graph (fold-params may have folded a part
+    of it, `view(l)`, so reading the get_attrs alone would miss it)."""
+    left = []
+    for node in gm.graph.nodes:
+        for kind in (LORA, IA3):
+            if kind in node.meta:
+                left += [n for n in _tensors(kind, node.meta[kind]) if n in chosen]
+    return left

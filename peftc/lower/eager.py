@@ -201,7 +201,7 @@ class CompiledModel(nn.Module):
         original model, and its parameters carry the base model's names (plus those of the adapters left).
         Half-precision weights are merged in fp32 and cast once.
         """
-        from ..merge import KEPT_AS_CONSTANTS
+        from ..merge import KEPT_AS_CONSTANTS, unmerged_tags
         from ..passes.fold_params import FoldParams
         from ..passes.merge_reparam import MergeReparam, select_adapters
 
@@ -219,7 +219,8 @@ class CompiledModel(nn.Module):
                              training=self.training, dynamic=self.dynamic, verify=self.verify, params=table)
         # Prefixes and prompts are activations, not weights: they stay, frozen, as constants (peftc/merge.py).
         read = {n.target for n in merged.graph_module.graph.nodes if n.op == "get_attr"}
-        unmerged = sorted(n for n in chosen & read if table[n].method not in KEPT_AS_CONSTANTS)
+        unmerged = sorted({n for n in chosen & read if table[n].method not in KEPT_AS_CONSTANTS}
+                          | set(unmerged_tags(merged.graph_module, chosen)))
         if unmerged:
             raise PassError(f"merge: no merge rule matched how `{unmerged[0]}` is applied"
                             + (f" (and {len(unmerged) - 1} more)" if len(unmerged) > 1 else "")
