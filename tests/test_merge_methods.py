@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
@@ -296,3 +298,40 @@ def test_merge_names_an_adapter_it_could_not_fold_even_when_fold_params_folded_p
     cm = peftc.compile(SharedLayout(), peftc.IA3(target="w"), args=(x,), dynamic=False)
     with pytest.raises(PassError, match="no merge rule matched how `w_adapter.ia3_l`"):
         cm.merge()  # view(l) alone is parameter-only and folds; the scaling itself is still there
+
+
+class MLP(nn.Module):
+    def __init__(self, widths, bias):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(i, o, bias=bias) for i, o in zip(widths, widths[1:]))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(widths=st.lists(st.integers(2, 9), min_size=2, max_size=4), bias=st.booleans(), data=st.data())
+def test_merge_parity_property_across_methods(widths, bias, data):
+    """Any mix of DoRA, per-slice LoRA and IA3 on any layers merges to the plain op count with the same outputs."""
+    torch.manual_seed(0)
+    model, x = MLP(widths, bias).eval(), torch.randn(3, widths[0])
+    n = len(widths) - 1
+    layers = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
+    rules = []
+    for i in layers:
+        method = data.draw(st.sampled_from(["dora", "slices", "ia3", "ia3-ff"]))
+        out = widths[i + 1]
+        if method == "dora":
+            rules.append(peftc.LoRA(target=[f"layers.{i}"], r=data.draw(st.integers(1, 3)), use_dora=True))
+        elif method == "slices":
+            cut = data.draw(st.integers(1, out))
+            slices = {"a": (0, cut)} if cut == out else {"a": (0, cut), "b": (cut, out)}
+            rules.append(peftc.LoRA(target=[f"layers.{i}"], r=2, slices=slices))
+        else:
+            ff = [f"layers.{i}"] if method == "ia3-ff" else None
+            rules.append(peftc.IA3(target=[f"layers.{i}"], feedforward=ff))
+    cm = peftc.compile(copy.deepcopy(model), peftc.Spec(*rules), args=(x,), dynamic=False)
+    randomize(cm, seed=len(widths))
+    merged_checks(cm, (x,), model=model)
