@@ -44,7 +44,8 @@ def randomize(cm, seed=1, scale=0.3):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in cm.params:
-            if p.role == "adapter" and p.tensor.is_floating_point():  # LoRA-FA's frozen A too: every tensor the merge reads must matter
+            # every float adapter tensor, LoRA-FA's frozen A too: each one the merge reads must matter
+            if p.role == "adapter" and p.tensor.is_floating_point():
                 p.tensor.add_((torch.rand(p.tensor.shape, generator=gen) * 2 - 1).to(p.tensor.dtype) * scale)
 
 
