@@ -166,6 +166,9 @@ def test_gpt2_slices_dora_ia3_merge_from_a_training_graph():
     assert tag_hits(merged) == {"tag-lora-slices": 1, "tag-dora": 1, "tag-ia3": 1, "tag-ia3-feedforward": 1}
     assert not any(k.endswith(("lora_A.q.weight", "ia3_l", "lora_magnitude_vector"))
                    for k in merged.state_dict())
+    cm.train()  # cm is untouched by the merge and still trains every adapter
+    cm(**kwargs).logits.sum().backward()
+    assert all(p.grad is not None for p in cm.trainable_parameters())
 
 
 @pytest.mark.parametrize("lora_first", [True, False])
