@@ -26,7 +26,8 @@ aten = torch.ops.aten
 _CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
 _RANDOM = {aten.dropout.default, aten.native_dropout.default, aten.bernoulli.default, aten.bernoulli.p,
            aten.bernoulli_.float, aten.rand.default, aten.randn.default, aten.rand_like.default,
-           aten.randn_like.default, aten.randint.low, aten.randperm.default}
+           aten.randn_like.default, aten.randint.low, aten.randperm.default,
+           aten.scaled_dot_product_attention.default}  # SDPA draws when its dropout_p > 0
 _CSE_SAFE = {aten.to.dtype, aten._to_copy.default, aten.t.default}
 
 
@@ -259,7 +260,7 @@ class PruneGrads(Pass):
             gm.graph.erase_node(node)
             ctx.count("prune-grads.dropout-linear")
             return True
-        if x in grads or any(u in grads for u in users):
+        if x in grads:  # otherwise autograd records nothing for this dropout anyway
             nb = NodeBuilder(gm, node, self.name, "seeded-dropout", like=node)
             self._replace(node, nb.call(seeded_dropout, x, p))
             ctx.count("prune-grads.seeded-dropout")
@@ -290,7 +291,8 @@ class PruneGrads(Pass):
         node = first.next
         while node is not last:
             if node.op == "call_function" and (node.target in _RANDOM or node.target in (seeded_dropout,
-                                                                                       dropout_linear)):
+                                                                                       dropout_linear,
+                                                                                       causal_sdpa)):
                 return True
             node = node.next
         return False

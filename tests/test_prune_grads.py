@@ -71,18 +71,18 @@ def loss_of(out):
     return logits.float().pow(2).mean()
 
 
-def grads(cm, kwargs, seed=7):
+def grads(cm, kwargs, seed=7, loss_fn=loss_of):
     torch.manual_seed(seed)
     for p in cm.trainable_parameters():
         p.grad = None
-    loss = loss_of(cm(**kwargs))
+    loss = loss_fn(cm(**kwargs))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in cm.named_parameters() if p.requires_grad}
 
 
-def assert_same_grads(plain, pruned, kwargs, rtol=1e-6):
-    loss0, g0 = grads(plain, kwargs)
-    loss1, g1 = grads(pruned, kwargs)
+def assert_same_grads(plain, pruned, kwargs, rtol=1e-6, loss_fn=loss_of):
+    loss0, g0 = grads(plain, kwargs, loss_fn=loss_fn)
+    loss1, g1 = grads(pruned, kwargs, loss_fn=loss_fn)
     assert torch.allclose(loss0, loss1, rtol=1e-6, atol=0)
     assert g0.keys() == g1.keys() and g0
     for name in g0:
@@ -220,3 +220,19 @@ def test_padded_mask_is_not_taken_for_causal():
     causal = torch.ones(4, 4, dtype=torch.bool).tril()
     assert mask_is_causal(causal.expand(2, 1, 4, 4))
     assert not mask_is_causal(causal.T) and not mask_is_causal(causal.float())
+
+
+def test_bert_training_dropouts_store_no_masks():
+    """BERT in training mode: the model's own hidden dropouts become seeded dropouts, the LoRA ones fuse."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=64, attention_probs_dropout_prob=0.0)).train()
+    kwargs = {"input_ids": torch.randint(0, 64, (2, 8))}
+    plain, pruned = compile_pair(model, peftc.Spec(peftc.LoRA(target="query|value", r=4, dropout=0.1)), kwargs)
+    assert pruned.counters["prune-grads.dropout-linear"] == 2
+    assert pruned.counters["prune-grads.seeded-dropout"] == 2  # after the attention output and the FFN
+    loss = lambda out: out.last_hidden_state.pow(2).mean()  # noqa: E731
+    assert measure_step(pruned, (), kwargs, loss).saved_bytes < measure_step(plain, (), kwargs, loss).saved_bytes
+    assert_same_grads(plain, pruned, kwargs, loss_fn=loss)
