@@ -428,34 +428,31 @@ class SparseDelta(Rule):
             raise SpecError(f"{where}: `seed` must be an integer, got {self.seed!r}")
 
 
+@dataclass(frozen=True)
+class _DenseDelta(Rule):
+    """A dense-delta rule whose only options select the tensors it adapts: `target` and `exclude`."""
+
+    target: Target = None
+    exclude: Target = None
+
+    def __post_init__(self) -> None:
+        where = self._where()
+        object.__setattr__(self, "target", _as_target(self.target, "target", where))
+        object.__setattr__(self, "exclude", _as_target(self.exclude, "exclude", where))
+
+
 @register_rule
 @dataclass(frozen=True)
-class BitFit(Rule):
+class BitFit(_DenseDelta):
     """BitFit: every bias `b  ==>  b + delta` (dense delta, zero at init). `target` narrows which biases."""
 
     kind: ClassVar[str] = "bitfit"
 
-    target: Target = None
-    exclude: Target = None
-
-    def __post_init__(self) -> None:
-        where = self._where()
-        object.__setattr__(self, "target", _as_target(self.target, "target", where))
-        object.__setattr__(self, "exclude", _as_target(self.exclude, "exclude", where))
-
 
 @register_rule
 @dataclass(frozen=True)
-class NormTuning(Rule):
+class NormTuning(_DenseDelta):
     """Norm tuning: every weight and bias of a normalization module (LayerNorm, RMSNorm, GroupNorm, BatchNorm,
     any module class whose name contains "Norm") `p  ==>  p + delta` (dense delta, zero at init)."""
 
     kind: ClassVar[str] = "norm_tuning"
-
-    target: Target = None
-    exclude: Target = None
-
-    def __post_init__(self) -> None:
-        where = self._where()
-        object.__setattr__(self, "target", _as_target(self.target, "target", where))
-        object.__setattr__(self, "exclude", _as_target(self.exclude, "exclude", where))

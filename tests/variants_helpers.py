@@ -3,25 +3,7 @@
 import torch
 
 
-def tiny_llama(**overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64)
-    cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg))
-
-
-def tiny_gpt2(**overrides):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    cfg.update(overrides)
-    return GPT2LMHeadModel(GPT2Config(**cfg))
-
-
-def ids(batch=2, seq=8, vocab=64, seed=0):
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+from conftest import ids, tiny_gpt2, tiny_llama  # noqa: F401  (re-exported for the variants tests)
 
 
 def grads_of(params):
