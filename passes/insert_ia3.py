@@ -11,7 +11,7 @@ from torch.fx import GraphModule
 from peftc.errors import SpecError
 from peftc.match import MatmulSite, matmul_sites, select
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
-from peftc.rewrite import NodeBuilder, replace_uses
+from peftc.rewrite import NodeBuilder, adapted, mark_adapted, replace_uses
 from peftc.spec import IA3
 
 from .insert_lora import adapter_dtype
@@ -47,14 +47,10 @@ class InsertIA3(Pass):
                                 f"{', '.join(outside[:3])} {'is' if len(outside) == 1 else 'are'} not targeted")
         modified = False
         for site in sites:
-            done = site.node.meta.get("peftc.adapted", {})
-            if "ia3" in done:
-                if done["ia3"] != self.rule:
-                    raise SpecError(f"{where} matches `{site.module}`, which {done['ia3']!r} already adapts; "
-                                    f"narrow one target or add an `exclude`")
+            if adapted(site.node, "ia3", self.rule, site.module):
                 continue
             self._insert(gm, ctx, site, site.module in feedforward)
-            site.node.meta["peftc.adapted"] = {**done, "ia3": self.rule}
+            mark_adapted(site.node, "ia3", self.rule)
             ctx.count("insert-ia3.feedforward" if site.module in feedforward else "insert-ia3.output")
             modified = True
         return PassResult(gm, modified)

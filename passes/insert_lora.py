@@ -13,7 +13,7 @@ from torch.fx import GraphModule, Node
 from peftc.errors import SpecError
 from peftc.match import ConvSite, MatmulSite, conv_sites, matmul_sites, select
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
-from peftc.rewrite import NodeBuilder, replace_uses
+from peftc.rewrite import NodeBuilder, adapted, mark_adapted, replace_uses
 from peftc.spec import LoRA
 
 aten = torch.ops.aten
@@ -83,15 +83,11 @@ class InsertLora(Pass):
         sites = select(sites, self.rule.target, self.rule.exclude, ctx.info, where=repr(self.rule))
         modified = False
         for site in sites:
-            done = site.node.meta.get("peftc.adapted", {})
-            if "lora" in done:
-                if done["lora"] != self.rule:
-                    raise SpecError(f"{self.rule!r} matches `{site.module}`, which {done['lora']!r} already adapts; "
-                                    f"narrow one target or add an `exclude`")
-                continue  # idempotent: this rule already adapted this matmul
+            if adapted(site.node, "lora", self.rule, site.module):
+                continue
             self._check(site)
             self._insert(gm, ctx, site)
-            site.node.meta["peftc.adapted"] = {**done, "lora": self.rule}
+            mark_adapted(site.node, "lora", self.rule)
             ctx.count("insert-lora.inserted")
             modified = True
         return PassResult(gm, modified)

@@ -13,7 +13,7 @@ from torch.fx import GraphModule, Node
 from peftc.attention import AttentionSite, attention_sites, select_attention
 from peftc.errors import SpecError
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
-from peftc.rewrite import NodeBuilder
+from peftc.rewrite import NodeBuilder, mark_adapted
 from peftc.spec import Prefix
 
 from .insert_lora import adapter_dtype
@@ -80,7 +80,7 @@ class InsertPrefix(Pass):
                 self._rewrite_sdpa(b, site, pk, pv, stem)
             else:
                 self._rewrite_softmax(gm, b, site, pk, pv, stem)
-            site.node.meta["peftc.adapted"] = {**site.node.meta.get("peftc.adapted", {}), "prefix": self.rule}
+            mark_adapted(site.node, "prefix", self.rule)
             ctx.count(f"insert-prefix.{site.form}")
         return PassResult(gm, True)
 

@@ -11,7 +11,7 @@ from torch.fx import GraphModule, Node
 
 from peftc.errors import PassError, SpecError
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
-from peftc.rewrite import NodeBuilder
+from peftc.rewrite import NodeBuilder, mark_adapted
 from peftc.spec import PromptTuning
 
 from .insert_lora import adapter_dtype
@@ -115,7 +115,7 @@ class InsertPromptTuning(Pass):
             with_prompt = after.call(aten.cat.default, [self._prompt(after, made, batch, like.dtype), real], 1,
                                      name="embeds_with_prompt")
             lookup.replace_all_uses_with(with_prompt, delete_user_cb=lambda u: u is not real)
-        source.meta["peftc.adapted"] = {**source.meta.get("peftc.adapted", {}), "prompt_tuning": self.rule}
+        mark_adapted(source, "prompt_tuning", self.rule)
         ctx.count("insert-prompt-tuning.inserted")
         return PassResult(gm, True)
 

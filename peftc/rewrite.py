@@ -8,6 +8,8 @@ from typing import Any, Callable
 from torch.fx import GraphModule, Node
 from torch.fx.subgraph_rewriter import replace_pattern_with_filters
 
+from .errors import SpecError
+
 
 class NodeBuilder:
     """Emit nodes before `anchor`, tagged with the pass and role that made them (provenance for diffs).
@@ -37,6 +39,20 @@ class NodeBuilder:
     def attr(self, qualname: str) -> Node:
         with self.graph.inserting_before(self.anchor):
             return self._tag(self.graph.get_attr(qualname))
+
+
+def adapted(node: Node, method: str, rule: Any, module: str) -> bool:
+    """Whether `rule` already adapted this site, so a rerun of the pass changes nothing. Another rule of the same
+    method on the same site is a spec error: two adapters of one kind on one site are ambiguous."""
+    done = node.meta.get("peftc.adapted", {}).get(method)
+    if done is not None and done != rule:
+        raise SpecError(f"{rule!r} matches `{module}`, which {done!r} already adapts; narrow one target or add an "
+                        f"`exclude`")
+    return done is not None
+
+
+def mark_adapted(node: Node, method: str, rule: Any) -> None:
+    node.meta["peftc.adapted"] = {**node.meta.get("peftc.adapted", {}), method: rule}
 
 
 def replace_uses(old: Node, new: Node, keep: Any = ()) -> None:
