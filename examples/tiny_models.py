@@ -10,12 +10,12 @@ import torch
 
 
 def tiny_llama(hidden: int = 32, layers: int = 1, heads: int = 4, vocab: int = 64, seq: int = 8, batch: int = 2,
-               seed: int = 0):
+               seed: int = 0, intermediate: int | None = None):
     """A Llama with random weights and `{"input_ids": ...}` example inputs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
                          max_position_embeddings=max(64, seq))
     model = LlamaForCausalLM(config).eval()
@@ -41,5 +41,6 @@ def tiny_mlp(d: int = 16, seed: int = 0):
 
 
 def llama_bench():
-    """The Llama-shaped benchmark config: 8 layers, hidden 512, 8 heads, vocab 8000 (batch 1, seq 128 inputs)."""
-    return tiny_llama(hidden=512, layers=8, heads=8, vocab=8000, seq=128, batch=2)
+    """The Llama-shaped benchmark config (benchmarks/run.py's): 8 layers, hidden 512, 8 heads, intermediate 1376,
+    vocab 8000; example inputs batch 2, seq 128."""
+    return tiny_llama(hidden=512, layers=8, heads=8, vocab=8000, seq=128, batch=2, intermediate=1376)

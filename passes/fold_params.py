@@ -50,8 +50,9 @@ class FoldParams(Pass):
             elif node.op == "call_function" and node.all_input_nodes and _pure(node) \
                     and all(n in foldable for n in node.all_input_nodes):
                 foldable.add(node)
+        # A frontier is read by a node outside the fold, or by one of the model's own ops (`t(W')`), which stays.
         frontiers = [n for n in foldable if n.op == "call_function" and "peftc.pass" in n.meta
-                     and any(u not in foldable for u in n.users)]
+                     and any(u not in foldable or "peftc.pass" not in u.meta for u in n.users)]
         if not frontiers:
             return PassResult(gm, False)
 

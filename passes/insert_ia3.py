@@ -70,7 +70,7 @@ class InsertIA3(Pass):
         weight = ctx.params[site.weight].tensor
         dtype = adapter_dtype(weight.dtype)
         shape = (1, site.in_features) if is_ff else (site.out_features, 1)
-        name = f"{site.module}.ia3_l"
+        name = f"{site.adapter_prefix}.ia3_l"  # beside a bare parameter (`w1` -> `w1_adapter.ia3_l`), as for LoRA
         ctx.params.add(gm, name, lambda: torch.ones(shape, dtype=dtype, device=weight.device), method="ia3",
                        added_by=self.name)
         stem = site.module.replace(".", "_")
@@ -84,9 +84,17 @@ class InsertIA3(Pass):
             scaled = b.call(aten.mul.Tensor, x, scale, name=f"{stem}_ia3_in")
             if dtype != weight.dtype:
                 scaled = b.call(aten.to.dtype, scaled, weight.dtype, name=f"{stem}_ia3_cast")
+            scaled.meta["peftc.ia3"] = self._tag(site, name, True)
             y.replace_input_with(site.x, scaled)
             return
         out = b.call(aten.mul.Tensor, y, scale, name=f"{stem}_ia3_out")
         if dtype != weight.dtype:
             out = b.call(aten.to.dtype, out, weight.dtype, name=f"{stem}_ia3_cast")
+        out.meta["peftc.ia3"] = self._tag(site, name, False)
         replace_uses(y, out)
+
+    @staticmethod
+    def _tag(site: MatmulSite, vector: str, feedforward: bool) -> dict:
+        """What a merge needs to fold l into W (peftc/merge.py): which weight, its layout, which side l scales."""
+        return {"weight": site.weight, "vector": vector, "feedforward": feedforward, "form": site.form,
+                "weight_in_out": site.weight_in_out}

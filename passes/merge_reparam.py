@@ -10,6 +10,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from peftc.errors import SpecError
+from peftc.merge import merge_tagged
 from peftc.params import ADAPTER, BASE, ParamTable
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
 from peftc.rewrite import Bindings, Rule, RuleSet
@@ -136,7 +137,8 @@ def merged_conv2d(x, w, bias, stride, padding, dilation, groups, a, b, s):
 
 def _ia3_where(bind: Bindings, scope: MergeScope) -> bool:
     l_ = bind["l"]
-    return scope.frozen_base(bind["w"]) and scope.merging(l_) and l_.target.endswith(".ia3_l")
+    return scope.frozen_base(bind["w"]) and scope.merging(l_) and l_.target.endswith(".ia3_l") \
+        and scope.ctx.params[l_.target].tensor.dtype == scope.ctx.params[bind["w"].target].tensor.dtype  # no casts
 
 
 def _ia3_output_bias_where(bind: Bindings, scope: MergeScope) -> bool:
@@ -210,4 +212,6 @@ class MergeReparam(Pass):
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         scope = MergeScope(ctx, select_adapters(ctx.params, self.adapters))
         hits = MERGE_RULES.apply(gm, scope, self.name)
+        # Then every adapter its insert pass tagged (DoRA, slices, IA3, LoRA on mm/matmul/einsum/conv ...).
+        hits += merge_tagged(gm, scope, self.name)
         return PassResult(gm, hits > 0)

@@ -205,6 +205,35 @@ def load_peft_adapter(directory: str) -> dict:
     return {k.removeprefix(prefix): v for k, v in load_file(str(weights)).items()}
 
 
+def _check_adapter_scaling(cm, directory: Path) -> None:
+    """The scaling the adapter was trained with (adapter_config.json) must be the one the spec compiles in:
+    shapes pin r, but a different lora_alpha would silently scale every update."""
+    import json
+    import math
+
+    from .lower.onnx import _eval, lora_scalings
+
+    config_path = directory / "adapter_config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        return  # per-module scalings: only the shapes are checked (by load_adapter_state_dict)
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not r or alpha is None:
+        return
+    trained = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    args, kwargs = cm.example_inputs
+    with _eval(cm):
+        compiled = lora_scalings(cm.graph_for(*args, **kwargs))
+    for name, s in compiled.items():
+        if not math.isclose(s, trained, rel_tol=1e-6):
+            raise SpecError(f"--adapter {directory} was trained with r={r}, lora_alpha={alpha}"
+                            f"{', use_rslora' if config.get('use_rslora') else ''} (scaling {trained:g}), but the "
+                            f"spec compiles scaling {s:g} for `{name.removesuffix('.lora_B.weight')}`; set alpha "
+                            f"(and use_rslora) in the spec to match")
+
+
 def _compile(args: argparse.Namespace, progress: Progress):
     import peftc
     from .instrument import PrintIR
@@ -222,6 +251,7 @@ def _compile(args: argparse.Namespace, progress: Progress):
     cm = peftc.compile(model, spec, margs, mkwargs, pipeline=pipeline, instruments=instruments)
     progress.done()
     if adapter is not None:
+        _check_adapter_scaling(cm, Path(args.adapter))
         cm.load_adapter_state_dict(adapter)
     if args.time_passes:
         from rich.console import Console
@@ -306,35 +336,20 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-def _saved_for_backward(cm) -> tuple[int, int, dict[str, int]]:
-    """Measured: tensors autograd saves in one training forward on the example inputs (distinct storages)."""
-    import torch
-    from torch.utils import _pytree as pytree
+def _measure_training_step(cm):
+    """One measured forward + backward in training mode on the example inputs (peftc.memory.measure_step)."""
+    from .memory import measure_step
 
     args, kwargs = cm.example_inputs
-    seen: dict[int, int] = {}
-    by_dtype: dict[str, int] = {}
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen[key] = t.untyped_storage().nbytes()
-            name = str(t.dtype).removeprefix("torch.")
-            by_dtype[name] = by_dtype.get(name, 0) + seen[key]
-        return t
-
-    params = {p.tensor.untyped_storage().data_ptr() for p in cm.params}
     was = cm.training
     cm.train()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = cm(*args, **kwargs)
-        del out
+        cm.graph_for(*args, **kwargs)  # capture the training graph first: torch.export must not run under the meter
+        return measure_step(cm, args, kwargs)
     finally:
         cm.train(was)
-    for key in params & seen.keys():  # weights are resident anyway; count only activations
-        seen.pop(key)
-    return len(seen), sum(seen.values()), by_dtype
+        for p in cm.trainable_parameters():
+            p.grad = None
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -346,8 +361,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet)
     try:
         cm = _compile(args, progress)
-        progress.step("measuring what a training step saves for backward")
-        n_saved, saved_bytes, _ = _saved_for_backward(cm)
+        progress.step("measuring one training step")
+        step = _measure_training_step(cm)
         progress.done()
     finally:
         progress.abort()
@@ -366,8 +381,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     trainable, total = cm.parameter_counts()
     console.print(f"trainable: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
     console.print(cm.report().table())
-    console.print(f"saved for backward (measured, one training forward on the example inputs): {n_saved} "
-                  f"activation tensors, {saved_bytes:,} bytes")
+    console.print("memory of one training step (measured on the example inputs; saved = what the forward leaves "
+                  "alive for backward, outputs and loss included):")
+    console.print(str(step))
     console.print("recomputed in backward: nothing (peftc has no recompute scheduler yet)")
     return 0
 

@@ -200,6 +200,7 @@ def insert_delta(gm: GraphModule, read: Read, weight: torch.Tensor, *, pass_name
     else:
         eff = b.call(aten.index_add.default, node, dim, b.attr(index), vals, name=f"{stem}_{method}")
     eff.meta["peftc.delta"] = {"param": read.param, "method": method, "values": values, "index": index, "dim": dim}
+    eff.meta["peftc.replaces"] = (read.param,)  # merged, W_eff folds into a tensor named W
     replace_uses(node, eff, keep=b.created)
     return eff
 

@@ -259,6 +259,11 @@ def measure_step(
         raise MeasureError(f"measure_step needs an nn.Module, got {type(module).__name__}")
     kwargs = kwargs or {}
     loss_fn = loss_fn or default_loss
+    # A peftc CompiledModel captures a call signature on first use: capture before measuring, or the modes below
+    # would trace torch.export's own work (and count symbolic FLOPs).
+    capture = getattr(module, "graph_for", None)
+    if callable(capture):
+        capture(*args, **kwargs)
     params = list(module.parameters())
     buffers = list(module.buffers())
     state_storages = _storage_ids(params + buffers)

@@ -47,40 +47,47 @@ def test_passes_lists_every_pass_with_options(capsys):
     assert "    r: int = 8" in out
 
 
-def test_compile_factory_adapters_as_inputs(capsys, tmp_path):
+def test_compile_factory_merged(capsys, tmp_path):
     out_path, adapter = tmp_path / "mlp.onnx", tmp_path / "mlp.onnx_adapter"
-    code, out, err = run(capsys, "compile", MLP, "-p", MLP_PIPELINE, "-o", str(out_path), "--adapters-as-inputs",
-                         "--export-adapter", str(adapter), "--time-passes", "--print-ir-after-change",
+    code, out, err = run(capsys, "compile", MLP, "-p", MLP_PIPELINE, "-o", str(out_path), "--export-adapter", str(adapter), "--time-passes", "--print-ir-after-change",
                          "--memory-budget", "2GiB")
     assert code == 0, err
     assert out_path.is_file() and adapter.is_file()
     assert "verified against eager on 2x4x16, 3x7x16" in out
     assert "no recompute scheduler" in out and "2,147,483,648 bytes" in out
     assert "IR after #2 insert-lora" in out and "up_lora_A" in out
-    assert "pass timings" in err and "✓ verifying with onnxruntime" in err
+    assert "pass timings" in err and "✓ merging adapters" in err and "✓ verifying with onnxruntime" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "mlp.onnx_adapter"]
+    assert "nodes: 7 exported -> 7 optimized" in out  # merged: 2 x (MatMul, Transpose W, Add bias) + Relu
 
 
-def test_compile_hf_directory_with_peft_adapter_matches_peft(capsys, spec, tmp_path):
-    """A save_pretrained model dir + a HF PEFT adapter dir ==> ORT with the adapter file == PEFT eager."""
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """A tiny Llama saved with save_pretrained, and a HF PEFT LoRA adapter for it (non-zero B), saved too."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=64, max_position_embeddings=64)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "model"),
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(root / "model"),
                                 LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.save_pretrained(root / "adapter")
+    return root / "model", root / "adapter", peft_model.eval()
 
+
+def test_compile_hf_directory_with_peft_adapter_matches_peft(capsys, spec, tmp_path, hf_dirs):
+    """A save_pretrained model dir + a HF PEFT adapter dir ==> ORT with the adapter file == PEFT eager."""
+    model_dir, adapter_dir, peft_model = hf_dirs
     out_path, adapter = tmp_path / "m.onnx", tmp_path / "m.onnx_adapter"
-    code, out, err = run(capsys, "compile", str(tmp_path / "model"), "--spec", str(spec), "--adapter",
-                         str(tmp_path / "adapter"), "-o", str(out_path), "--adapters-as-inputs", "--export-adapter",
+    code, out, err = run(capsys, "compile", str(model_dir), "--spec", str(spec), "--adapter",
+                         str(adapter_dir), "-o", str(out_path), "--adapters-as-inputs", "--export-adapter",
                          str(adapter), "-q")
     assert code == 0, err
     assert err.strip() == "" or "✓" not in err  # -q: no progress
@@ -92,10 +99,28 @@ def test_compile_hf_directory_with_peft_adapter_matches_peft(capsys, spec, tmp_p
     options.add_active_adapter(lora)
     got = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"]).run(
         None, {"input_ids": ids.numpy()}, options)[0]
-    peft_model.eval()
     with torch.no_grad():
         ref = peft_model(input_ids=ids).logits.numpy()
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_adapter_trained_with_another_alpha_is_a_spec_error(capsys, tmp_path, hf_dirs):
+    model_dir, adapter_dir, _ = hf_dirs
+    spec = tmp_path / "alpha16.toml"
+    spec.write_text('[[lora]]\ntarget = "q_proj|v_proj"\nr = 4\nalpha = 16\n')
+    code, _, err = run(capsys, "explain", str(model_dir), "--spec", str(spec), "--adapter", str(adapter_dir), "-q")
+    assert code == 2
+    assert_one_line_error(err, "lora_alpha=8", "scaling 2", "spec compiles scaling 4")
+
+
+def test_diff_and_explain_on_a_hf_directory(capsys, spec, hf_dirs):
+    model_dir, adapter_dir, _ = hf_dirs
+    code, out, _ = run(capsys, "diff", str(model_dir), "--spec", str(spec), "--pass", "insert-lora", "-q")
+    assert code == 0
+    assert "+model.layers.0.self_attn.v_proj.lora_B.weight  [32x4] float32  trainable  adapter:lora" in out
+    code, out, _ = run(capsys, "explain", str(model_dir), "--spec", str(spec), "--adapter", str(adapter_dir), "-q")
+    assert code == 0
+    assert "trainable: 512 of" in out and "memory of one training step" in out
 
 
 def test_diff_prints_and_dumps_per_pass_diffs(capsys, tmp_path):
@@ -115,7 +140,8 @@ def test_explain_reports_parameters_and_measured_saved_tensors(capsys):
     code, out, _ = run(capsys, "explain", MLP, "-p", MLP_PIPELINE, "-q")
     assert code == 0
     assert "adapter" in out and "lora" in out and "trainable: 96 of 1,168" in out
-    assert "saved for backward (measured" in out and "recomputed in backward: nothing" in out
+    assert "memory of one training step (measured" in out and "saved " in out and "FLOPs" in out
+    assert "recomputed in backward: nothing" in out
 
 
 @pytest.mark.parametrize("argv, code, needle", [

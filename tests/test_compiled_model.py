@@ -177,3 +177,14 @@ def test_compile_needs_inputs_and_a_module():
         peftc.compile(DropMLP(), peftc.LoRA(target="up"))
     with pytest.raises(peftc.PeftcError, match="nn.Module"):
         peftc.compile(lambda x: x, peftc.LoRA(target="up"), args=(torch.randn(2, 4),))
+
+
+def test_measure_step_on_a_signature_not_yet_captured():
+    from peftc.memory import measure_step
+
+    torch.manual_seed(0)
+    model, x = DropMLP().eval(), torch.randn(5, 4)
+    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,))
+    first = measure_step(cm, (x, 2.0))  # scale=2.0 is a new signature: captured before measuring
+    again = measure_step(cm, (x, 2.0))
+    assert first == again and isinstance(first.forward_flops, int) and first.forward_flops > 0

@@ -54,6 +54,8 @@ def _train(cm, kwargs, seed: int, steps: int = 3) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def llama():
     model, kwargs = tiny_llama()
+    # Keyword order differs from forward's (input_ids, attention_mask): ONNX inputs are matched by name.
+    kwargs = {"attention_mask": torch.ones_like(kwargs["input_ids"]), "input_ids": kwargs["input_ids"]}
     cm = peftc.compile(model, peftc.LoRA(target="q_proj|v_proj", r=4, alpha=8), kwargs=kwargs)
     gen = torch.Generator().manual_seed(0)
     # B != 0, so the export's own verification (ORT fed this adapter vs eager) checks the LoRA path.
@@ -83,7 +85,7 @@ def test_one_session_serves_two_trained_adapters(llama, adapter_inputs_onnx, tmp
     assert report.max_abs_diff is not None and len(report.shapes_checked) == 2
 
     sess = _session(path)
-    ids = kwargs["input_ids"].numpy()
+    feeds = {k: v.numpy() for k, v in kwargs.items()}
     outputs = {}
     for name, adapter in (("first", first), ("second", second)):
         cm.load_adapter_state_dict(adapter)
@@ -93,7 +95,7 @@ def test_one_session_serves_two_trained_adapters(llama, adapter_inputs_onnx, tmp
         lora.Load(str(tmp_path / f"{name}.onnx_adapter"))
         options = ort.RunOptions()
         options.add_active_adapter(lora)
-        got = sess.run(None, {"input_ids": ids}, options)[0]
+        got = sess.run(None, feeds, options)[0]
         cm.load_adapter_state_dict(adapter)
         with torch.no_grad():
             _close(got, cm(**kwargs).logits)
@@ -103,7 +105,7 @@ def test_one_session_serves_two_trained_adapters(llama, adapter_inputs_onnx, tmp
     # No adapter active: the zero defaults make it the base model.
     with torch.no_grad():
         base = model(**kwargs).logits
-    got = sess.run(None, {"input_ids": ids})[0]
+    got = sess.run(None, feeds)[0]
     _close(got, base)
     assert np.abs(got - outputs["first"]).max() > 1e-3
 
@@ -177,3 +179,80 @@ def test_adapters_inputs_needs_unmerged(llama, tmp_path):
     _, _, cm = llama
     with pytest.raises(peftc.ExportError, match="merged=False"):
         cm.export_onnx(tmp_path / "x.onnx", adapters="inputs")
+
+
+def test_merged_export_is_the_base_graph_with_merged_weights(llama, tmp_path):
+    model, kwargs, cm = llama
+    merged_path, base_path = tmp_path / "merged.onnx", tmp_path / "base.onnx"
+    report = cm.export_onnx(merged_path)
+    base = lower_onnx.export_module(model, (), dict(kwargs, use_cache=False), base_path, verify=False)
+    assert report.nodes_optimized == base.nodes_optimized  # zero overhead: LoRA left no node behind
+    assert report.rules == {"rsqrt-mul-to-div": 3}  # two RMSNorms in the layer, one at the end
+    assert report.max_abs_diff <= report.tolerance and report.shapes_checked == ["2x8", "3x11"]
+
+    proto = onnx.load(str(merged_path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    base_names = {p.name for p in cm.params if p.role == "base"}
+    assert base_names <= set(inits) and not any("lora" in name for name in inits)
+    q = "model.layers.0.self_attn.q_proj"
+    w, a, b = (cm.params[f"{q}.{t}"].tensor.detach() for t in ("weight", "lora_A.weight", "lora_B.weight"))
+    np.testing.assert_allclose(inits[f"{q}.weight"], (w + 2.0 * b @ a).numpy(), atol=1e-6)
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(merged_path), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+    assert fused.count("SimplifiedLayerNormalization") == 3  # what rsqrt-mul-to-div is for
+    ids = torch.randint(0, 64, (1, 5))  # batch 1 and a new length: the axes are dynamic
+    with torch.no_grad():
+        mask = torch.ones_like(ids)
+        _close(sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0],
+               cm(attention_mask=mask, input_ids=ids).logits)
+
+
+class _Norms(torch.nn.Module):
+    def forward(self, x):
+        v = x.pow(2).mean(-1, keepdim=True) + 1e-6
+        return x * torch.rsqrt(v), x * torch.reciprocal(v)  # only the first is x * rsqrt(v)
+
+
+def test_rsqrt_mul_rule_fires_only_on_rsqrt(tmp_path):
+    x = torch.randn(2, 3, 8)
+    report = lower_onnx.export_module(_Norms(), (x,), {}, tmp_path / "norms.onnx")
+    assert report.rules == {"rsqrt-mul-to-div": 1}
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "norms.onnx")).graph.node]
+    assert ops.count("Div") == 1 and ops.count("Reciprocal") == 1 and ops.count("Sqrt") == 1
+
+
+def test_run_options_activates_disjoint_adapters_and_refuses_overlaps(llama, adapter_inputs_onnx, tmp_path):
+    _, kwargs, cm = llama
+    path, _ = adapter_inputs_onnx
+    tensors = lower_onnx.adapter_tensors(cm)
+    q = {k: v for k, v in tensors.items() if "q_proj" in k}
+    v = {k: t for k, t in tensors.items() if "v_proj" in k}
+    lower_onnx.write_adapter(tmp_path / "q.onnx_adapter", q)
+    lower_onnx.write_adapter(tmp_path / "v.onnx_adapter", v)
+    lower_onnx.write_adapter(tmp_path / "all.onnx_adapter", tensors)
+    # q and v together are the whole adapter: same output as eager with both.
+    options = lower_onnx.run_options([tmp_path / "q.onnx_adapter", tmp_path / "v.onnx_adapter"], path)
+    got = _session(path).run(None, {k: v.numpy() for k, v in kwargs.items()}, options)[0]
+    with torch.no_grad():
+        _close(got, cm(**kwargs).logits)
+    with pytest.raises(peftc.AdapterError, match="both set `model.layers.0.self_attn.q_proj.lora_[AB].weight`"):
+        lower_onnx.run_options([tmp_path / "q.onnx_adapter", tmp_path / "all.onnx_adapter"], path)
+    lower_onnx.write_adapter(tmp_path / "bad.onnx_adapter", {**q, next(iter(q)): np.zeros((3, 32), np.float32)})
+    with pytest.raises(peftc.AdapterError, match=r"is \(3, 32\) float32"):
+        lower_onnx.run_options([tmp_path / "bad.onnx_adapter"], path)
+
+
+def test_adapters_as_inputs_refuses_adapters_without_a_zero_no_op(tmp_path):
+    model, (x,) = tiny_mlp()
+    cm = peftc.compile(model, peftc.IA3(target="up"), (x,))
+    with pytest.raises(peftc.ExportError, match="LoRA A/B only: `up.ia3_l.*no zero default"):
+        cm.export_onnx(tmp_path / "ia3.onnx", merged=False, adapters="inputs")
+    with pytest.raises(peftc.ExportError, match="LoRA A/B only"):
+        cm.export_onnx_adapter(tmp_path / "ia3.onnx_adapter")
+    assert list(tmp_path.iterdir()) == []
+    report = cm.export_onnx(tmp_path / "ia3.onnx")  # merged: IA3 folds into the weight
+    assert report.nodes_optimized == 7 and report.max_abs_diff <= report.tolerance

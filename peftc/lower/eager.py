@@ -201,6 +201,7 @@ class CompiledModel(nn.Module):
         original model, and its parameters carry the base model's names (plus those of the adapters left).
         Half-precision weights are merged in fp32 and cast once.
         """
+        from ..merge import KEPT_AS_CONSTANTS, unmerged_tags
         from ..passes.fold_params import FoldParams
         from ..passes.merge_reparam import MergeReparam, select_adapters
 
@@ -216,7 +217,10 @@ class CompiledModel(nn.Module):
         passes[last_adapter + 1:last_adapter + 1] = [MergeReparam(tuple(sorted(chosen))), FoldParams()]
         merged = MergedModel(self._source, self.spec, Pipeline(tuple(passes)), *self._example,
                              training=self.training, dynamic=self.dynamic, verify=self.verify, params=table)
-        unmerged = sorted(chosen & {n.target for n in merged.graph_module.graph.nodes if n.op == "get_attr"})
+        # Prefixes and prompts are activations, not weights: they stay, frozen, as constants (peftc/merge.py).
+        read = {n.target for n in merged.graph_module.graph.nodes if n.op == "get_attr"}
+        unmerged = sorted({n for n in chosen & read if table[n].method not in KEPT_AS_CONSTANTS}
+                          | set(unmerged_tags(merged.graph_module, chosen)))
         if unmerged:
             raise PassError(f"merge: no merge rule matched how `{unmerged[0]}` is applied"
                             + (f" (and {len(unmerged) - 1} more)" if len(unmerged) > 1 else "")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -33,6 +34,8 @@ from torch.utils import _pytree as pytree
 from ..errors import AdapterError, ExportError
 
 aten = torch.ops.aten
+# `<module>.lora_A.weight`, and `<module>.lora_B.<slice>.weight` for LoRA on column slices
+LORA_A, LORA_B = re.compile(r"\.lora_A(\.[^.]+)?\.weight$"), re.compile(r"\.lora_B(\.[^.]+)?\.weight$")
 
 # Relative tolerance of the ORT-vs-eager check: |ort - ref| <= tol * max(1, max|ref|).
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -241,7 +244,7 @@ def _readable_dims(model) -> None:
 
     for value in [*model.graph.inputs, *model.graph.outputs]:
         fix(value)
-    for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
+    for node in model.graph.all_nodes():
         for value in node.outputs:
             fix(value)
 
@@ -250,8 +253,7 @@ def _count_nodes(model) -> int:
     return sum(1 for _ in model.graph)
 
 
-def _save_atomic(model, path: Path, write_extra: Callable[[Path], None] | None = None,
-                 check: Callable[[Path], None] | None = None) -> int:
+def _save_atomic(model, path: Path, check: Callable[[Path], None] | None = None) -> int:
     """Save to a temp dir next to `path`, run `check` on it, then rename into place. Returns bytes written.
 
     A failure at any point (save, check, interrupt) leaves nothing at `path`.
@@ -293,23 +295,30 @@ def _to_numpy(x: torch.Tensor) -> np.ndarray:
 
 
 def _verify(onnx_path: Path, reference: Callable[..., Any], runs: list[tuple[tuple, dict[str, Any]]],
-            input_names: list[str], feeds_extra: dict[str, np.ndarray] | None = None) -> tuple[float, float, list[str]]:
+            module: nn.Module, feeds_extra: dict[str, np.ndarray] | None = None) -> tuple[float, float, list[str]]:
     """Run onnxruntime on each (args, kwargs) and compare with `reference(*args, **kwargs)`; raise if off."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError(f"onnxruntime cannot load the exported model: {' '.join(str(e).split())[:300]}") from e
     worst, worst_tol, shapes = 0.0, 0.0, []
     for args, kwargs in runs:
         with torch.no_grad():
             ref = _tensor_leaves(reference(*args, **kwargs))
-        inputs = dict(_tensor_leaves((args, kwargs)))
-        tensors = [x for _, x in _tensor_leaves((args, kwargs))]
-        feeds = {name: _to_numpy(x) for name, x in zip(input_names, tensors)}
+        named = _tensor_leaves(_bind(module, args, kwargs))  # the graph's input order and names
+        tensors = [x for _, x in named]
+        feeds = {name: _to_numpy(x) for name, x in named}
         feeds.update(feeds_extra or {})
-        got = session.run(None, feeds)
+        try:
+            got = session.run(None, feeds)
+        except Exception as e:
+            raise ExportError(f"onnxruntime failed to run the exported model: {' '.join(str(e).split())[:300]}") \
+                from e
         if len(got) != len(ref):
             raise ExportError(f"the ONNX model returns {len(got)} outputs, eager returns {len(ref)}")
         shape = "x".join(map(str, tensors[0].shape)) if tensors else "()"
@@ -326,24 +335,23 @@ def _verify(onnx_path: Path, reference: Callable[..., Any], runs: list[tuple[tup
                                   f"max |diff| = {diff:.3g} > tolerance {tol:.3g}. The file was not written; "
                                   f"pass verify=False (--no-verify) to write it anyway")
             worst, worst_tol = max(worst, diff), max(worst_tol, tol)
-        del inputs
     return worst, worst_tol, shapes
 
 
-def _second_inputs(model, args: tuple, kwargs: dict[str, Any], names: list[str]) -> tuple[tuple, dict[str, Any]]:
+def _second_inputs(model, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """The example inputs with every dynamic dim of the exported graph changed (batch +1, others +3)."""
     import onnx_ir as ir
 
-    dyn: dict[str, dict[int, int]] = {}
+    dyn: dict[str, list[int]] = {}
     for value in model.graph.inputs:
-        if value.name in names and value.shape is not None:
-            dyn[value.name] = {i: -1 for i, d in enumerate(value.shape) if isinstance(d, ir.SymbolicDim)}
+        if value.shape is not None:
+            dyn[value.name] = [i for i, d in enumerate(value.shape) if isinstance(d, ir.SymbolicDim)]
+    name_of = {id(x): name for name, x in _tensor_leaves(_bind(module, args, kwargs))}
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    it = iter(names)
     out = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            dims = dyn.get(next(it), {})
+            dims = dyn.get(name_of.get(id(leaf), ""), [])
             leaf = _resized(leaf, {d: leaf.shape[d] + (1 if d == 0 else 3) for d in dims})
         out.append(leaf)
     args2, kwargs2 = pytree.tree_unflatten(out, spec)
@@ -364,7 +372,7 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict[str, Any], path: 
     """
     step = progress or (lambda msg: None)
     path = Path(path)
-    if not path.parent.is_dir() if str(path.parent) else False:
+    if not path.parent.is_dir():  # fail before the slow part; _save_atomic checks writability
         raise ExportError(f"cannot write {path}: directory {path.parent} does not exist")
     module.eval()
     reference = reference or module
@@ -379,8 +387,10 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict[str, Any], path: 
     if len(graph_inputs) != len(input_names):
         raise ExportError(f"the exported graph takes {len(graph_inputs)} inputs ({', '.join(graph_inputs)}), the "
                           f"model {len(input_names)} tensors; peftc cannot map them")
-    for value, name in zip(model.graph.inputs, input_names):
-        value.name = name
+    if set(graph_inputs) != set(input_names):  # torch names inputs after forward's parameters; when it did not,
+        for value, name in zip(model.graph.inputs, input_names):  # its order is the bound order
+            value.name = name
+    input_names = [v.name for v in model.graph.inputs]
     adapters = _promote_to_inputs(model, adapter_inputs)
     nodes_exported = _count_nodes(model)
 
@@ -397,8 +407,8 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict[str, Any], path: 
         step("verifying with onnxruntime")
         runs = [(tuple(args), dict(kwargs))]
         if dynamic:
-            runs.append(_second_inputs(model, tuple(args), dict(kwargs), input_names))
-        worst = _verify(staged, reference, runs, input_names, adapter_feeds)
+            runs.append(_second_inputs(model, module, tuple(args), dict(kwargs)))
+        worst = _verify(staged, reference, runs, module, adapter_feeds)
         report.max_abs_diff, report.tolerance, report.shapes_checked = worst
 
     step(f"writing {path}")
@@ -411,7 +421,7 @@ def _lora_scale_nodes(gm: GraphModule) -> dict[str, Any]:
     """B's name ==> the `delta * s` node insert-lora emitted after the matmul that reads B."""
     out = {}
     for node in gm.graph.nodes:
-        if node.op != "get_attr" or not str(node.target).endswith(".lora_B.weight"):
+        if node.op != "get_attr" or not LORA_B.search(str(node.target)):
             continue
         for matmul in node.users:
             for user in matmul.users:
@@ -419,6 +429,15 @@ def _lora_scale_nodes(gm: GraphModule) -> dict[str, Any]:
                         and isinstance(user.args[1], (int, float)):
                     out.setdefault(node.target, []).append(user)
     return out
+
+
+def _check_lora_only(names: Iterable[str]) -> None:
+    """Adapters as inputs default to zero, which is a no-op only for LoRA's A/B (B = 0 adds nothing); a DoRA
+    magnitude or an IA3 vector of zeros would wipe the layer out."""
+    other = [n for n in names if not (LORA_A.search(n) or LORA_B.search(n))]
+    if other:
+        raise ExportError(f"adapters='inputs' supports LoRA A/B only: `{other[0]}` has no zero default that leaves "
+                          f"the base model unchanged. Export with merged=True instead")
 
 
 def adapter_inputs_module(gm: GraphModule, adapter_names: list[str]) -> tuple[GraphModule, dict[str, float]]:
@@ -430,10 +449,7 @@ def adapter_inputs_module(gm: GraphModule, adapter_names: list[str]) -> tuple[Gr
 
     from ..params import get_attr_path, set_attr_path
 
-    unsupported = [n for n in adapter_names if not n.endswith((".lora_A.weight", ".lora_B.weight"))]
-    if unsupported:
-        raise ExportError(f"adapters='inputs' supports LoRA only; `{unsupported[0]}` belongs to another method. "
-                          f"Export with merged=True instead")
+    _check_lora_only(adapter_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, from deepcopy
         graph = copy.deepcopy(gm.graph)
@@ -450,7 +466,7 @@ def adapter_inputs_module(gm: GraphModule, adapter_names: list[str]) -> tuple[Gr
             graph.erase_node(m)
         b = get_attr_path(new, b_name)
         set_attr_path(new, b_name, (b.detach() * scales[b_name]).contiguous())
-    missing = [n for n in adapter_names if n.endswith(".lora_B.weight") and n not in scales]
+    missing = [n for n in adapter_names if LORA_B.search(n) and n not in scales]
     if missing:
         raise ExportError(f"could not find the scaling of `{missing[0]}` in the graph")
     new.recompile()
@@ -473,8 +489,11 @@ def read_adapter_inputs(onnx_path: str | Path) -> dict[str, tuple[tuple[int, ...
 
 
 def check_adapter(tensors: dict[str, np.ndarray], expected: dict[str, tuple[tuple[int, ...], Any]],
-                  where: str) -> None:
-    """Names, shapes and dtypes of an adapter against a model's adapter inputs (onnxruntime checks none)."""
+                  where: str, complete: bool = True) -> None:
+    """Names, shapes and dtypes of an adapter against a model's adapter inputs (onnxruntime checks none).
+
+    `complete=False` allows an adapter that sets only some inputs (the rest keep their zero default).
+    """
     for name, arr in tensors.items():
         if name not in expected:
             import difflib
@@ -487,7 +506,7 @@ def check_adapter(tensors: dict[str, np.ndarray], expected: dict[str, tuple[tupl
             raise AdapterError(f"adapter tensor `{name}` is {tuple(arr.shape)} {np.dtype(arr.dtype)}; {where} "
                                f"expects {tuple(shape)} {np.dtype(dtype)}")
     missing = [n for n in expected if n not in tensors]
-    if missing:
+    if missing and complete:
         raise AdapterError(f"adapter lacks `{missing[0]}`" + (f" and {len(missing) - 1} more" if len(missing) > 1
                                                               else "") + f", which {where} expects")
 
@@ -538,12 +557,11 @@ def adapter_tensors(cm) -> dict[str, np.ndarray]:
     args, kwargs = cm.example_inputs
     with _eval(cm):
         scales = lora_scalings(cm.graph_for(*args, **kwargs))
+    _check_lora_only(p.name for p in cm.params if p.role == ADAPTER)
     out = {}
     for p in cm.params:
         if p.role != ADAPTER:
             continue
-        if not p.name.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise ExportError(f"onnxruntime adapters support LoRA only; `{p.name}` belongs to another method")
         t = p.tensor.detach()
         out[p.name] = _to_numpy(t * scales[p.name] if p.name in scales else t)
     return out
@@ -612,3 +630,38 @@ def export_compiled_adapter(cm, path: str | Path, onnx_model: str | Path | None 
                     if p.role == ADAPTER}
         check_adapter(tensors, expected, "the compiled model")
     return write_adapter(path, tensors)
+
+
+def run_options(adapters: Iterable[str | Path], onnx_model: str | Path | None = None):
+    """onnxruntime RunOptions with these `.onnx_adapter` files active, after checking what onnxruntime does not.
+
+    Each file must fit `onnx_model`'s adapter inputs (names, shapes, dtypes) when given, and no two files may set
+    the same tensor: onnxruntime would silently let one win.
+    """
+    import onnxruntime as ort
+
+    class AdapterRunOptions(ort.RunOptions):
+        """RunOptions that keep their LoraAdapters alive: onnxruntime holds only a raw pointer to each."""
+
+    expected = read_adapter_inputs(onnx_model) if onnx_model is not None else None
+    options = AdapterRunOptions()
+    options.adapters = []
+    owner: dict[str, str] = {}
+    for path in map(str, adapters):
+        try:
+            params = ort.AdapterFormat.read_adapter(path).get_parameters()
+        except Exception as e:
+            raise AdapterError(f"cannot read adapter file {path}: {' '.join(str(e).split())}") from None
+        tensors = {name: value.numpy() for name, value in params.items()}
+        if expected is not None:
+            check_adapter(tensors, expected, str(onnx_model), complete=False)
+        for name in tensors:
+            if name in owner:
+                raise AdapterError(f"adapters {owner[name]} and {path} both set `{name}`; onnxruntime would "
+                                   f"silently use one of them. Activate one, or split them by module")
+            owner[name] = path
+        adapter = ort.LoraAdapter()
+        adapter.Load(path)
+        options.add_active_adapter(adapter)
+        options.adapters.append(adapter)
+    return options
