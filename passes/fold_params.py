@@ -76,8 +76,8 @@ class FoldParams(Pass):
     def _constant(self, gm: GraphModule, ctx: PassContext, key: str, nodes: list[Node]) -> tuple[str, torch.Tensor]:
         table = ctx.params
         cached = table.constants.get(key)
-        if cached is not None:
-            return cached
+        if cached is not None:  # the table's tensor, not the cached one: `.to()` may have replaced it since
+            return cached[0], table[cached[0]].tensor
         with torch.no_grad():
             tensor = _evaluate(nodes[0], table)
         name = self._name(gm, ctx, nodes, tensor)
