@@ -26,8 +26,6 @@ from torch import nn
 import peftc
 import peftc.match
 from peftc.memory import measure_step
-from peftc.passes.prune_grads import PruneGrads
-from peftc.pipeline import Pipeline
 
 from . import models
 
@@ -85,7 +83,7 @@ def build(case: Case) -> dict[str, nn.Module]:
 
     spec = case.spec
     ours = peftc.compile(copy.deepcopy(case.model), spec, case.args, case.kwargs, dynamic=False,
-                         pipeline=Pipeline(Pipeline.for_spec(spec).passes + (PruneGrads(),)))
+                         prune_grads=True)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in ours.trainable_parameters():

@@ -14,14 +14,17 @@ from .spec import Rule, Spec
 
 
 def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple = (),
-            kwargs: dict[str, Any] | None = None, *, dynamic: bool = True, pipeline: Pipeline | str | None = None,
+            kwargs: dict[str, Any] | None = None, *, dynamic: bool = True, prune_grads: bool = False,
+            pipeline: Pipeline | str | None = None,
             verify: bool = True, instruments: Sequence[Instrument] = ()) -> CompiledModel:
     """Compile `model` for parameter-efficient fine-tuning as `spec` says.
 
     `args`/`kwargs` are example inputs: the model is captured with torch.export (non-strict) on them, with every
     dimension dynamic unless `dynamic=False` (sizes 1 specialize; give batch and sequence sizes >= 2). Other
     keyword sets and train/eval are captured on first use. `spec` is a Spec, a single rule, or a .toml/.json
-    path; `pipeline` overrides the spec's default pipeline (`"insert-lora{r=8,target=q_proj}"`).
+    path. `prune_grads=True` appends prune-grads (docs/optimize.md: nothing saved only for frozen weights, dropout
+    masks replayed, not stored); not yet for models you will export unmerged to ONNX. `pipeline` overrides the
+    spec's default pipeline (`"insert-lora{r=8,target=q_proj},prune-grads"`).
     """
     if not isinstance(model, nn.Module):
         raise PeftcError(f"peftc.compile needs an nn.Module, got {type(model).__name__}")
@@ -37,7 +40,7 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     elif pipeline is None:
         if spec is None:
             raise SpecError("give a spec (e.g. peftc.LoRA(target='q_proj|v_proj')) or a pipeline")
-        pipeline = Pipeline.for_spec(spec)
+        pipeline = Pipeline.for_spec(spec, prune_grads=prune_grads)
     if not isinstance(args, tuple):
         args = (args,)
     if not args and not kwargs:

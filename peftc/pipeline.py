@@ -102,8 +102,10 @@ class Pipeline:
     passes: tuple[Pass, ...]
 
     @classmethod
-    def for_spec(cls, spec: Spec) -> "Pipeline":
+    def for_spec(cls, spec: Spec, *, prune_grads: bool = False) -> "Pipeline":
+        """freeze-base, one pass per rule, then (with `prune_grads`) prune-grads."""
         from .passes.freeze_base import FreezeBase
+        from .passes.prune_grads import PruneGrads
 
         # Freeze first, so adapter passes mark as trainable exactly what they add. Adapter rules run in spec
         # order: a later rule sees the earlier rules' adapters and leaves them alone.
@@ -113,6 +115,9 @@ class Pipeline:
             if pass_cls is None:
                 raise SpecError(f"no pass implements {type(rule).__name__} rules")
             passes.append(pass_cls(rule))
+        # Pruning last: it needs the final trainable set to know which values carry gradients.
+        if prune_grads:
+            passes.append(PruneGrads())
         return cls(tuple(passes))
 
     @classmethod

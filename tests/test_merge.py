@@ -272,15 +272,12 @@ def test_fold_params_folds_the_prefix_projection_mlp():
 def test_merge_of_a_pruned_training_model():
     """merge() runs its rules before prune-grads, so a pipeline with prune-grads merges too, and prune-grads still
     fuses the dropout of the adapters left trainable."""
-    from peftc.passes.prune_grads import PruneGrads
-    from peftc.pipeline import Pipeline
-
     torch.manual_seed(0)
     model = MLP([6, 8, 8, 4], bias=True).train()
     x = torch.randn(5, 6)
     spec = peftc.Spec(peftc.LoRA(target="layers.0|layers.1|layers.2", r=2, dropout=0.2))
     cm = peftc.compile(copy.deepcopy(model), spec, args=(x,), dynamic=False,
-                       pipeline=Pipeline(Pipeline.for_spec(spec).passes + (PruneGrads(),)))
+                       prune_grads=True)
     randomize_adapters(cm)
     merged = cm.merge(adapters=["layers.0", "layers.2"])
     assert merged.counters["merge-reparam.lora-linear"] == 2

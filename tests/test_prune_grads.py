@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import peftc
 from peftc.memory import measure_step
 from peftc.passes.prune_grads import PruneGrads, grad_nodes
-from peftc.pipeline import PassContext, Pipeline
+from peftc.pipeline import PassContext
 
 torch.set_num_threads(1)
 
@@ -57,7 +57,7 @@ def compile_pair(model, spec, kwargs):
     """The same model compiled without and with prune-grads, sharing base weights and adapter values."""
     plain = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs, dynamic=False)
     pruned = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs, dynamic=False,
-                           pipeline=Pipeline(Pipeline.for_spec(spec).passes + (PruneGrads(),)))
+                           prune_grads=True)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in plain.trainable_parameters():

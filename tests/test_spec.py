@@ -74,3 +74,9 @@ def test_pipeline_text():
         Pipeline.parse("insert-lora{rank=4}")
     with pytest.raises(peftc.SpecError, match="cannot parse"):
         Pipeline.parse("insert-lora{r=4")
+
+
+def test_prune_grads_option_appends_the_pass():
+    spec = peftc.Spec(peftc.LoRA(target="q_proj"))
+    assert str(Pipeline.for_spec(spec)) == "freeze-base,insert-lora"
+    assert str(Pipeline.for_spec(spec, prune_grads=True)) == "freeze-base,insert-lora,prune-grads"
