@@ -454,13 +454,8 @@ def adapter_inputs_module(gm: GraphModule, adapter_names: list[str]) -> tuple[Gr
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, from deepcopy
         graph = copy.deepcopy(gm.graph)
     new = GraphModule(gm, graph, class_name=type(gm).__name__)
-    scales: dict[str, float] = {}
+    scales = lora_scalings(new)
     for b_name, muls in _lora_scale_nodes(new).items():
-        values = {float(m.args[1]) for m in muls}
-        if len(values) != 1:
-            raise ExportError(f"`{b_name}` is scaled by {sorted(values)} at different sites; cannot fold one "
-                              f"scaling into it")
-        scales[b_name] = values.pop()
         for m in muls:
             m.replace_all_uses_with(m.args[0])
             graph.erase_node(m)
