@@ -10,13 +10,15 @@ from torch import nn
 from .errors import PeftcError, SpecError
 from .lower.eager import CompiledModel
 from .pipeline import Instrument, Pipeline
+from .recompute import parse_bytes, plan_recompute
 from .spec import Rule, Spec
 
 
 def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple = (),
             kwargs: dict[str, Any] | None = None, *, dynamic: bool = True, prune_grads: bool = False,
             pipeline: Pipeline | str | None = None,
-            verify: bool = True, instruments: Sequence[Instrument] = ()) -> CompiledModel:
+            verify: bool = True, instruments: Sequence[Instrument] = (),
+            memory_budget: int | str | None = None) -> CompiledModel:
     """Compile `model` for parameter-efficient fine-tuning as `spec` says.
 
     `args`/`kwargs` are example inputs: the model is captured with torch.export (non-strict) on them, with every
@@ -24,7 +26,10 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     keyword sets and train/eval are captured on first use. `spec` is a Spec, a single rule, or a .toml/.json
     path. `prune_grads=True` appends prune-grads (docs/optimize.md: nothing saved only for frozen weights, dropout
     masks replayed, not stored); not yet for models you will export unmerged to ONNX. `pipeline` overrides the
-    spec's default pipeline (`"insert-lora{r=8,target=q_proj},prune-grads"`).
+    spec's default pipeline (`"insert-lora{r=8,target=q_proj},prune-grads"`). `memory_budget` (bytes, or a size
+    such as "2GiB") plans activation recomputation: the fewest repeated blocks (e.g. decoder layers) recomputed in
+    backward whose measured training-step peak on the example inputs fits; the chosen `schedule-recompute{blocks=k}`
+    is appended to the pipeline and the plan is `cm.recompute_plan` (docs/optimize.md).
     """
     if not isinstance(model, nn.Module):
         raise PeftcError(f"peftc.compile needs an nn.Module, got {type(model).__name__}")
@@ -41,9 +46,14 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
         if spec is None:
             raise SpecError("give a spec (e.g. peftc.LoRA(target='q_proj|v_proj')) or a pipeline")
         pipeline = Pipeline.for_spec(spec, prune_grads=prune_grads)
+    if memory_budget is not None:
+        memory_budget = parse_bytes(memory_budget)  # a bad budget fails before minutes of compiling
     if not isinstance(args, tuple):
         args = (args,)
     if not args and not kwargs:
         raise PeftcError("peftc.compile needs example inputs to capture the model: pass args=(...) or kwargs={...}")
-    return CompiledModel(model, spec, pipeline, args, dict(kwargs or {}), dynamic=dynamic, verify=verify,
-                         instruments=instruments)
+    cm = CompiledModel(model, spec, pipeline, args, dict(kwargs or {}), dynamic=dynamic, verify=verify,
+                       instruments=instruments)
+    if memory_budget is not None:
+        plan_recompute(cm, memory_budget)
+    return cm

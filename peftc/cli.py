@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 import traceback
@@ -29,19 +28,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---- shared pieces of compile / diff / explain ------------------------------------------------------------------
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb": 1000 ** 2, "mib": 1024 ** 2,
-          "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3, "t": 1000 ** 4, "tb": 1000 ** 4, "tib": 1024 ** 4}
-
-
 def parse_bytes(text: str) -> int:
-    """`2GiB`, `512MiB`, `1.5GB`, `1048576` ==> bytes (binary units with `i`, decimal without)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if m is None or m.group(2).lower() not in _UNITS:
-        raise UsageError(f"--memory-budget {text!r}: write a size such as 2GiB, 512MiB or 1000000 (bytes)")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value < 1:
-        raise UsageError(f"--memory-budget {text!r} must be at least one byte")
-    return int(value)
+    """`2GiB`, `512MiB`, `1.5GB`, `1048576` ==> bytes (peftc.recompute.parse_bytes, named for the option)."""
+    from .recompute import parse_bytes as parse
+
+    return parse(text, "--memory-budget")
 
 
 class Progress:
@@ -237,10 +228,12 @@ def _check_adapter_scaling(cm, directory: Path) -> None:
 def _compile(args: argparse.Namespace, progress: Progress):
     import peftc
     from .instrument import PrintIR
+    from .recompute import plan_recompute
     from .spec import Spec
 
     if args.spec is None and args.pipeline is None:
         raise UsageError("give --spec FILE or a pipeline (-p \"insert-lora{r=8,target=q_proj|v_proj}\")")
+    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     spec = Spec.load(args.spec) if args.spec else None
     pipeline = peftc.Pipeline.parse(args.pipeline) if args.pipeline else None
     progress.step(f"loading {args.model}")
@@ -249,6 +242,9 @@ def _compile(args: argparse.Namespace, progress: Progress):
     progress.step("capturing with torch.export")
     instruments = [progress, *([PrintIR()] if args.print_ir_after_change else [])]
     cm = peftc.compile(model, spec, margs, mkwargs, pipeline=pipeline, instruments=instruments)
+    if budget is not None:
+        progress.step("planning recomputation for the memory budget")
+        plan_recompute(cm, budget)
     progress.done()
     if adapter is not None:
         _check_adapter_scaling(cm, Path(args.adapter))
@@ -284,7 +280,6 @@ def _check_writable(out: Path) -> None:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise UsageError(f"-o {out}: the output must be a .onnx file")
@@ -307,9 +302,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     print(report)
     trainable, total = cm.parameter_counts()
     print(f"trainable params: {trainable:,} of {total:,}")
-    if budget is not None:
-        print(f"memory budget: {budget:,} bytes accepted, but peftc has no recompute scheduler yet: the budget does "
-              f"not change the compiled model")
+    if cm.recompute_plan is not None:
+        print(cm.recompute_plan)
     return 0
 
 
@@ -384,7 +378,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     console.print("memory of one training step (measured on the example inputs; saved = what the forward leaves "
                   "alive for backward, outputs and loss included):")
     console.print(str(step))
-    console.print("recomputed in backward: nothing (peftc has no recompute scheduler yet)")
+    plan = cm.recompute_plan
+    console.print(f"recomputed in backward: {', '.join(plan.blocks) or 'nothing'}\n{plan}" if plan is not None else
+                  "recomputed in backward: nothing (give --memory-budget to plan recomputation)")
     return 0
 
 
@@ -418,13 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "that changed it")
     common.add_argument("--time-passes", action="store_true", help="print how long each pass took")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    common.add_argument("--memory-budget", help="training memory budget (e.g. 2GiB): recompute the fewest repeated "
+                        "blocks in backward whose measured peak of one training step fits")
     common.add_argument("--verbose", action="store_true", help="print tracebacks on errors")
 
     comp = sub.add_parser("compile", parents=[common], help="compile and lower to a verified, optimized ONNX file")
     comp.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     comp.add_argument("--adapter", help="a Hugging Face PEFT adapter directory to load before exporting")
-    comp.add_argument("--memory-budget", help="training memory budget (e.g. 2GiB); parsed and validated, not yet "
-                      "used: there is no recompute scheduler")
     comp.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-eager check")
     comp.add_argument("--adapters-as-inputs", action="store_true", help="export the base model with LoRA A/B as "
                       "graph inputs (onnxruntime multi-LoRA) instead of merging them")

@@ -54,7 +54,7 @@ def test_compile_factory_merged(capsys, tmp_path):
     assert code == 0, err
     assert out_path.is_file() and adapter.is_file()
     assert "verified against eager on 2x4x16, 3x7x16" in out
-    assert "no recompute scheduler" in out and "2,147,483,648 bytes" in out
+    assert "memory budget 2.00 GiB (2,147,483,648 bytes): no recomputation needed" in out
     assert "IR after #2 insert-lora" in out and "up_lora_A" in out
     assert "pass timings" in err and "✓ merging adapters" in err and "✓ verifying with onnxruntime" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "mlp.onnx_adapter"]

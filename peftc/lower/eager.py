@@ -102,6 +102,7 @@ class CompiledModel(nn.Module):
         self._example = (tuple(args), dict(kwargs))  # merge() captures the model again on these
         self.counters = None
         self.diff_ir = DiffIR()
+        self.recompute_plan = None  # a peftc.recompute.RecomputePlan when compiled with a memory budget
         # The source model is kept to capture new signatures, but not registered: its parameters are ours.
         object.__setattr__(self, "_source", model)
         self._info = ModelInfo.of(model)
@@ -144,6 +145,13 @@ class CompiledModel(nn.Module):
             self.counters = ctx.counters
         self._graphs.setdefault(self._key(args, kwargs), []).append(gm)
         return gm
+
+    def _replace_graph(self, old: GraphModule, new: GraphModule) -> None:
+        """Serve `new` wherever `old` served (the recompute planner swaps in scheduled graphs)."""
+        for graphs in self._graphs.values():
+            graphs[:] = [new if gm is old else gm for gm in graphs]
+        if self.graph_module is old:
+            object.__setattr__(self, "graph_module", new)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = call_kwargs(self._source, kwargs)
