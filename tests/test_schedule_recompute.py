@@ -8,7 +8,7 @@ from peftc.cli import main
 from peftc.passes.schedule_recompute import ScheduleRecompute, repeated_blocks
 from peftc.pipeline import PassContext
 from peftc.recompute import parse_bytes, peak_with_blocks, plan_recompute, repeated_block_paths
-from tests.conftest import ids, tiny_llama
+from tests.conftest import ids, tiny_bert, tiny_gpt2, tiny_llama
 
 LAYERS = 3
 BLOCKS = [f"model.layers.{i}" for i in range(LAYERS)]
@@ -159,3 +159,31 @@ def test_cli_bad_memory_budget_is_exit_2(capsys, value):
     code = main(["explain", LLAMA, "-p", "insert-lora{r=4,target=q_proj}", "-q", "--memory-budget", value])
     err = capsys.readouterr().err
     assert code == 2 and "--memory-budget" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("make, target, blocks", [
+    (tiny_gpt2, "c_attn", ["transformer.h.0", "transformer.h.1"]),  # dropout everywhere in training
+    (tiny_bert, "query|value", ["bert.encoder.layer.0", "bert.encoder.layer.1"]),
+])
+def test_other_architectures_find_their_blocks_and_keep_gradients(make, target, blocks):
+    torch.manual_seed(0)
+    model, inputs = make().train(), {"input_ids": ids(2, 8)}
+    plain = peftc.compile(model, None, kwargs=inputs, pipeline=f"insert-lora{{r=4,target={target}}}")
+    scheduled = peftc.compile(model, None, kwargs=inputs,
+                              pipeline=f"insert-lora{{r=4,target={target}}},schedule-recompute")
+    assert repeated_block_paths(scheduled) == tuple(blocks)
+    assert scheduled.graph_module.code.count("torch.utils.checkpoint.checkpoint(") == len(blocks)
+    with torch.no_grad():  # non-zero B, so that A gets a gradient too
+        for p in plain.trainable_parameters():
+            p.normal_(0, 0.1)
+    scheduled.load_adapter_state_dict(plain.adapter_state_dict())
+    grads = []
+    for cm in (plain, scheduled):
+        torch.manual_seed(1)
+        out = cm(**inputs)
+        (out.logits if hasattr(out, "logits") else out[0]).sum().backward()
+        grads.append([p.grad for p in cm.trainable_parameters()])
+    assert len(grads[0]) == 2 * len(target.split("|")) * len(blocks)  # lora_A and lora_B per site
+    for a, b in zip(*grads):
+        assert a.abs().sum() > 0
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6 * a.abs().max().item())
