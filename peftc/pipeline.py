@@ -139,8 +139,10 @@ class Pipeline:
     def __str__(self) -> str:
         return ",".join(p.name for p in self.passes)
 
-    def run(self, gm: GraphModule, ctx: PassContext, instruments: Sequence[Instrument] = ()) -> GraphModule:
-        for i, p in enumerate(self.passes):
+    def run(self, gm: GraphModule, ctx: PassContext, instruments: Sequence[Instrument] = (),
+            start: int = 0) -> GraphModule:
+        """Run the passes in order; `start` numbers them after passes that already ran (for diffs and errors)."""
+        for i, p in enumerate(self.passes, start):
             for inst in instruments:
                 inst.before(i, p, gm, ctx)
             try:
@@ -152,7 +154,8 @@ class Pipeline:
             except Exception as e:
                 for inst in instruments:
                     inst.failed(i, p, gm, ctx, e)
-                before = ", ".join(q.name for q in self.passes[:i]) or "none"
+                ran = [q.name for q in self.passes[:i - start]] or ["earlier passes" if start else "none"]
+                before = ", ".join(ran)
                 if isinstance(e, SpecError):  # a spec problem found while matching: the user's to fix
                     raise
                 kind = PassError if not isinstance(e, PeftcError) or isinstance(e, PassError) else type(e)

@@ -85,8 +85,9 @@ def plan_recompute(cm, budget: int | str) -> RecomputePlan:
     k = len(peaks) - 1
     if k:
         chosen = ScheduleRecompute(blocks=k)
-        with _training(cm) as base:
-            cm._replace_graph(base, _scheduled(base, chosen, cm))
+        with _training(cm) as base:  # recorded like every other pass: cm.report() and cm.diff() show it
+            scheduled = _scheduled(base, chosen, cm, [cm.diff_ir], start=len(cm.pipeline.passes))
+            cm._replace_graph(base, scheduled)
         cm.pipeline = Pipeline((*cm.pipeline.passes, chosen))  # graphs captured from now on get it too
     plan = RecomputePlan(budget, available[:k], available, tuple(peaks))
     cm.recompute_plan = plan
@@ -131,11 +132,11 @@ def _training(cm):
         cm.train(was_training)
 
 
-def _scheduled(base: GraphModule, p, cm) -> GraphModule:
+def _scheduled(base: GraphModule, p, cm, instruments=(), start: int = 0) -> GraphModule:
     """`base` with pass `p` run on a copy of its graph; the copy reads the same tensors."""
     graph = Graph()
     graph.output(graph.graph_copy(base.graph, {}))
     graph._codegen = base.graph._codegen  # the calling convention (pytree specs), shared, never edited by passes
     copy = GraphModule(base, graph, class_name=type(base).__name__)
     ctx = PassContext(cm.params, cm._info, training=True)
-    return Pipeline((p,)).run(copy, ctx, [Verify()] if cm.verify else [])
+    return Pipeline((p,)).run(copy, ctx, [*([Verify()] if cm.verify else []), *instruments], start=start)

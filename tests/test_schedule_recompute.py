@@ -89,6 +89,16 @@ def test_budget_between_two_peaks_picks_that_count(peaks):
     assert "recompute 2 of 3 blocks" in str(plan)
 
 
+def test_the_planned_pass_is_in_the_report_and_diff(peaks):
+    budget = (peaks[1] + peaks[2]) // 2
+    cm = peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE, memory_budget=budget)
+    records = cm.report().records
+    assert [r.name for r in records] == ["freeze-base", "insert-lora", "prune-grads", "schedule-recompute"]
+    assert records[-1].index == 3 and records[-1].modified
+    assert "torch.utils.checkpoint.checkpoint(" in cm.diff("schedule-recompute")
+    assert "04-schedule-recompute/code.py" in cm.diff("schedule-recompute")
+
+
 def test_budget_that_fits_without_recomputation_changes_nothing(peaks):
     cm = peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE, memory_budget="1GiB")
     assert cm.recompute_plan.blocks == () and cm.recompute_plan.peaks == (peaks[0],)
