@@ -454,8 +454,9 @@ def adapter_inputs_module(gm: GraphModule, adapter_names: list[str]) -> tuple[Gr
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, from deepcopy
         graph = copy.deepcopy(gm.graph)
     new = GraphModule(gm, graph, class_name=type(gm).__name__)
-    scales = lora_scalings(new)
-    for b_name, muls in _lora_scale_nodes(new).items():
+    found = _lora_scale_nodes(new)
+    scales = {b_name: _one_scaling(b_name, muls) for b_name, muls in found.items()}
+    for b_name, muls in found.items():
         for m in muls:
             m.replace_all_uses_with(m.args[0])
             graph.erase_node(m)
@@ -533,16 +534,17 @@ def write_adapter(path: str | Path, tensors: dict[str, np.ndarray], *, model_ver
             os.unlink(tmp)
 
 
+def _one_scaling(b_name: str, muls) -> float:
+    values = {float(m.args[1]) for m in muls}
+    if len(values) != 1:
+        raise ExportError(f"`{b_name}` is scaled by {sorted(values)} at different sites; cannot fold one "
+                          f"scaling into it")
+    return values.pop()
+
+
 def lora_scalings(gm: GraphModule) -> dict[str, float]:
     """B's name ==> the LoRA scaling s the graph multiplies B's output by."""
-    out = {}
-    for b_name, muls in _lora_scale_nodes(gm).items():
-        values = {float(m.args[1]) for m in muls}
-        if len(values) != 1:
-            raise ExportError(f"`{b_name}` is scaled by {sorted(values)} at different sites; cannot fold one "
-                              f"scaling into it")
-        out[b_name] = values.pop()
-    return out
+    return {b_name: _one_scaling(b_name, muls) for b_name, muls in _lora_scale_nodes(gm).items()}
 
 
 def adapter_tensors(cm) -> dict[str, np.ndarray]:
