@@ -186,6 +186,7 @@ class PruneGrads(Pass):
     """
 
     name: ClassVar[str] = "prune-grads"
+    stage: ClassVar[str] = "training"
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         table = ctx.params

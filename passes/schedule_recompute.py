@@ -64,6 +64,7 @@ class ScheduleRecompute(Pass):
     """
 
     name: ClassVar[str] = NAME
+    stage: ClassVar[str] = "training"
     blocks: int | tuple[str, ...] | str | None = None
 
     def __post_init__(self):

@@ -47,6 +47,9 @@ class Pass:
     name: ClassVar[str] = ""
     # The spec rule type this pass implements, when it is an adapter-inserting pass.
     rule_type: ClassVar[type[Rule] | None] = None
+    # "method": says what is fine-tuned; every lowering (eager, merge, ONNX) sees it.
+    # "training": changes only how a training step runs (what is saved, recomputed, fused); never exported.
+    stage: ClassVar[str] = "method"
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
