@@ -1,7 +1,10 @@
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# `make test` runs two xdist workers with OMP_NUM_THREADS=1 each; a lone pytest run may use both cores.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 def tiny_llama(**overrides):
