@@ -19,13 +19,14 @@ from conftest import ids, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
+LAYERS = {tiny_llama: {"num_hidden_layers": 1}, tiny_gpt2: {"n_layer": 1}}
 LEFT_PADDED = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
 
 
 def tiny_t5():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_layers=2,
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_layers=1,
                                                num_heads=4, decoder_start_token_id=0, dropout_rate=0.0))
 
 
@@ -47,7 +48,7 @@ def hf_peft(base, config, weights):
 
 def compiled(make, rule, **kwargs):
     torch.manual_seed(0)
-    base = make().eval()
+    base = make(**LAYERS.get(make, {})).eval()  # one layer: capture time grows with depth
     return base, peftc.compile(base, rule, kwargs={"input_ids": ids(), **kwargs})
 
 
@@ -117,7 +118,7 @@ def test_decode_step_costs_one_token_of_matmul_flops(llama):
         return sum(n for op, n in counts.items() if op in ("aten.mm", "aten.addmm")), counter.get_total_flops()
 
     def step(past: int):
-        cache = [(torch.randn(2, 2, past, 8), torch.randn(2, 2, past, 8)) for _ in range(2)]
+        cache = [(torch.randn(2, 2, past, 8), torch.randn(2, 2, past, 8))]
         return lambda: decode(input_ids=x[:, :1], attention_mask=torch.ones(2, past + 1, dtype=torch.long),
                               position_ids=torch.full((2, 1), past), cache=cache)
 
