@@ -113,7 +113,7 @@ class Generator:
         if methods:
             raise GenerationError(f"generate() does not support {', '.join(sorted(methods))} yet: its virtual tokens "
                                   "belong to the prompt only, and the decode graph would prepend them to every new "
-                                  "token. Merge nothing and use HF PEFT's generate, or train with prefix tuning")
+                                  "token. Save the adapter and generate with HF PEFT, or use prefix tuning")
         if not callable(getattr(source, "get_output_embeddings", None)) or source.get_output_embeddings() is None:
             raise GenerationError(f"generate() needs a language-modeling head; {type(source).__name__} has none "
                                   "(use a *ForCausalLM or *ForConditionalGeneration model)")
@@ -163,7 +163,8 @@ class Generator:
         was_training = source.training
         view.eval()  # no dropout while generating, as in HF's usual `model.eval()` before generate
         try:
-            gm = capture(view, (), kwargs, cm.params, dynamic=cm.dynamic)
+            # Dynamic even when cm is not: a static cache length would mean one capture per new token.
+            gm = capture(view, (), kwargs, cm.params, dynamic=True)
         finally:
             source.train(was_training)
         gm = self.pipeline.run(gm, PassContext(cm.params, cm._info, training=False), [Verify()] if cm.verify else [])

@@ -195,3 +195,16 @@ def test_prompt_tuning_is_refused_with_the_reason():
     _, cm = compiled(tiny_llama, peftc.PromptTuning(length=2))
     with pytest.raises(peftc.GenerationError, match="prompt_tuning"):
         cm.generate(ids(), max_new_tokens=2)
+
+
+def test_sampling_matches_hf_peft_given_the_same_seed(llama):
+    base, cm, weights = llama
+    hf = hf_peft(base, peft.LoraConfig(**LLAMA_LORA), weights)
+    x = ids(seed=6)
+    options = dict(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_new_tokens=8)
+    torch.manual_seed(3)
+    ours = cm.generate(input_ids=x, **options)
+    torch.manual_seed(3)
+    assert torch.equal(ours, hf.generate(input_ids=x, **options))
+    torch.manual_seed(4)
+    assert not torch.equal(ours, cm.generate(input_ids=x, **options))  # it did sample
