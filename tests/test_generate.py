@@ -169,16 +169,9 @@ def test_llama_prefix_tuning_generates_what_its_forward_predicts():
     _, cm = compiled(tiny_llama, peftc.Prefix(length=3), attention_mask=torch.ones(2, 8, dtype=torch.long))
     randomize(cm, 1)
     cm.eval()
-    x, mask = ids(), LEFT_PADDED
-    ours = cm.generate(input_ids=x, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
-    seq = x
-    with torch.no_grad():
-        for _ in range(6):
-            full = torch.cat([mask, torch.ones(2, seq.shape[1] - 8, dtype=torch.long)], 1)
-            positions = (full.cumsum(-1) - 1).clamp_min(0)
-            logits = cm(input_ids=seq, attention_mask=full, position_ids=positions).logits
-            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(ours, seq)
+    x = ids()
+    ours = cm.generate(input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(ours, greedy_by_forward(cm, x, LEFT_PADDED, 6))
 
 
 def test_unsupported_requests_raise_generation_error(llama):
@@ -208,3 +201,30 @@ def test_sampling_matches_hf_peft_given_the_same_seed(llama):
     assert torch.equal(ours, hf.generate(input_ids=x, **options))
     torch.manual_seed(4)
     assert not torch.equal(ours, cm.generate(input_ids=x, **options))  # it did sample
+
+
+def greedy_by_forward(cm, x: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The reference without a cache: cm's own forward over the whole sequence for every token."""
+    seq = x
+    with torch.no_grad():
+        for _ in range(n):
+            full = torch.cat([mask, torch.ones(x.shape[0], seq.shape[1] - x.shape[1], dtype=torch.long)], 1)
+            positions = (full.cumsum(-1) - 1).clamp_min(0)
+            logits = cm(input_ids=seq, attention_mask=full, position_ids=positions).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+def test_dora_bitfit_norm_tuning_and_sparse_delta_generate_what_their_forward_predicts():
+    spec = peftc.Spec(peftc.LoRA(target="c_attn", r=4, use_dora=True), peftc.BitFit(target=".*c_proj"),
+                      peftc.NormTuning(),
+                      peftc.SparseDelta(target="c_fc", density=0.2))
+    _, cm = compiled(tiny_gpt2, spec, attention_mask=torch.ones(2, 8, dtype=torch.long))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in cm.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    cm.eval()
+    x = ids()
+    ours = cm.generate(input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=6)
+    assert torch.equal(ours, greedy_by_forward(cm, x, LEFT_PADDED, 6))
