@@ -1,11 +1,11 @@
 """Generation cost per new token: cm.generate (KV cache in the compiled graphs) at 8 vs 64 new tokens.
 
 Llama-shaped model from a config (random weights): 4 layers, hidden 256, 4 heads, intermediate 688, vocab 4000;
-LoRA r=8 on q_proj/v_proj with non-zero B, unmerged. Batch 1, a 32-token prompt, greedy, no EOS (every run makes all
-its tokens), 2 threads (`--threads`). Per-token time = (t(N) - t(1)) / (N - 1): the prefill is taken out, what is left is N - 1
-decode steps. Median of several runs, the variants timed round-robin. For reference, the same for HF PEFT's generate
-(same adapter weights, transformers' DynamicCache) and for a loop that re-runs cm's forward over the whole sequence
-for each token (no cache): its per-token time grows with the length, the cached ones stay flat.
+LoRA r=8 on q_proj/v_proj with non-zero B, unmerged. Batch 1, a 128-token prompt, greedy, no EOS (every run makes
+all its tokens), 2 threads (`--threads`). Per-token time = (t(N) - t(1)) / (N - 1): the prefill is taken out, what
+is left is N - 1 decode steps. Median of several runs, the variants timed round-robin. For reference, the same for
+HF PEFT's generate (same adapter weights, transformers' DynamicCache) and for a loop that re-runs cm's forward over
+the whole sequence for each token (no cache), whose cost per token grows with the length.
 
     .venv/bin/python -m benchmarks.generate            # prints a Markdown table
     .venv/bin/python -m benchmarks.generate --quick    # fewer repetitions
@@ -22,7 +22,7 @@ from benchmarks.models import llama
 from benchmarks.onnx_latency import interleaved_medians_ms
 
 THREADS = 2
-PROMPT = 32
+PROMPT = 128
 LENGTHS = (8, 64)
 
 

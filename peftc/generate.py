@@ -1,4 +1,4 @@
-"""Generation on the compiled graphs: model.generate(...)  ==>  prefill graph + one-token decode graph, KV cache as tensors.
+"""Generation on the compiled graphs: generate(...)  ==>  prefill graph + one-token decode graph, KV cache as tensors.
 
 A decode step is the source model's own forward with a cache, captured by torch.export through the compiled model's
 pipeline (its method passes: the adapters stay in the graph, unmerged, and read the one parameter table, so the
@@ -33,6 +33,7 @@ from torch.fx import GraphModule
 from .capture import capture
 from .errors import GenerationError
 from .instrument import Verify
+from .lower.eager import _is_guard_failure
 from .pipeline import PassContext, Pipeline
 
 # Generation options that change what this loop does; others must be at their defaults.
@@ -90,10 +91,6 @@ def _seq2seq_forward(base_forward: Callable) -> Callable:
         return out.logits[:, -1], _layers(out.cache)
 
     return forward
-
-
-def _is_guard_failure(e: Exception) -> bool:
-    return isinstance(e, (AssertionError, RuntimeError)) and "Guard failed" in str(e)
 
 
 def _at_least_two_rows(kwargs: dict[str, Any]) -> dict[str, Any]:

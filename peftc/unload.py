@@ -1,4 +1,4 @@
-"""merge_and_unload: CompiledModel  ==>  a copy of the original model, of its own class, with the adapters in its weights.
+"""merge_and_unload: CompiledModel  ==>  a copy of the original model, of its class, with the adapters in its weights.
 
 The merged tensors are CompiledModel.merge()'s (merge-reparam + fold-params: LoRA and its variants, DoRA, IA3, deltas),
 which fold-params names after the weights they replace; here they are copied into a deep copy of the source model.
