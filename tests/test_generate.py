@@ -55,15 +55,16 @@ def compiled(make, rule, **kwargs):
 @pytest.fixture(scope="module")
 def llama():
     base, cm = compiled(tiny_llama, peftc.LoRA(target="q_proj|v_proj", r=4))
-    return base, cm, randomize(cm, 1)
+    randomize(cm, 1)
+    return base, cm
 
 
 LLAMA_LORA = dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8)
 
 
 def test_llama_lora_matches_hf_peft_with_left_padding(llama):
-    base, cm, weights = llama
-    hf = hf_peft(base, peft.LoraConfig(**LLAMA_LORA), weights)
+    base, cm = llama
+    hf = hf_peft(base, peft.LoraConfig(**LLAMA_LORA), cm.adapter_state_dict())  # a test may have changed them
     x = ids()
     ours = cm.generate(input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=10, do_sample=False)
     theirs = hf.generate(input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=10, do_sample=False)
@@ -76,8 +77,8 @@ def test_llama_lora_matches_hf_peft_with_left_padding(llama):
 
 
 def test_llama_stops_at_eos_and_pads_finished_rows(llama):
-    base, cm, weights = llama
-    hf = hf_peft(base, peft.LoraConfig(**LLAMA_LORA), weights)
+    base, cm = llama
+    hf = hf_peft(base, peft.LoraConfig(**LLAMA_LORA), cm.adapter_state_dict())  # a test may have changed them
     x = ids()
     free = cm.generate(input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=10)
     eos = int(free[1, 8 + 2])  # row 1 ends after its third new token
@@ -88,7 +89,7 @@ def test_llama_stops_at_eos_and_pads_finished_rows(llama):
 
 
 def test_decode_graph_carries_the_adapters_and_reads_the_trained_weights(llama):
-    base, cm, _ = llama
+    base, cm = llama
     cm.generate(input_ids=ids(), max_new_tokens=2)
     decode = cm._graphs[("generate", "decode")][0]
     lora_nodes = [n for n in decode.graph.nodes if n.meta.get("peftc.pass") == "insert-lora"]
@@ -106,7 +107,7 @@ def test_decode_graph_carries_the_adapters_and_reads_the_trained_weights(llama):
 def test_decode_step_costs_one_token_of_matmul_flops(llama):
     """Exact count: the decode step's matmuls (projections, adapters, LM head) are the forward's for one token,
     whatever the cache length; only attention (bmm) grows with it."""
-    _, cm, _ = llama
+    _, cm = llama
     x = ids(seq=8)
     cm.generate(x, max_new_tokens=2)
     decode = cm._graphs[("generate", "decode")][0]
@@ -177,7 +178,7 @@ def test_llama_prefix_tuning_generates_what_its_forward_predicts():
 
 
 def test_unsupported_requests_raise_generation_error(llama):
-    _, cm, _ = llama
+    _, cm = llama
     with pytest.raises(peftc.GenerationError, match="num_beams"):
         cm.generate(ids(), max_new_tokens=2, num_beams=2)
     with pytest.raises(peftc.GenerationError, match="supported options"):
@@ -193,8 +194,8 @@ def test_prompt_tuning_is_refused_with_the_reason():
 
 
 def test_sampling_matches_hf_peft_given_the_same_seed(llama):
-    base, cm, weights = llama
-    hf = hf_peft(base, peft.LoraConfig(**LLAMA_LORA), weights)
+    base, cm = llama
+    hf = hf_peft(base, peft.LoraConfig(**LLAMA_LORA), cm.adapter_state_dict())  # a test may have changed them
     x = ids(seed=6)
     options = dict(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_new_tokens=8)
     torch.manual_seed(3)
