@@ -13,6 +13,10 @@ class CaptureError(PeftcError):
     """torch.export could not capture the model."""
 
 
+class GenerationError(PeftcError):
+    """generate() was asked for something the compiled model cannot generate with."""
+
+
 class PassError(PeftcError):
     """A compiler pass failed or left an invalid graph."""
 

@@ -235,6 +235,27 @@ class CompiledModel(nn.Module):
                             + "; leave its module out of adapters=[...] or add a rule to MERGE_RULES")
         return merged
 
+    def merge_and_unload(self) -> nn.Module:
+        """A copy of the original model (its own class, e.g. LlamaForCausalLM) with every adapter merged into its
+        weights and nothing of peftc inside; the original model and this one stay as they are. Prefix and prompt
+        tuning cannot be merged into weights and raise PeftcError (docs/huggingface.md)."""
+        from ..unload import merge_and_unload
+
+        return merge_and_unload(self)
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **options: Any) -> torch.Tensor:
+        """transformers' `generate` (greedy or sampling) on the compiled graphs, adapters active and unmerged.
+
+        A prefill graph and a one-token decode graph with the KV cache as tensors are captured on first use through
+        this model's pipeline; each new token costs one token's forward (peftc/generate.py, docs/huggingface.md).
+        Returns the token ids as transformers does: prompt + new tokens (decoders), start token + new tokens
+        (encoder-decoders).
+        """
+        from ..generate import generate
+
+        return generate(self, input_ids, attention_mask, options)
+
     # ---- what the compiler did ----------------------------------------------------------------------------
     def diff(self, pass_name: str | None = None, module: str | None = None) -> str:
         """Unified diffs of code and parameter table for each pass that changed something.
