@@ -33,9 +33,15 @@ class ModelInfo:
     # Module path of the output layer (HF's get_output_embeddings), excluded by "all-linear".
     output_layer: str | None
     module_types: dict[str, str]
+    # HF PEFT's "all-linear" candidates: paths of nn.Linear / transformers Conv1D modules.
+    linear_modules: frozenset[str] = frozenset()
+    # The classifier head (`score` or `classifier` attribute of the model), which HF PEFT treats specially for
+    # task_type="SEQ_CLS", and the spec's task type (HF PEFT's TaskType name).
+    classifier_head: str | None = None
+    task_type: str | None = None
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ModelInfo":
+    def of(cls, model: nn.Module, task_type: str | None = None) -> "ModelInfo":
         by_id: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             by_id.setdefault(id(p), []).append(name)
@@ -50,7 +56,17 @@ class ModelInfo:
             if out_mod is not None:
                 output_layer = next((n for n, m in model.named_modules() if m is out_mod), None)
         types = {n: type(m).__name__ for n, m in model.named_modules()}
-        return cls(type(model).__name__, aliases, output_layer, types)
+        linear_types: tuple[type, ...] = (nn.Linear,)
+        try:
+            from transformers.pytorch_utils import Conv1D
+            linear_types += (Conv1D,)
+        except ImportError:  # transformers is optional
+            pass
+        linear = frozenset(n for n, m in model.named_modules() if isinstance(m, linear_types))
+        heads = (getattr(model, name, None) for name in ("score", "classifier"))  # HF PEFT's SEQ_CLS_HEAD_NAMES
+        head = next((h for h in heads if isinstance(h, nn.Module)), None)
+        head_path = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+        return cls(type(model).__name__, aliases, output_layer, types, linear, head_path, task_type)
 
 
 def call_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:

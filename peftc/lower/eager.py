@@ -107,7 +107,7 @@ class CompiledModel(HFModelMixin, nn.Module):
         self.recompute_plan = None  # a peftc.recompute.RecomputePlan when compiled with a memory budget
         # The source model is kept to capture new signatures, but not registered: its parameters are ours.
         object.__setattr__(self, "_source", model)
-        self._info = ModelInfo.of(model)
+        self._info = ModelInfo.of(model, task_type=getattr(spec, "task_type", None))
         self._graphs: dict[Any, list[GraphModule]] = {}
         self.train(model.training)
         first = self._lower(tuple(args), call_kwargs(model, kwargs),
@@ -208,6 +208,31 @@ class CompiledModel(HFModelMixin, nn.Module):
         with torch.no_grad():
             for key, value in state_dict.items():
                 ours[key].tensor.copy_(value)
+
+    def save_pretrained(self, directory, format: str | None = None) -> str:
+        """Save the adapter to `directory` in HF PEFT's format (adapter_config.json + adapter_model.safetensors),
+        which `peft.PeftModel.from_pretrained(base, directory)` loads, or in peftc's layout (peftc_spec.json +
+        peftc_adapter.safetensors) for specs PEFT has no format for. format="peft" / "peftc" insists on one.
+        Returns the format written (docs/huggingface.md)."""
+        from ..peft_format import save_pretrained
+
+        return save_pretrained(self, directory, format)
+
+    def load_adapter(self, directory) -> None:
+        """Load a saved adapter (HF PEFT's format or peftc's layout) into this model: strict, and nothing changes
+        when it does not fit (AdapterError naming the first bad key)."""
+        from ..peft_format import load_adapter
+
+        load_adapter(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory, args: tuple = (), kwargs: dict[str, Any] | None = None,
+                        **options: Any) -> "CompiledModel":
+        """Compile `model` with the spec of a saved adapter (HF PEFT's format or peftc's layout) and load its
+        weights: `peftc.compile(model, directory, args, kwargs, **options)`."""
+        from ..api import compile
+
+        return compile(model, directory, args, kwargs, **options)
 
     def merge(self, adapters: str | Sequence[str] | None = None) -> "MergedModel":
         """A new module with the adapters folded into the base weights; this model stays as it is, trainable.
