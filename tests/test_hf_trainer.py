@@ -94,3 +94,14 @@ def test_sft_trainer_with_its_defaults(tmp_path):
     assert cm.is_gradient_checkpointing and "sft" in cm.model_tags
     assert (("cpu", torch.bfloat16),) in {key[3] for key in cm._graphs if key[4] == "model"}
     assert cm.config.pad_token_id == 0  # TRL aligned the source model's config with the tokenizer
+
+
+def test_sft_trainer_example_runs_end_to_end(tmp_path):
+    pytest.importorskip("trl")
+    peft = pytest.importorskip("peft")
+    from examples.sft_trainer import main
+
+    losses = main(str(tmp_path), max_steps=10)
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    config = peft.PeftConfig.from_pretrained(str(tmp_path / "adapter"))
+    assert config.peft_type == "LORA" and config.r == 8
