@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import PeftcError
+from .params import ADAPTER
 
 # What `checkpoint` options mean for schedule-recompute: it always runs blocks non-reentrantly, which gives the
 # same gradients as reentrant checkpointing.
@@ -29,7 +30,8 @@ def autocast_state(args: tuple, kwargs: dict[str, Any]) -> tuple:
     A graph captured under autocast bakes the dtypes autocast chose, so it serves only calls under the same state.
     """
     types = sorted({x.device.type for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)})
-    return tuple((t, torch.get_autocast_dtype(t)) for t in types if torch.is_autocast_enabled(t))
+    return tuple((t, torch.get_autocast_dtype(t)) for t in types
+                 if torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t))
 
 
 class source_signature:
@@ -56,12 +58,10 @@ class _SignedForward:
 
     @property
     def __signature__(self) -> inspect.Signature:
-        source = self._module._source
         try:
-            return inspect.signature(source.forward)
-        except (TypeError, ValueError):
-            return inspect.signature(self._func).replace(parameters=list(
-                inspect.signature(self._func).parameters.values())[1:])
+            return inspect.signature(self._module._source.forward)
+        except (TypeError, ValueError):  # a forward inspect cannot read: CompiledModel.forward's, without self
+            return inspect.Signature(list(inspect.signature(self._func).parameters.values())[1:])
 
     def __repr__(self) -> str:
         return f"<bound forward of {type(self._module).__name__}({type(self._module._source).__name__})>"
@@ -151,7 +151,7 @@ class HFModelMixin:
         path = self._info.output_layer
         if layer is not None and path is not None:
             changed = [p.name for p in self.params if p.name.startswith(path + ".") and (p.trainable or
-                       p.role == "adapter")]
+                       p.role == ADAPTER)]
             if changed:
                 raise PeftcError(f"the output layer `{path}` is fine-tuned (`{changed[0]}`), so its weight alone does "
                                  f"not compute what the compiled model does; leave `{path}` out of the spec's targets, "
