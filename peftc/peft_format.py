@@ -17,8 +17,8 @@ anchored `^(?:R)`. Before writing a selector, its PEFT reading is worked out on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -164,8 +164,7 @@ def peft_selects(config: dict, info: ModelInfo) -> set[str]:
     config = {**config, "modules_to_save": _with_seq_cls_heads(config)}
     target = config.get("target_modules")
     if isinstance(target, str) and target.lower() == "all-linear":
-        config["target_modules"] = all_linear_modules(ModelInfo(**{**info.__dict__,
-                                                                   "task_type": config.get("task_type")}))
+        config["target_modules"] = all_linear_modules(dataclasses.replace(info, task_type=config.get("task_type")))
     return {key for key in info.module_types if key and _peft_module_match(config, key)}
 
 

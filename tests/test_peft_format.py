@@ -66,6 +66,7 @@ SAVE_CASES = {
     "llama-ln-tuning": (tiny_llama, peftc.NormTuning()),
     "bert-ln-tuning-seq-cls": (tiny_bert, peftc.Spec(peftc.NormTuning(target=["LayerNorm"]), task_type="SEQ_CLS")),
     "llama-prompt": (tiny_llama, peftc.PromptTuning(length=LENGTH)),
+    "bert-prompt-seq-cls": (tiny_bert, peftc.Spec(peftc.PromptTuning(length=LENGTH), task_type="SEQ_CLS")),
 }
 
 
