@@ -238,6 +238,9 @@ def select(sites: Iterable[MatmulSite], target: Target, exclude: Target, info: M
         chosen = {p for p in paths if _matches(target, p)}
     if exclude is not None:
         chosen = {p for p in chosen if not _matches(exclude, p)}
+    head = info.classifier_head
+    if info.task_type == "SEQ_CLS" and head is not None:  # trained in full (modules_to_save), so never adapted
+        chosen = {p for p in chosen if p != head and not p.startswith(head + ".")}
     if not chosen:
         raise SpecError(no_match_message(where, target, exclude, paths))
     return [s for s in sites if s.module in chosen]

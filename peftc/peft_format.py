@@ -17,8 +17,8 @@ anchored `^(?:R)`. Before writing a selector, its PEFT reading is worked out on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -164,8 +164,7 @@ def peft_selects(config: dict, info: ModelInfo) -> set[str]:
     config = {**config, "modules_to_save": _with_seq_cls_heads(config)}
     target = config.get("target_modules")
     if isinstance(target, str) and target.lower() == "all-linear":
-        config["target_modules"] = all_linear_modules(ModelInfo(**{**info.__dict__,
-                                                                   "task_type": config.get("task_type")}))
+        config["target_modules"] = all_linear_modules(dataclasses.replace(info, task_type=config.get("task_type")))
     return {key for key in info.module_types if key and _peft_module_match(config, key)}
 
 
@@ -481,13 +480,20 @@ def _ia3(cm, rule: IA3) -> tuple[dict, dict]:
     _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
     config = _choose_targets(cm, config, rule.target, rule.exclude, adapted, "modules")
     ff_candidates = [sorted(feedforward)]
-    if isinstance(rule.feedforward, str):
-        ff_candidates.insert(0, peft_regex(rule.feedforward))
+    if rule.feedforward is not None:
+        ff_candidates.insert(0, peft_regex(rule.feedforward) if isinstance(rule.feedforward, str)
+                             else list(rule.feedforward))
     for ff in ff_candidates:
-        if {m for m in adapted if (re.fullmatch(ff, m) if isinstance(ff, str) else any(m.endswith(f) for f in ff))} \
-                == feedforward:
-            config["feedforward_modules"] = ff
-            return config, tensors
+        chosen = {m for m in adapted if (re.fullmatch(ff, m) if isinstance(ff, str) else any(m.endswith(f) for f in ff))}
+        if chosen != feedforward:
+            continue
+        if isinstance(ff, list) and isinstance(config["target_modules"], list) \
+                and not set(ff) <= set(config["target_modules"]):
+            # PEFT wants listed feed-forward names among the listed targets: list both as module paths
+            config = _choose_targets(cm, config, None, None, adapted, "modules")
+            ff = sorted(feedforward)
+        config["feedforward_modules"] = ff
+        return config, tensors
     raise NotPeftExpressible("PEFT's feedforward_modules (a name matches every path that ends with it) cannot name "
                              f"exactly the feed-forward modules {sorted(feedforward)}")
 
@@ -609,21 +615,18 @@ def save_pretrained(cm, directory: str | Path, format: str | None = None) -> str
     return "peftc"
 
 
-_MASK = "peftc.masks."  # SparseDelta masks ride in the weights file: `peftc.masks.<rule index>.<parameter>`
+_MASK = "peftc.masks."  # SparseDelta masks ride in the weights file: `peftc.masks.<kind>.<entry>.<parameter>`
 
 
 def _spec_without_masks(spec: Spec) -> tuple[dict, dict[str, torch.Tensor]]:
     masks: dict[str, torch.Tensor] = {}
-    kept = []
-    for i, rule in enumerate(spec.rules):
+    data = spec.to_dict()
+    seen: dict[str, int] = {}
+    for rule in spec.rules:
+        n = seen[rule.kind] = seen.get(rule.kind, -1) + 1
         for name, mask in (getattr(rule, "masks", None) or {}).items():
-            masks[f"{_MASK}{i}.{name}"] = torch.as_tensor(mask).cpu().contiguous().clone()
-        kept.append(rule)
-    data = Spec(*kept, task_type=spec.task_type).to_dict()
-    for entries in data.values():
-        if isinstance(entries, list):
-            for entry in entries:
-                entry.pop("masks", None)
+            masks[f"{_MASK}{rule.kind}.{n}.{name}"] = torch.as_tensor(mask).cpu().contiguous().clone()
+        data[rule.kind][n].pop("masks", None)
     return data, masks
 
 
@@ -655,17 +658,10 @@ def read_adapter(directory: str | Path) -> tuple[Spec, dict[str, torch.Tensor], 
         return spec_from_peft(found / ADAPTER_CONFIG, saved=tensors), tensors, "peft"
     tensors = load_file(str(found / PEFTC_WEIGHTS))
     data = json.loads((found / PEFTC_SPEC).read_text())
-    masks: dict[int, dict[str, torch.Tensor]] = {}
     for key in [k for k in tensors if k.startswith(_MASK)]:
-        index, _, name = key[len(_MASK):].partition(".")
-        masks.setdefault(int(index), {})[name] = tensors.pop(key)
-    spec = Spec.from_dict(data, str(found / PEFTC_SPEC))
-    if masks:
-        import dataclasses
-
-        spec = Spec(*[dataclasses.replace(r, masks=masks[i], select="mask") if i in masks else r
-                      for i, r in enumerate(spec.rules)], task_type=spec.task_type)
-    return spec, tensors, "peftc"
+        kind, n, name = key[len(_MASK):].split(".", 2)
+        data[kind][int(n)].setdefault("masks", {})[name] = tensors.pop(key)
+    return Spec.from_dict(data, str(found / PEFTC_SPEC)), tensors, "peftc"
 
 
 def _check_shape(key: str, saved: torch.Tensor, expected: torch.Size | tuple) -> None:

@@ -71,7 +71,9 @@ class LoRA(Rule):
     """Low-rank adaptation on matched matmuls: `y = x W^T  ==>  y + s·B(A·dropout(x))`, s = alpha/r.
 
     `target` takes HF PEFT's `target_modules` forms: a regex string full-matched against the module path (or one of
-    its dotted suffixes, so "q_proj|v_proj" works), a list of names matched exactly or as a dotted suffix, or "all-linear" (every matmul except the output layer). `exclude`
+    its dotted suffixes, so "q_proj|v_proj" works; with a leading `^`, the whole path only, as HF PEFT), a list of names
+    matched exactly or as a dotted suffix, or "all-linear" (HF PEFT's rule: every Linear/Conv1D module but the output
+    layer, and but the classifier head with task_type="SEQ_CLS"). `exclude`
     takes the same forms. With `use_rslora`, s = alpha/sqrt(r).
     """
 
