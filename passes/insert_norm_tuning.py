@@ -16,11 +16,12 @@ from .insert_lora import adapter_dtype
 
 
 def insert_dense_deltas(gm: GraphModule, ctx: PassContext, p: Pass, method: str, keep: Callable[[str], bool],
-                        what: str) -> PassResult:
-    """`W ==> W + delta` for every parameter `p.rule` selects among those `keep` accepts; delta
-    `<module>.<method>.<leaf>` is shaped like W and zero at init."""
+                        what: str, *, by_rule: bool = True) -> PassResult:
+    """`W ==> W + delta` for every parameter `p.rule` selects among those `keep` accepts (every one `keep` accepts
+    when not `by_rule`); delta `<module>.<method>.<leaf>` is shaped like W and zero at init."""
     rule = p.rule
-    reads = parameter_reads(gm, ctx.params, ctx.info, rule.target, rule.exclude, keep, where=repr(rule), what=what)
+    target, exclude = (rule.target, rule.exclude) if by_rule else (None, None)
+    reads = parameter_reads(gm, ctx.params, ctx.info, target, exclude, keep, where=repr(rule), what=what)
     modified = False
     for read in reads:
         if already_adapted(read, rule, method):

@@ -6,10 +6,11 @@ from .delta import fisher_masks
 from .errors import AdapterError, CaptureError, ExportError, GenerationError, PassError, PeftcError, SpecError
 from .lower.eager import CompiledModel
 from .pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
-from .spec import IA3, BitFit, LoRA, NormTuning, Prefix, PromptTuning, Rule, SparseDelta, Spec
+from .spec import IA3, BitFit, LoRA, ModulesToSave, NormTuning, Prefix, PromptTuning, Rule, SparseDelta, Spec
 
 __all__ = [
     "compile", "Spec", "Rule", "LoRA", "Prefix", "PromptTuning", "IA3", "SparseDelta", "BitFit", "NormTuning",
+    "ModulesToSave",
     "fisher_masks", "CompiledModel", "Pipeline", "Pass", "PassContext", "PassResult", "register_pass",
     "PeftcError", "SpecError", "CaptureError", "PassError", "AdapterError", "ExportError",
     "GenerationError",

@@ -23,8 +23,8 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
 
     `args`/`kwargs` are example inputs: the model is captured with torch.export (non-strict) on them, with every
     dimension dynamic unless `dynamic=False` (sizes 1 specialize; give batch and sequence sizes >= 2). Other
-    keyword sets and train/eval are captured on first use. `spec` is a Spec, a single rule, or a .toml/.json
-    path. `prune_grads=True` appends prune-grads (docs/optimize.md: nothing saved only for frozen weights, dropout
+    keyword sets and train/eval are captured on first use. `spec` is a Spec, a single rule, a .toml/.json
+    path, or a saved adapter directory (HF PEFT's or peftc's; its weights are loaded). `prune_grads=True` appends prune-grads (docs/optimize.md: nothing saved only for frozen weights, dropout
     masks replayed, not stored); not yet for models you will export unmerged to ONNX. `pipeline` overrides the
     spec's default pipeline (`"insert-lora{r=8,target=q_proj},prune-grads"`). `memory_budget` (bytes, or a size
     such as "2GiB") plans activation recomputation: the fewest repeated blocks (e.g. decoder layers) recomputed in
@@ -33,8 +33,12 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     """
     if not isinstance(model, nn.Module):
         raise PeftcError(f"peftc.compile needs an nn.Module, got {type(model).__name__}")
+    adapter = None  # a saved adapter directory: its spec, then its weights
     if isinstance(spec, (str, Path)):
-        spec = Spec.load(spec)
+        from .peft_format import adapter_dir, read_adapter
+
+        adapter = adapter_dir(spec)
+        spec = read_adapter(adapter)[0] if adapter is not None else Spec.load(spec)
     elif isinstance(spec, Rule):
         spec = Spec(spec)
     elif spec is not None and not isinstance(spec, Spec):
@@ -54,6 +58,8 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
         raise PeftcError("peftc.compile needs example inputs to capture the model: pass args=(...) or kwargs={...}")
     cm = CompiledModel(model, spec, pipeline, args, dict(kwargs or {}), dynamic=dynamic, verify=verify,
                        instruments=instruments)
+    if adapter is not None:
+        cm.load_adapter(adapter)
     if memory_budget is not None:
         plan_recompute(cm, memory_budget)
     return cm

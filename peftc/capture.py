@@ -33,9 +33,15 @@ class ModelInfo:
     # Module path of the output layer (HF's get_output_embeddings), excluded by "all-linear".
     output_layer: str | None
     module_types: dict[str, str]
+    # HF PEFT's "all-linear" candidates: paths of nn.Linear / transformers Conv1D modules.
+    linear_modules: frozenset[str] = frozenset()
+    # The classifier head (`score` or `classifier` attribute of the model), which HF PEFT treats specially for
+    # task_type="SEQ_CLS", and the spec's task type (HF PEFT's TaskType name).
+    classifier_head: str | None = None
+    task_type: str | None = None
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ModelInfo":
+    def of(cls, model: nn.Module, task_type: str | None = None) -> "ModelInfo":
         by_id: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             by_id.setdefault(id(p), []).append(name)
@@ -50,7 +56,17 @@ class ModelInfo:
             if out_mod is not None:
                 output_layer = next((n for n, m in model.named_modules() if m is out_mod), None)
         types = {n: type(m).__name__ for n, m in model.named_modules()}
-        return cls(type(model).__name__, aliases, output_layer, types)
+        linear_types: tuple[type, ...] = (nn.Linear,)
+        try:
+            from transformers.pytorch_utils import Conv1D
+            linear_types += (Conv1D,)
+        except ImportError:  # transformers is optional
+            pass
+        linear = frozenset(n for n, m in model.named_modules() if isinstance(m, linear_types))
+        heads = (getattr(model, name, None) for name in ("score", "classifier"))  # HF PEFT's SEQ_CLS_HEAD_NAMES
+        head = next((h for h in heads if isinstance(h, nn.Module)), None)
+        head_path = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+        return cls(type(model).__name__, aliases, output_layer, types, linear, head_path, task_type)
 
 
 def call_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +82,47 @@ def call_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     if "use_cache" in params and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
     return kwargs
+
+
+class _EntryPoint(nn.Module):
+    """`model` seen by torch.export with the call's keywords as named parameters, optionally entering through
+    its submodule `entry` (e.g. "model", the backbone of a causal LM) instead of `model.forward`.
+
+    It shares the model's parameters, buffers and submodules, so the graph names them exactly as the model does.
+    Named parameters work around torch.export 2.13, which cannot match dynamic shapes to keywords that land in a
+    `**kwargs` parameter ("Must provide a tree_name when there might be a mismatch").
+    """
+
+    def __init__(self, model: nn.Module, entry: str | None, args: tuple, kwargs: dict[str, Any]):
+        super().__init__()
+        for state in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            self.__dict__[state] = model.__dict__[state]
+        self.training = model.training
+        run = model.forward if entry is None else get_attr_path(model, entry)
+        P = inspect.Parameter
+        try:  # positional inputs keep their names: passes look for placeholders such as `input_ids`
+            declared = [p.name for p in inspect.signature(run).parameters.values()
+                        if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            declared = []
+        names = [declared[i] if i < len(declared) else f"arg{i}" for i in range(len(args))]
+        signature = inspect.Signature([P(n, P.POSITIONAL_ONLY) for n in names]
+                                      + [P(name, P.KEYWORD_ONLY) for name in kwargs])
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return run(*args, **kwargs)
+
+        forward.__signature__ = signature
+        self.forward = forward
+
+
+def _lands_in_var_keyword(model: nn.Module, kwargs: dict[str, Any]) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return any(k not in named for k in kwargs)
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool):
@@ -107,14 +164,19 @@ def _explain(model: nn.Module, kwargs: dict[str, Any], err: Exception) -> str:
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict[str, Any], table: ParamTable, *,
-            dynamic: bool = True) -> GraphModule:
+            dynamic: bool = True, entry: str | None = None) -> GraphModule:
     """Export `model(*args, **kwargs)` and bind every tensor the graph reads to the shared parameter table.
 
-    The model is captured in its current train/eval mode; the caller sets the mode.
+    The model is captured in its current train/eval mode and under the caller's autocast, which the graph then
+    needs at every call; the caller sets both. `entry` names a submodule to run instead (the backbone), its
+    parameters still named from `model`.
     """
+    target = model
+    if entry is not None or _lands_in_var_keyword(model, kwargs):
+        target = _EntryPoint(model, entry, tuple(args), kwargs)
     try:
-        ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False,
-                                 dynamic_shapes=_dynamic_shapes(model, tuple(args), dict(kwargs), dynamic))
+        ep = torch.export.export(target, tuple(args), dict(kwargs), strict=False,
+                                 dynamic_shapes=_dynamic_shapes(target, tuple(args), dict(kwargs), dynamic))
     except Exception as e:
         raise CaptureError(_explain(model, kwargs, e)) from e
     exported = ep.module()

@@ -33,7 +33,7 @@ from .spec import SparseDelta, Target
 
 aten = torch.ops.aten
 
-DELTA_METHODS = ("sparse_delta", "bitfit", "norm_tuning")
+DELTA_METHODS = ("sparse_delta", "bitfit", "norm_tuning", "modules_to_save")
 
 
 def owner(name: str) -> tuple[str, str]:

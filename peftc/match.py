@@ -206,10 +206,25 @@ def _suffixes(path: str) -> list[str]:
 
 def _matches(target: str | tuple[str, ...], path: str) -> bool:
     """A regex full-matches the path or one of its dotted suffixes (so `q_proj|v_proj` works, and every path
-    HF PEFT's full match selects is still selected); a list matches names exactly or as a dotted suffix."""
+    HF PEFT's full match selects is still selected), or, when it starts with `^`, the whole path only (HF PEFT's
+    rule); a list matches names exactly or as a dotted suffix."""
     if isinstance(target, str):
+        if target.startswith("^"):
+            return re.fullmatch(target, path) is not None
         return any(re.fullmatch(target, suffix) for suffix in _suffixes(path))
     return any(path == t or path.endswith("." + t) for t in target)
+
+
+def all_linear_modules(info: ModelInfo) -> set[str]:
+    """HF PEFT's "all-linear": every nn.Linear / Conv1D module except the output layer (get_output_embeddings), and
+    except the classifier head (`score` / `classifier`) only when the task type is "SEQ_CLS"."""
+    if info.output_layer is not None:
+        excluded = {info.output_layer}
+    elif info.task_type == "SEQ_CLS" and info.classifier_head is not None:
+        excluded = {info.classifier_head}
+    else:
+        excluded = set()
+    return set(info.linear_modules) - excluded
 
 
 def select(sites: Iterable[MatmulSite], target: Target, exclude: Target, info: ModelInfo,
@@ -218,13 +233,14 @@ def select(sites: Iterable[MatmulSite], target: Target, exclude: Target, info: M
     sites = list(sites)
     paths = list(dict.fromkeys(s.module for s in sites))
     if target == "all-linear":
-        # HF excludes the output layer; without get_output_embeddings, the last matmul is the output layer.
-        output = info.output_layer if info.output_layer is not None else (paths[-1] if paths else None)
-        chosen = {p for p in paths if p != output}
+        chosen = {p for p in paths if p in all_linear_modules(info)}
     else:
         chosen = {p for p in paths if _matches(target, p)}
     if exclude is not None:
         chosen = {p for p in chosen if not _matches(exclude, p)}
+    head = info.classifier_head
+    if info.task_type == "SEQ_CLS" and head is not None:  # trained in full (modules_to_save), so never adapted
+        chosen = {p for p in chosen if p != head and not p.startswith(head + ".")}
     if not chosen:
         raise SpecError(no_match_message(where, target, exclude, paths))
     return [s for s in sites if s.module in chosen]

@@ -118,6 +118,13 @@ class Pipeline:
             if pass_cls is None:
                 raise SpecError(f"no pass implements {type(rule).__name__} rules")
             passes.append(pass_cls(rule))
+        from .spec import ModulesToSave
+
+        # HF PEFT trains the classifier head in full for sequence classification, unless the spec says which modules.
+        if spec.task_type == "SEQ_CLS" and not any(isinstance(r, ModulesToSave) for r in spec.rules):
+            from .passes.insert_modules_to_save import InsertModulesToSave
+
+            passes.append(InsertModulesToSave(ModulesToSave(target="^(?:classifier|score)")))
         # Pruning last: it needs the final trainable set to know which values carry gradients.
         if prune_grads:
             passes.append(PruneGrads())

@@ -71,7 +71,9 @@ class LoRA(Rule):
     """Low-rank adaptation on matched matmuls: `y = x W^T  ==>  y + s·B(A·dropout(x))`, s = alpha/r.
 
     `target` takes HF PEFT's `target_modules` forms: a regex string full-matched against the module path (or one of
-    its dotted suffixes, so "q_proj|v_proj" works), a list of names matched exactly or as a dotted suffix, or "all-linear" (every matmul except the output layer). `exclude`
+    its dotted suffixes, so "q_proj|v_proj" works; with a leading `^`, the whole path only, as HF PEFT), a list of names
+    matched exactly or as a dotted suffix, or "all-linear" (HF PEFT's rule: every Linear/Conv1D module but the output
+    layer, and but the classifier head with task_type="SEQ_CLS"). `exclude`
     takes the same forms. With `use_rslora`, s = alpha/sqrt(r).
     """
 
@@ -212,13 +214,26 @@ def register_rule(cls: type[Rule]) -> type[Rule]:
     return cls
 
 
+# HF PEFT's TaskType names. "SEQ_CLS" changes what the spec means (HF PEFT's rule): "all-linear" leaves out the
+# classifier head (`score` / `classifier`), which is trained as a full copy instead (modules_to_save).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
 @dataclass(frozen=True)
 class Spec:
-    """An ordered set of method rules: `Spec(LoRA(target="q_proj|v_proj", r=8, alpha=16))`."""
+    """An ordered set of method rules: `Spec(LoRA(target="q_proj|v_proj", r=8, alpha=16))`.
+
+    `task_type` is HF PEFT's (`"SEQ_CLS"`, `"CAUSAL_LM"`, ...); see TASK_TYPES.
+    """
 
     rules: tuple[Rule, ...] = field(default_factory=tuple)
+    task_type: str | None = None
 
-    def __init__(self, *rules: Rule):
+    def __init__(self, *rules: Rule, task_type: str | None = None):
+        if task_type is not None and task_type not in TASK_TYPES:
+            raise SpecError(f"Spec: unknown task_type {task_type!r}; HF PEFT's task types are "
+                            f"{', '.join(TASK_TYPES)}")
+        object.__setattr__(self, "task_type", task_type)
         flat: list[Rule] = []
         for rule in rules:
             if isinstance(rule, (list, tuple)):
@@ -239,7 +254,10 @@ class Spec:
             raise SpecError(f"{source}: expected a table of methods ({', '.join(RULE_KINDS)}), got "
                             f"{type(data).__name__}")
         rules: list[Rule] = []
+        task_type = data.get("task_type")
         for kind, entries in data.items():
+            if kind == "task_type":
+                continue
             if kind not in RULE_KINDS:
                 close = difflib.get_close_matches(kind, list(RULE_KINDS), n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(RULE_KINDS)}"
@@ -252,7 +270,15 @@ class Spec:
                 if not isinstance(entry, dict):
                     raise SpecError(f"{source}: [[{kind}]] #{i + 1} must be a table")
                 rules.append(RULE_KINDS[kind].from_dict(entry, f"{source}: [[{kind}]] #{i + 1}"))
-        return cls(*rules)
+        return cls(*rules, task_type=task_type)
+
+    @classmethod
+    def from_peft(cls, config: Any) -> "Spec":
+        """The spec of an HF PEFT adapter: a directory, its adapter_config.json, a peft config object or a dict
+        (LoRA, IA3, prefix tuning, prompt tuning, LN tuning; docs/huggingface.md)."""
+        from .peft_format import spec_from_peft
+
+        return spec_from_peft(config)
 
     @classmethod
     def load(cls, path: str | Path) -> "Spec":
@@ -282,8 +308,8 @@ class Spec:
             raise SpecError(f"{path}: unknown spec format `{path.suffix}`; use .toml or .json")
         return cls.from_dict(data, str(path))
 
-    def to_dict(self) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"task_type": self.task_type} if self.task_type is not None else {}
         for rule in self.rules:
             entry = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(rule).items()
                      if v is not None}
@@ -456,3 +482,20 @@ class NormTuning(_DenseDelta):
     any module class whose name contains "Norm") `p  ==>  p + delta` (dense delta, zero at init)."""
 
     kind: ClassVar[str] = "norm_tuning"
+
+
+@register_rule
+@dataclass(frozen=True)
+class ModulesToSave(_DenseDelta):
+    """HF PEFT's `modules_to_save`: every parameter of the selected modules (e.g. a classifier head) trains in full,
+    `p  ==>  p + delta` (dense delta `<module>.modules_to_save.<leaf>`, zero at init), so the original stays as it
+    was. `target` selects modules (and their submodules) with LoRA's selector forms; saved to PEFT as the trained
+    copy `p + delta` under `<module>.<leaf>`."""
+
+    kind: ClassVar[str] = "modules_to_save"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target is None or self.target == "all-linear":
+            raise SpecError(f"{self._where()}: `target` names the modules to train in full, e.g. "
+                            f"ModulesToSave(target=['classifier'])")

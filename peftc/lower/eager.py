@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import ModelInfo, call_kwargs, capture
 from ..errors import AdapterError, PassError, PeftcError
+from ..hf import HFModelMixin, autocast_state, source_signature
 from ..instrument import DiffIR, PassRecord, Verify
 from ..params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from ..pipeline import Instrument, PassContext, Pipeline
@@ -84,13 +85,14 @@ class PassReport:
         return self.table()
 
 
-class CompiledModel(nn.Module):
+class CompiledModel(HFModelMixin, nn.Module):
     """A compiled PEFT model: call it like the original, train its adapters, read what the compiler did.
 
     Parameters are registered under the original model's names plus the adapters' HF PEFT names, so
     `named_parameters()` and `state_dict()` read like the original model's. Each call signature (the set of
-    keyword arguments, their non-tensor values, train/eval) is captured on first use; all graphs share one
-    parameter table, so every signature trains the same adapters.
+    keyword arguments, their non-tensor values, train/eval, the autocast state) is captured on first use; all graphs
+    share one parameter table, so every signature trains the same adapters. The Hugging Face model surface that
+    Trainer and TRL read is peftc.hf.HFModelMixin's.
     """
 
     def __init__(self, model: nn.Module, spec: Spec | None, pipeline: Pipeline, args: tuple,
@@ -105,7 +107,7 @@ class CompiledModel(nn.Module):
         self.recompute_plan = None  # a peftc.recompute.RecomputePlan when compiled with a memory budget
         # The source model is kept to capture new signatures, but not registered: its parameters are ours.
         object.__setattr__(self, "_source", model)
-        self._info = ModelInfo.of(model)
+        self._info = ModelInfo.of(model, task_type=getattr(spec, "task_type", None))
         self._graphs: dict[Any, list[GraphModule]] = {}
         self.train(model.training)
         first = self._lower(tuple(args), call_kwargs(model, kwargs),
@@ -122,19 +124,21 @@ class CompiledModel(nn.Module):
         return list(self.params)
 
     # ---- calling -------------------------------------------------------------------------------------------
-    def _key(self, args: tuple, kwargs: dict[str, Any]):
+    def _key(self, args: tuple, kwargs: dict[str, Any], entry: str | None = None):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         desc = tuple((x.dim(), x.dtype, x.device.type) if isinstance(x, torch.Tensor)
                      else (type(x).__name__, x if isinstance(x, (bool, int, float, str, type(None))) else id(x))
                      for x in leaves)
-        return self.training, str(spec), desc
+        return self.training, str(spec), desc, autocast_state(args, kwargs), entry
 
-    def _lower(self, args: tuple, kwargs: dict[str, Any], instruments: Sequence[Instrument] = ()) -> GraphModule:
+    def _lower(self, args: tuple, kwargs: dict[str, Any], instruments: Sequence[Instrument] = (),
+               entry: str | None = None) -> GraphModule:
+        """Capture and compile one call signature; `entry` is a submodule to enter through (cm.base_model)."""
         source = self._source
         was_training = source.training
         source.train(self.training)
         try:
-            gm = capture(source, args, kwargs, self.params, dynamic=self.dynamic)
+            gm = capture(source, args, kwargs, self.params, dynamic=self.dynamic, entry=entry)
         finally:
             source.train(was_training)
         if not instruments and self.verify:
@@ -143,7 +147,7 @@ class CompiledModel(nn.Module):
         gm = self.pipeline.run(gm, ctx, instruments)
         if self.counters is None:
             self.counters = ctx.counters
-        self._graphs.setdefault(self._key(args, kwargs), []).append(gm)
+        self._graphs.setdefault(self._key(args, kwargs, entry), []).append(gm)
         return gm
 
     def _replace_graph(self, old: GraphModule, new: GraphModule) -> None:
@@ -153,16 +157,20 @@ class CompiledModel(nn.Module):
         if self.graph_module is old:
             object.__setattr__(self, "graph_module", new)
 
+    @source_signature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs = call_kwargs(self._source, kwargs)
-        for gm in self._graphs.get(self._key(args, kwargs), []):
+        return self._run(None, args, kwargs)
+
+    def _run(self, entry: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
+        kwargs = call_kwargs(self._source if entry is None else get_attr_path(self._source, entry), kwargs)
+        for gm in self._graphs.get(self._key(args, kwargs, entry), []):
             try:
                 return gm(*args, **kwargs)
             except Exception as e:
                 if not _is_guard_failure(e):
                     raise
         # A new signature, or shapes that an earlier capture specialized: capture these inputs too.
-        return self._lower(args, kwargs)(*args, **kwargs)
+        return self._lower(args, kwargs, entry=entry)(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -200,6 +208,31 @@ class CompiledModel(nn.Module):
         with torch.no_grad():
             for key, value in state_dict.items():
                 ours[key].tensor.copy_(value)
+
+    def save_pretrained(self, directory, format: str | None = None) -> str:
+        """Save the adapter to `directory` in HF PEFT's format (adapter_config.json + adapter_model.safetensors),
+        which `peft.PeftModel.from_pretrained(base, directory)` loads, or in peftc's layout (peftc_spec.json +
+        peftc_adapter.safetensors) for specs PEFT has no format for. format="peft" / "peftc" insists on one.
+        Returns the format written (docs/huggingface.md)."""
+        from ..peft_format import save_pretrained
+
+        return save_pretrained(self, directory, format)
+
+    def load_adapter(self, directory) -> None:
+        """Load a saved adapter (HF PEFT's format or peftc's layout) into this model: strict, and nothing changes
+        when it does not fit (AdapterError naming the first bad key)."""
+        from ..peft_format import load_adapter
+
+        load_adapter(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory, args: tuple = (), kwargs: dict[str, Any] | None = None,
+                        **options: Any) -> "CompiledModel":
+        """Compile `model` with the spec of a saved adapter (HF PEFT's format or peftc's layout) and load its
+        weights: `peftc.compile(model, directory, args, kwargs, **options)`."""
+        from ..api import compile
+
+        return compile(model, directory, args, kwargs, **options)
 
     def merge(self, adapters: str | Sequence[str] | None = None) -> "MergedModel":
         """A new module with the adapters folded into the base weights; this model stays as it is, trainable.
@@ -279,11 +312,10 @@ class CompiledModel(nn.Module):
         """(trainable, total) parameter counts; total counts the base model plus adapters."""
         return self.params.count(trainable=True), self.params.count()
 
-    def print_trainable_parameters(self) -> str:
+    def print_trainable_parameters(self) -> None:
+        """Print the trainable and total parameter counts as HF PEFT does (parameter_counts() returns them)."""
         trainable, total = self.parameter_counts()
-        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-        print(line)
-        return line
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     # ---- ONNX ------------------------------------------------------------------------------------------------
     @property

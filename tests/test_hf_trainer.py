@@ -1,0 +1,107 @@
+"""transformers.Trainer and TRL's SFTTrainer train a CompiledModel with their default settings."""
+
+import os
+
+import pytest
+import torch
+
+import peftc
+
+from conftest import tiny_llama
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+
+def compiled(seed=0, vocab=64):
+    torch.manual_seed(seed)
+    model = tiny_llama(num_hidden_layers=1, vocab_size=vocab)
+    return peftc.compile(model, peftc.LoRA(target="q_proj|v_proj", r=4, alpha=8),
+                         kwargs={"input_ids": torch.zeros(2, 8, dtype=torch.long)})
+
+
+def lm_dataset(rows=16, seq=8):
+    """Two repeated token patterns: learnable in a few steps, so the loss falls."""
+    pattern = torch.arange(seq).repeat(rows, 1) * 3 % 64
+    pattern[1::2] = pattern[1::2].flip(-1)
+    return datasets.Dataset.from_dict({"input_ids": pattern.tolist(), "labels": pattern.tolist(),
+                                       "attention_mask": torch.ones_like(pattern).tolist(),
+                                       "source": ["synthetic"] * rows})  # a column forward does not take
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_trainer_with_default_arguments_trains_and_resumes_exactly(tmp_path, bf16):
+    from transformers import Trainer, TrainingArguments
+
+    def args(out):
+        return TrainingArguments(output_dir=str(out), max_steps=4, use_cpu=True, report_to=[], bf16=bf16,
+                                 logging_steps=1, save_steps=2, learning_rate=2e-2)
+
+    cm = compiled()
+    before = {k: v.clone() for k, v in cm.adapter_state_dict().items()}
+    trainer = Trainer(model=cm, args=args(tmp_path / "run"), train_dataset=lm_dataset())
+    trainer.train()
+    full = losses(trainer)
+    assert len(full) == 4 and full[-1] < full[0]
+    after = cm.adapter_state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before if ".lora_B." in k)
+    expected = (("cpu", torch.bfloat16),) if bf16 else ()
+    assert expected in {key[3] for key in cm._graphs if key[0]}  # with bf16, a graph captured under autocast
+
+    # The checkpoint holds the adapter; resuming from it in a fresh model reproduces the uninterrupted run.
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(checkpoint, "model.safetensors"))
+    assert set(before) <= set(saved)
+    resumed = Trainer(model=compiled(seed=123), args=args(tmp_path / "resumed"), train_dataset=lm_dataset())
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert losses(resumed) == full  # steps 1-2 read back from the checkpoint's state, steps 3-4 trained again
+    assert resumed.state.log_history[-2]["loss"] == full[-1]
+
+
+def word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def test_sft_trainer_with_its_defaults(tmp_path):
+    trl = pytest.importorskip("trl")
+    words = "the cat sat on a mat and dog ran under log".split()
+    texts = ["the cat sat on the mat", "a dog ran under the log", "the dog sat on a log"] * 6
+    cm = compiled(vocab=32)
+    before = {k: v.clone() for k, v in cm.adapter_state_dict().items()}
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=5, use_cpu=True, report_to=[], logging_steps=1,
+                           learning_rate=2e-2)
+    assert config.bf16 and config.gradient_checkpointing  # TRL's defaults, which the test keeps
+    trainer = trl.SFTTrainer(model=cm, args=config, train_dataset=datasets.Dataset.from_dict({"text": texts}),
+                             processing_class=word_tokenizer(words))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 5 and logs[-1]["loss"] < logs[0]["loss"]
+    assert all(0 < h["entropy"] and 0 <= h["mean_token_accuracy"] <= 1 for h in logs)
+    after = cm.adapter_state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before if ".lora_B." in k)
+    # TRL's fused LM head ran the compiled backbone under bf16 autocast, with every block recomputed.
+    assert cm.is_gradient_checkpointing and "sft" in cm.model_tags
+    assert (("cpu", torch.bfloat16),) in {key[3] for key in cm._graphs if key[4] == "model"}
+    assert cm.config.pad_token_id == 0  # TRL aligned the source model's config with the tokenizer
+
+
+def test_sft_trainer_example_runs_end_to_end(tmp_path):
+    pytest.importorskip("trl")
+    peft = pytest.importorskip("peft")
+    from examples.sft_trainer import main
+
+    losses = main(str(tmp_path), max_steps=10)
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    config = peft.PeftConfig.from_pretrained(str(tmp_path / "adapter"))
+    assert config.peft_type == "LORA" and config.r == 8
