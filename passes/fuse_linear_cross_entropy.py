@@ -134,7 +134,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             end = min(start + loss.chunk_tokens, n)
             with torch.enable_grad():
                 row_leaves = [r[start:end].detach().requires_grad_(need) for r, need in zip(rows, need_rows)]
-                logits = loss.chunk(*row_leaves, *ext_leaves)
+                # forward, not __call__: module hooks (FlopCounterMode's tracker) would hook these leaves, and
+                # autograd.grad refuses hooks on leaves.
+                logits = loss.chunk.forward(*row_leaves, *ext_leaves)
                 out_dtype = logits.dtype
                 part = aten.cross_entropy_loss.default(logits, target[start:end], weight, _SUM, loss.ignore_index,
                                                        loss.label_smoothing)
