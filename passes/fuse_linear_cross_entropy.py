@@ -11,7 +11,6 @@ outlives its chunk, and nothing is computed twice: the FLOPs are the unfused ste
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -413,7 +412,9 @@ def _broadcast(shapes: _Shapes, node: Node) -> bool:
 def _row_like(shapes: _Shapes, node: Node, like: tuple | None) -> bool:
     """One row per token, laid out like `like` (the op's output) in every dim but the last."""
     shape = shapes.shape(node)
-    return shape is not None and like is not None and len(shape) == len(like) and len(shape) >= 2 and all(_same(a, b) for a, b in zip(shape[:-1], like[:-1]))
+    if shape is None or like is None or len(shape) != len(like) or len(shape) < 2:
+        return False
+    return all(_same(a, b) for a, b in zip(shape[:-1], like[:-1]))
 
 
 # ---- rewriting -------------------------------------------------------------------------------------------------
