@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.autograd.function import once_differentiable
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.node import map_arg
@@ -165,6 +166,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return result.to(out_dtype or torch.float32)
 
     @staticmethod
+    @once_differentiable  # the kept gradients are constants of this backward: no second derivatives through it
     def backward(ctx, grad):
         rows = [None if g is None else (g * grad).reshape(shape) for g, shape in zip(ctx.grad_rows, ctx.shapes)]
         ext = [None if g is None else g * grad for g in ctx.grad_ext]
