@@ -7,3 +7,4 @@ from . import insert_modules_to_save  # noqa: F401
 from . import prune_grads  # noqa: F401
 from . import fold_params, merge_reparam  # noqa: F401
 from . import schedule_recompute  # noqa: F401
+from . import fuse_linear_cross_entropy  # noqa: F401

@@ -16,7 +16,7 @@ from .spec import Rule, Spec
 
 def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple = (),
             kwargs: dict[str, Any] | None = None, *, dynamic: bool = True, prune_grads: bool = False,
-            pipeline: Pipeline | str | None = None,
+            fuse_loss: bool = True, pipeline: Pipeline | str | None = None,
             verify: bool = True, instruments: Sequence[Instrument] = (),
             memory_budget: int | str | None = None) -> CompiledModel:
     """Compile `model` for parameter-efficient fine-tuning as `spec` says.
@@ -24,7 +24,10 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     `args`/`kwargs` are example inputs: the model is captured with torch.export (non-strict) on them, with every
     dimension dynamic unless `dynamic=False` (sizes 1 specialize; give batch and sequence sizes >= 2). Other
     keyword sets and train/eval are captured on first use. `spec` is a Spec, a single rule, a .toml/.json
-    path, or a saved adapter directory (HF PEFT's or peftc's; its weights are loaded). `prune_grads=True` appends prune-grads (docs/optimize.md: nothing saved only for frozen weights, dropout
+    path, or a saved adapter directory (HF PEFT's or peftc's; its weights are loaded). `fuse_loss` (default)
+    appends fuse-linear-cross-entropy: a training step's cross-entropy loss is computed in chunks of tokens without
+    keeping the [tokens, vocab] logits, so `.logits` of a training call with labels raises PeftcError;
+    `fuse_loss=False` computes them. `prune_grads=True` appends prune-grads (docs/optimize.md: nothing saved only for frozen weights, dropout
     masks replayed, not stored); not yet for models you will export unmerged to ONNX. `pipeline` overrides the
     spec's default pipeline (`"insert-lora{r=8,target=q_proj},prune-grads"`). `memory_budget` (bytes, or a size
     such as "2GiB") plans activation recomputation: the fewest repeated blocks (e.g. decoder layers) recomputed in
@@ -49,7 +52,7 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     elif pipeline is None:
         if spec is None:
             raise SpecError("give a spec (e.g. peftc.LoRA(target='q_proj|v_proj')) or a pipeline")
-        pipeline = Pipeline.for_spec(spec, prune_grads=prune_grads)
+        pipeline = Pipeline.for_spec(spec, prune_grads=prune_grads, fuse_loss=fuse_loss)
     if memory_budget is not None:
         memory_budget = parse_bytes(memory_budget)  # a bad budget fails before minutes of compiling
     if not isinstance(args, tuple):
