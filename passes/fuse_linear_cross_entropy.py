@@ -61,6 +61,11 @@ def _not_computed_message(what: str) -> str:
             f"to get them (at the memory cost of the full logits), or call the model in eval mode or without labels")
 
 
+class NotComputedError(PeftcError, AttributeError):
+    """Raised by any use of a NotComputed output. An AttributeError too, so that `hasattr(output, "dtype")` probes
+    (accelerate's mixed-precision output conversion) see an object without tensor attributes instead of failing."""
+
+
 class NotComputed:
     """Stands in for an output the fused graph does not compute; any use raises PeftcError naming the opt-out."""
 
@@ -70,7 +75,7 @@ class NotComputed:
         object.__setattr__(self, "_what", what)
 
     def _fail(self, *args: Any, **kwargs: Any):
-        raise PeftcError(_not_computed_message(object.__getattribute__(self, "_what")))
+        raise NotComputedError(_not_computed_message(object.__getattribute__(self, "_what")))
 
     def __getattr__(self, name: str):
         if name.startswith("__") and name.endswith("__"):  # protocol probes (copy, pickle) see a plain object
