@@ -59,7 +59,8 @@ def check_regex(pattern: Any, what: str, where: str, template: str = "{}") -> No
             from None
 
 
-def _finite_positive(value: Any) -> bool:
+def is_positive_number(value: Any) -> bool:
+    """A finite number > 0 (not a bool, not NaN or inf, not an int beyond float range)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:
@@ -175,7 +176,7 @@ class LoRA(Rule):
             if r > MAX_SIZE:
                 raise SpecError(f"{where}: `r`{name} = {_shown(r)} is larger than any tensor dimension (2**63 - 1)")
         for name, alpha in self._per_slice(self.alpha, "alpha").items():
-            if not _finite_positive(alpha):
+            if not is_positive_number(alpha):
                 raise SpecError(f"{where}: `alpha`{name} must be a positive number (finite), got {_shown(alpha)}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise SpecError(f"{where}: `dropout` must be in [0, 1), got {self.dropout!r}")
@@ -235,7 +236,7 @@ class LoRA(Rule):
                 check_regex(k, f"`{key}` key", where, template=PATTERN_TEMPLATE)
                 if key == "rank_pattern" and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIZE):
                     raise SpecError(f"{where}: `{key}[{_shown(k)}]` must be a positive integer rank, got {_shown(v)}")
-                if key == "alpha_pattern" and not _finite_positive(v):
+                if key == "alpha_pattern" and not is_positive_number(v):
                     raise SpecError(f"{where}: `{key}[{_shown(k)}]` must be a positive number (finite), got "
                                     f"{_shown(v)}")
             object.__setattr__(self, key, dict(pattern))
