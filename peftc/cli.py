@@ -188,16 +188,26 @@ def _from_hf_dir(directory: Path, inputs: list[str] | None = None, seq_len: int 
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         cls = transformers.AutoModel
+    # the inputs are checked before the (slow) weights load, against the class's forward when it is known
+    kwargs = _example_inputs(getattr(cls, "forward", None), config, directory, inputs, seq_len, batch)
     try:
         model = cls.from_pretrained(directory, local_files_only=True).eval()
     except OSError as e:
         raise UsageError(f"MODEL {directory}: cannot load weights: {str(e).splitlines()[0]}") from None
-    return model, (), _example_inputs(model, config, directory, inputs, seq_len, batch)
+    _check_accepted(model.forward, kwargs, type(model).__name__)
+    return model, (), kwargs
 
 
-def _example_inputs(model, config, directory: Path, inputs: list[str] | None, seq_len: int | None, batch: int):
+def _check_accepted(forward, names, owner: str) -> None:
     import inspect
 
+    accepted = inspect.signature(forward).parameters
+    for name in names:
+        if name not in accepted:
+            raise UsageError(f"--inputs: {owner}.forward takes no `{name}`")
+
+
+def _example_inputs(forward, config, directory: Path, inputs: list[str] | None, seq_len: int | None, batch: int):
     import torch
 
     gen = torch.Generator().manual_seed(0)
@@ -215,11 +225,10 @@ def _example_inputs(model, config, directory: Path, inputs: list[str] | None, se
     seq = seq_len if seq_len is not None else min(16, max_len)
     if seq > max_len:
         raise UsageError(f"--seq-len {seq}: the model's max_position_embeddings is {max_len}")
-    accepted = inspect.signature(model.forward).parameters
+    if forward is not None:
+        _check_accepted(forward, inputs, forward.__qualname__.split(".")[0])
     kwargs = {}
     for name in inputs:
-        if name not in accepted:
-            raise UsageError(f"--inputs: {type(model).__name__}.forward takes no `{name}`")
         if name in ("input_ids", "decoder_input_ids"):
             if not vocab:
                 raise UsageError(f"--inputs {name}: the model's config has no vocab_size")
