@@ -16,7 +16,9 @@ from .errors import AdapterError
 
 
 def _shown(key: Any) -> str:
-    text = repr(key) if not isinstance(key, str) else key
+    """`name` as is when it reads plainly, else its repr ('' or 'a\\nb'), shortened."""
+    plain = isinstance(key, str) and key and key.isprintable() and key.strip() == key
+    text = f"`{key}`" if plain else repr(key)
     return text if len(text) <= 80 else f"{text[:80]}..."
 
 
@@ -37,7 +39,7 @@ def check_adapter_state_dict(state_dict: Any, ours: Mapping[str, torch.Tensor], 
         if key not in ours:
             close = difflib.get_close_matches(key, list(ours), n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise AdapterError(f"{source} has unknown key `{_shown(key)}`{hint}")
+            raise AdapterError(f"{source} has unknown key {_shown(key)}{hint}")
     for key, value in state_dict.items():
         _check_tensor(key, value, ours[key], source)
     missing = [k for k in ours if k not in state_dict]
@@ -47,7 +49,7 @@ def check_adapter_state_dict(state_dict: Any, ours: Mapping[str, torch.Tensor], 
 
 
 def _check_tensor(key: str, value: Any, target: torch.Tensor, source: str) -> None:
-    where = f"{source}: adapter `{key}`"
+    where = f"{source}: adapter {_shown(key)}"
     if not isinstance(value, torch.Tensor):
         raise AdapterError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}, not a torch.Tensor"
                            + ("; convert it with torch.from_numpy" if type(value).__module__ == "numpy" else ""))

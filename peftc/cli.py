@@ -183,7 +183,10 @@ def _from_hf_dir(directory: Path, inputs: list[str] | None = None, seq_len: int 
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory must never reach the network
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError or KeyError for a config it cannot read
+        raise UsageError(f"MODEL {directory}: cannot read its config.json: {_one_line(e)[:300]}") from None
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
@@ -194,6 +197,9 @@ def _from_hf_dir(directory: Path, inputs: list[str] | None = None, seq_len: int 
         model = cls.from_pretrained(directory, local_files_only=True).eval()
     except OSError as e:
         raise UsageError(f"MODEL {directory}: cannot load weights: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # weights that do not fit the config, an unsupported architecture, ...
+        raise PeftcError(f"MODEL {directory}: transformers cannot load it: {type(e).__name__}: "
+                         f"{_one_line(e)[:300]}") from e
     _check_accepted(model.forward, kwargs, type(model).__name__)
     return model, (), kwargs
 

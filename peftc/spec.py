@@ -90,7 +90,8 @@ def unknown_key_message(cls: type, key: Any, where: str) -> str:
     hf_names = getattr(cls, "hf_names", {})
     close = [hf_names[key]] if key in hf_names else difflib.get_close_matches(str(key), known, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
-    return f"{where}: unknown key `{_shown(key)[1:-1] if isinstance(key, str) else _shown(key)}`{hint}"
+    shown = key if isinstance(key, str) and key.isidentifier() else _shown(key)
+    return f"{where}: unknown key `{shown}`{hint}"
 
 
 class _KeywordChecked(type):
@@ -344,6 +345,8 @@ class Spec:
                 if not isinstance(entry, dict):
                     raise SpecError(f"{source}: [[{kind}]] #{i + 1} must be a table")
                 rules.append(RULE_KINDS[kind].from_dict(entry, f"{source}: [[{kind}]] #{i + 1}"))
+        if not rules:
+            raise SpecError(f"{source}: the spec is empty: give at least one method table, e.g. [[lora]]")
         return cls(*rules)
 
     @classmethod
