@@ -21,9 +21,17 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return cli_main()
+        code = cli_main()
     finally:
-        signal.signal(signal.SIGINT, _exit_interrupted)  # an interrupt while the interpreter shuts down
+        signal.signal(signal.SIGINT, _exit_interrupted)
+    # Interpreter shutdown with torch loaded takes a while and restores the default SIGINT action (death by signal,
+    # exit -2); everything peftc writes is closed by now, so leave at once.
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a closed pipe
+        pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

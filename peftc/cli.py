@@ -611,6 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("peftc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `peftc passes | head`: the reader left; nothing to report to it
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (UsageError, SpecError, AdapterError) as e:
         if verbose:
             traceback.print_exc()
