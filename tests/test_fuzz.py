@@ -24,8 +24,8 @@ from peftc.cli import main
 from peftc.pipeline import Pipeline
 from peftc.spec import RULE_KINDS
 
-# make test: ~200 per target; make fuzz sets FUZZ_EXAMPLES (thousands per target). Test-only knob.
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
+# make test: 100 per target (6 targets); make fuzz sets FUZZ_EXAMPLES (thousands per target). Test-only knob.
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
