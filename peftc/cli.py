@@ -176,8 +176,6 @@ def _from_hf_dir(directory: Path, inputs: list[str] | None = None, seq_len: int 
     `batch` x `seq_len` (default min(16, max_position_embeddings))."""
     import os
 
-    import torch
-
     if not (directory / "config.json").is_file():
         raise UsageError(f"MODEL {directory}: a model directory needs config.json (save it with save_pretrained)")
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory must never reach the network
