@@ -75,7 +75,7 @@ class Progress:
     def __init__(self, quiet: bool = False):
         from rich.console import Console
 
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)  # a long path stays on its line
         self.quiet = quiet
         self._status = None
         self._step: str | None = None
@@ -598,33 +598,70 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+class _Interrupts:
+    """While the CLI runs in the main thread, Ctrl-C raises KeyboardInterrupt and is remembered: a library that turns
+    the KeyboardInterrupt into another error (importing onnxruntime's extension gives "ImportError: initialization
+    failed") must still end as an interrupt."""
+
+    def __init__(self):
+        self.seen = False
+        self.previous = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _interrupted() -> int:
+    print("peftc: interrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in argv
-    try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-    except _ParserExit as e:
-        return e.status
-    except KeyboardInterrupt:
-        print("peftc: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `peftc passes | head`: the reader left; nothing to report to it
-        import os
+    with _Interrupts() as interrupts:
+        try:
+            args = build_parser().parse_args(argv)
+            return args.func(args)
+        except _ParserExit as e:
+            return e.status
+        except KeyboardInterrupt:
+            return _interrupted()
+        except BrokenPipeError:  # `peftc passes | head`: the reader left; nothing to report to it
+            import os
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except (UsageError, SpecError, AdapterError) as e:
-        if verbose:
-            traceback.print_exc()
-        print(f"peftc: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:  # every other failure: one line, exit 1
-        if verbose:
-            traceback.print_exc()
-        print(f"peftc: error: {type(e).__name__ + ': ' if not isinstance(e, PeftcError) else ''}{_one_line(e)}",
-              file=sys.stderr)
-        return 1
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        except (UsageError, SpecError, AdapterError) as e:
+            if verbose:
+                traceback.print_exc()
+            if interrupts.seen:
+                return _interrupted()
+            print(f"peftc: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except Exception as e:  # every other failure: one line, exit 1
+            if verbose:
+                traceback.print_exc()
+            if interrupts.seen:
+                return _interrupted()
+            print(f"peftc: error: {type(e).__name__ + ': ' if not isinstance(e, PeftcError) else ''}"
+                  f"{_one_line(e)}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def test_interrupted_compiles_leave_no_broken_output(tmp_path, sig, record_prope
     states, counts = [], Counter()
     for i in range(KILLS):
         point = "write" if i % 2 == 0 else "startup"
-        delay = rng.uniform(0.2, 2.5) if point == "startup" else rng.uniform(0.0, 0.6)
+        delay = rng.uniform(0.2, 2.5) if point == "startup" else rng.uniform(0.0, 0.4)
+        before = out.read_bytes()
         code, err = _run_and_kill(out, sig, point, delay)
         where = f"seed {seed}, kill #{i + 1} ({point}, +{delay:.2f}s): exit {code}, stderr {err[-500:]!r}"
         if sig == signal.SIGINT:
@@ -99,7 +100,7 @@ def test_interrupted_compiles_leave_no_broken_output(tmp_path, sig, record_prope
         else:
             assert code in (-signal.SIGKILL, 0), where
             _leftovers(tmp_path, out)
-        states.append((out.read_bytes(), where))
+        states.append((before, out.read_bytes(), where))
         counts["tried"] += 1
         counts["exit 0 (finished first)" if code == 0 else f"exit {code}"] += 1
         counts["stale staging dirs"] += len(_leftovers(tmp_path, out))
@@ -110,9 +111,9 @@ def test_interrupted_compiles_leave_no_broken_output(tmp_path, sig, record_prope
     assert "verified against eager" in stdout
     assert _leftovers(tmp_path, out) == [], "the next run did not clean the stale staging dirs"
     final = out.read_bytes()
-    for state, where in states:  # untouched, or the same complete file a full run writes
-        assert state in (PREVIOUS, final), where
-        counts["output unchanged" if state == PREVIOUS else "output replaced by a verified file"] += 1
+    for before, state, where in states:  # untouched, or the same complete file a full run writes
+        assert state in (before, final), where
+        counts["output unchanged" if state == before else "output replaced by a verified file"] += 1
     counts["next run succeeded and cleaned up"] += 1
     for key, value in counts.items():
         record_property(f"fuzz:faults ({signal.Signals(sig).name}):{key}", value)

@@ -402,3 +402,18 @@ def test_model_directory_with_bert_inputs_shapes_and_opset(tmp_path, capsys, ber
     code, _, err = run(capsys, "compile", str(bert_dir), "--spec", str(spec), "-o", str(out), "--inputs",
                        "pixel_values")
     assert code == 2 and "forward takes no `pixel_values`" in one_line_error(err)
+
+
+def test_an_interrupt_a_library_turned_into_another_error_still_exits_130(tmp_path, capsys):
+    """Importing onnxruntime's extension during Ctrl-C raises "ImportError: initialization failed"."""
+    import os
+    import signal
+
+    factory = tmp_path / "fac.py"
+    factory.write_text("import os, signal\n\ndef f():\n    try:\n        os.kill(os.getpid(), signal.SIGINT)\n"
+                       "    except KeyboardInterrupt:\n        raise ImportError('initialization failed')\n")
+    handler = signal.getsignal(signal.SIGINT)
+    code, _, err = run(capsys, "compile", f"{factory}:f", "-p", MLP_PIPELINE, "-o", str(tmp_path / "o.onnx"))
+    assert code == 130 and err == "peftc: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is handler  # main put the caller's handler back
+    assert os.listdir(tmp_path) == ["fac.py"]
