@@ -19,7 +19,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2
 
-# The fuzz suite at depth: 1,000 examples per target (6 targets: 6,000), plus the SIGINT/SIGKILL fault runs at more kill
+# The fuzz suite at depth: 1,000 examples per target (5 targets: 5,000), plus the SIGINT/SIGKILL fault runs at more kill
 # points. `make test` runs the same tests with 100 examples each and 1 kill point per signal.
 fuzz: $(STAMP)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 FUZZ_EXAMPLES=1000 FAULT_KILLS=6 $(BIN)/python -m pytest -n 2 \

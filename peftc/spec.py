@@ -202,7 +202,8 @@ class LoRA(Rule):
                 if not FLOAT32_TINY <= scaling <= FLOAT32_MAX:
                     raise SpecError(f"{where}: `alpha`{a_name} = {alpha:g} with `r`{r_name} = {r} gives scaling "
                                     f"{scaling:g}, which float32 adapters cannot hold (it would be "
-                                    f"{'inf' if scaling > 1 else 'denormal or 0'}); keep alpha/r between 1e-38 and 3e38")
+                                    f"{'inf' if scaling > 1 else 'denormal or 0'}); keep alpha/r between 1e-38 "
+                                    f"and 3e38")
 
     @property
     def scaling(self) -> float:

@@ -58,4 +58,5 @@ def pytest_terminal_summary(terminalreporter):
         parts = ", ".join(f"{key} {totals[t, key]:,}" for t, key in sorted(totals) if t == target)
         terminalreporter.write_line(f"{target}: {parts}")
     tried = sum(v for (t, k), v in totals.items() if k == "tried")
-    terminalreporter.write_line(f"all: {tried:,} inputs tried; defects: {'0' if not terminalreporter.stats.get('failed') else 'see failures'}")
+    defects = "0" if not terminalreporter.stats.get("failed") else "see the failures above"
+    terminalreporter.write_line(f"all: {tried:,} inputs tried; defects: {defects}")

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +31,8 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+from tiny_models import tiny_mlp  # noqa: E402
 
 
 def report(record_property, target: str, counts: Counter) -> None:
@@ -62,7 +65,8 @@ kinds = st.one_of(st.sampled_from(sorted(RULE_KINDS)), st.text(max_size=8))
 PLAUSIBLE = {
     "target": st.sampled_from(["q_proj|v_proj", ["q_proj", "v_proj"], "all-linear", ".*proj", "(?i)Q_PROJ"]),
     "exclude": st.sampled_from(["lm_head", ["k_proj"], ".*layers\\.0\\..*"]),
-    "feedforward": st.just("q_proj"), "r": st.integers(1, 64), "alpha": st.floats(0.5, 64), "length": st.integers(1, 32),
+    "feedforward": st.just("q_proj"), "r": st.integers(1, 64), "alpha": st.floats(0.5, 64),
+    "length": st.integers(1, 32),
     "dropout": st.floats(0, 0.9), "density": st.floats(0.001, 1), "seed": st.integers(0, 2 ** 31),
     "use_rslora": st.booleans(), "use_dora": st.booleans(), "freeze_a": st.booleans(), "projection": st.booleans(),
     "select": st.sampled_from(["random", "magnitude"]), "structure": st.sampled_from(["rows", "columns"]),
@@ -204,11 +208,6 @@ def test_fuzz_rule_constructors(record_property):
 # ---- adapter state dicts --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def compiled_mlp():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    from tiny_models import tiny_mlp
-
     model, args = tiny_mlp()
     return peftc.compile(model, peftc.LoRA(target="up|down", r=2), args)
 

@@ -4,6 +4,7 @@ first captures from several threads take turns, and the CLI's exits are one line
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from peftc.cli import main
 from peftc.lower.onnx import _save_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+from tiny_models import tiny_mlp  # noqa: E402
+
 MLP = f"{ROOT}/examples/tiny_models.py:tiny_mlp"
 MLP_PIPELINE = "insert-lora{r=2,target=up}"
 
@@ -34,8 +38,6 @@ def one_line_error(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def mlp():
-    from examples.tiny_models import tiny_mlp
-
     model, args = tiny_mlp()
     return peftc.compile(model, peftc.LoRA(target="up|down", r=2), args), args
 
@@ -141,10 +143,9 @@ def test_the_largest_float32_scaling_still_builds():
 
 # ---- sizes, seeds, slices (the "Also" items) ------------------------------------------------------------------
 def test_huge_sizes_say_what_was_asked_for():
-    from examples.tiny_models import tiny_mlp
-
+    model, args = tiny_mlp()
     with pytest.raises(peftc.PassError) as e:
-        peftc.compile(*tiny_mlp()[:1], peftc.LoRA(target="up", r=10 ** 12), tiny_mlp()[1])
+        peftc.compile(model, peftc.LoRA(target="up", r=10 ** 12), args)
     assert "cannot allocate adapter `up.lora_A.weight`: it would be a [1000000000000, 16] float32 tensor " \
            "(64.0 TB)" in str(e.value) and "DefaultCPUAllocator" not in str(e.value)
     with pytest.raises(peftc.SpecError, match="`length` = 1180591620717411303424 is larger than any tensor"):
@@ -186,7 +187,6 @@ def _tiny_onnx():
 
 def test_staging_cannot_pass_for_output_and_stale_ones_are_removed(tmp_path):
     import subprocess
-    import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
@@ -316,8 +316,6 @@ def test_bad_adapter_files_are_adapter_errors_naming_the_path(tmp_path, capsys, 
 
 # ---- 13: first capture from several threads --------------------------------------------------------------------
 def test_first_calls_from_several_threads_capture_once():
-    from examples.tiny_models import tiny_mlp
-
     model, (x,) = tiny_mlp()
     cm = peftc.compile(model, peftc.LoRA(target="up", r=2), (x,))
     cm.train()  # a new signature: the training graph is captured by whichever thread comes first
