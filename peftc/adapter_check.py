@@ -26,8 +26,9 @@ def check_adapter_state_dict(state_dict: Any, ours: Mapping[str, torch.Tensor], 
                              ) -> None:
     """Raise AdapterError naming the first key whose entry cannot be loaded into `ours` (name ==> tensor).
 
-    An entry loads when its key is one of ours, its value a dense, non-meta torch.Tensor of a floating dtype with
-    our shape, and its values are finite once cast to our dtype. Every one of ours must be given.
+    An entry loads when its key is one of ours, its value a dense, non-meta torch.Tensor with our shape, of a
+    floating dtype whose values are finite once cast to our dtype (integer for our integer tensors: SparseDelta's
+    indices). Every one of ours must be given.
     """
     if not isinstance(state_dict, Mapping):
         raise AdapterError(f"{source} must be a mapping {{name: tensor}} (e.g. cm.adapter_state_dict()), got "
@@ -57,12 +58,15 @@ def _check_tensor(key: str, value: Any, target: torch.Tensor, source: str) -> No
         raise AdapterError(f"{where} is a meta tensor (a shape without data); load its values first")
     if value.layout != torch.strided:
         raise AdapterError(f"{where} is a {value.layout} tensor; give a dense one (.to_dense())")
-    if not value.is_floating_point():
+    if target.is_floating_point() and not value.is_floating_point():
         raise AdapterError(f"{where} has dtype {value.dtype}; adapter weights are floating point (the model's "
                            f"is {target.dtype})")
+    if not target.is_floating_point() and (value.is_floating_point() or value.is_complex()
+                                           or value.dtype == torch.bool):
+        raise AdapterError(f"{where} has dtype {value.dtype}; it holds integer indices ({target.dtype})")
     if tuple(value.shape) != tuple(target.shape):
         raise AdapterError(f"{where} has shape {tuple(value.shape)}; the model expects {tuple(target.shape)}")
-    if value.numel():
+    if value.numel() and target.is_floating_point():
         value = value.detach()
         if not bool(torch.isfinite(value.to(torch.float64 if value.dtype == torch.float64 else torch.float32)).all()):
             raise AdapterError(f"{where} contains NaN or inf values; an adapter with them makes every output NaN")

@@ -204,6 +204,7 @@ class CompiledModel(nn.Module):
         Strict: unknown, missing or mis-shaped keys, non-tensors, meta tensors, non-floating dtypes (bool, int,
         complex) and NaN/inf values raise AdapterError naming the key. Other floating dtypes are cast to each
         adapter's own dtype (float32 for half-precision bases) and devices are moved, as Tensor.copy_ does.
+        Integer adapter tensors (SparseDelta's indices) take integer values.
         """
         from ..adapter_check import check_adapter_state_dict
 
