@@ -415,3 +415,14 @@ def test_an_interrupt_a_library_turned_into_another_error_still_exits_130(tmp_pa
     assert code == 130 and err == "peftc: interrupted\n"
     assert signal.getsignal(signal.SIGINT) is handler  # main put the caller's handler back
     assert os.listdir(tmp_path) == ["fac.py"]
+
+
+def test_integer_adapter_tensors_take_integer_values():
+    """SparseDelta's index tensor is an int64 adapter entry: it loads integers, not floats."""
+    model, args = tiny_mlp()
+    cm = peftc.compile(model, peftc.SparseDelta(target="up.weight", density=0.25), args)
+    sd = cm.adapter_state_dict()
+    (index_key,) = [k for k, v in sd.items() if not v.is_floating_point()]
+    with pytest.raises(peftc.AdapterError, match=f"`{index_key}` has dtype torch.float32; it holds integer indices"):
+        cm.load_adapter_state_dict({**sd, index_key: sd[index_key].float()})
+    cm.load_adapter_state_dict({k: v.clone() for k, v in sd.items()})  # its own state round-trips
