@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick clean
+.PHONY: demo test fuzz bench bench-quick clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ demo: $(STAMP)
 # Two workers, one torch thread each: CI has 2 cores and the suite must stay under 10 minutes.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2
+
+# The fuzz suite at depth: 1,000 examples per target (5 targets: 5,000), plus the SIGINT/SIGKILL fault runs at more kill
+# points. `make test` runs the same tests with 100 examples each and 1 kill point per signal.
+fuzz: $(STAMP)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 FUZZ_EXAMPLES=1000 FAULT_KILLS=6 $(BIN)/python -m pytest -n 2 \
+		tests/test_fuzz.py tests/test_faults.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -67,6 +67,25 @@ def get_attr_path(root: nn.Module, dotted: str):
     return obj
 
 
+def _asked_for(init: Callable[[], torch.Tensor], error: BaseException) -> str:
+    """What an adapter initializer that failed asked for, e.g. "a [1000000000000, 16] float32 tensor (64.0 TB)",
+    found by running it again on fake tensors (no memory); the error's first line when even that fails."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode():
+            fake = init()
+    except Exception:
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+    size = float(fake.numel() * fake.element_size())
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if size < 1000:
+            break
+        size /= 1000
+    return f"it would be a {list(fake.shape)} {str(fake.dtype).removeprefix('torch.')} tensor ({size:.1f} {unit}), " \
+           f"more than this machine can allocate"
+
+
 class ParamTable:
     """Ordered name -> Param map shared by every graph of one compiled model."""
 
@@ -113,7 +132,11 @@ class ParamTable:
         """
         entry = self._entries.get(name)
         if entry is None:
-            tensor = init()
+            try:
+                tensor = init()
+            except (RuntimeError, MemoryError, OverflowError) as e:
+                raise PassError(f"{added_by}: cannot allocate adapter `{name}`: {_asked_for(init, e)}; lower the "
+                                f"spec's size (r, length, ...)") from None
             param = nn.Parameter(tensor.detach(), requires_grad=trainable)
             entry = self._entries[name] = Param(name, param, ADAPTER, trainable, method, added_by)
         elif entry.role != ADAPTER:

@@ -30,7 +30,11 @@ def parse_bytes(text: str | int, what: str = "memory budget") -> int:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
         if m is None or m.group(2).lower() not in _UNITS:
             raise SpecError(f"{what} {text!r}: write a size such as 2GiB, 512MiB or 1000000 (bytes)")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        amount = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        if amount >= 2 ** 63:  # 400 nines is inf as a float; no budget is that large
+            raise SpecError(f"{what} {text[:40]!r}{'...' if len(text) > 40 else ''}: too large; write a size "
+                            f"such as 2GiB")
+        value = int(amount)
     else:
         raise SpecError(f"{what} must be a number of bytes or a size such as '2GiB', got {type(text).__name__}")
     if value < 1:

@@ -22,16 +22,59 @@ from .errors import SpecError
 # dotted suffix), or "all-linear".
 Target = Union[str, tuple[str, ...], None]
 
+# Sizes (r, length, ...) become tensor dimensions, which torch stores as int64.
+MAX_SIZE = 2 ** 63 - 1
+# LoRA scalings multiply float32 (or wider) adapter outputs: outside this range they become inf or vanish.
+FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr(value), shortened: an error message quotes a 100,000-character regex by its start."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        return f"an integer of {value.bit_length():,} bits"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def check_regex(pattern: Any, what: str, where: str, template: str = "{}") -> None:
+    """Compile `pattern` the way its matcher will (placed into `template`), so a bad regex fails where it is written.
+
+    Python's `re` raises more than re.error on hostile input: OverflowError for `a{4294967296}`, RecursionError
+    for thousands of nested groups; a global flag such as `(?i)` is valid alone but not inside a template.
+    """
+    if not isinstance(pattern, str):
+        raise SpecError(f"{where}: {what} {_shown(pattern)} must be a regex string, not {type(pattern).__name__}")
+    try:
+        re.compile(template.format(pattern))
+    except re.error as e:
+        reason = str(e) + (" (flags such as (?i) are not allowed here: write (?i:...) around the part they apply to)"
+                          if "global flags" in str(e) else "")
+        raise SpecError(f"{where}: {what} {_shown(pattern)} is not a valid regular expression ({reason})") \
+            from None
+    except (OverflowError, RecursionError, MemoryError, ValueError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else \
+            "a repeat count or group is too large" if isinstance(e, (OverflowError, MemoryError)) else str(e)
+        raise SpecError(f"{where}: {what} {_shown(pattern)} is not a usable regular expression ({reason})") \
+            from None
+
+
+def is_positive_number(value: Any) -> bool:
+    """A finite number > 0 (not a bool, not NaN or inf, not an int beyond float range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int beyond float range
+        return False
+
 
 def _as_target(value: Any, key: str, where: str) -> Target:
     if value is None:
         return None
     if isinstance(value, str):
         if value != "all-linear":
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise SpecError(f"{where}: `{key}` = {value!r} is not a valid regular expression ({e})") from None
+            check_regex(value, f"`{key}` =", where)
         return value
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         if not value:
@@ -41,8 +84,35 @@ def _as_target(value: Any, key: str, where: str) -> Target:
                     f"not {type(value).__name__}")
 
 
+def unknown_key_message(cls: type, key: Any, where: str) -> str:
+    """`where: unknown key `lora_alpha`; did you mean alpha?` (HF PEFT's names map to ours; else close matches)."""
+    known = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    hf_names = getattr(cls, "hf_names", {})
+    close = [hf_names[key]] if key in hf_names else difflib.get_close_matches(str(key), known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
+    shown = key if isinstance(key, str) and key.isidentifier() else _shown(key)
+    return f"{where}: unknown key `{shown}`{hint}"
+
+
+class _KeywordChecked(type):
+    """Rule constructors answer a keyword they do not take the way spec files do (a SpecError with peftc's name for
+    it), not with Python's TypeError."""
+
+    def __call__(cls, *args: Any, **kwargs: Any):
+        fields = [f.name for f in dataclasses.fields(cls) if f.init]
+        if len(args) > len(fields):
+            raise SpecError(f"{cls.__name__}: takes at most {len(fields)} positional arguments "
+                            f"({', '.join(fields)}), got {len(args)}; pass options by name")
+        for key in kwargs:
+            if key not in fields:
+                raise SpecError(unknown_key_message(cls, key, cls.__name__))
+            if key in fields[:len(args)]:
+                raise SpecError(f"{cls.__name__}: `{key}` is given both by position and by name")
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass(frozen=True)
-class Rule:
+class Rule(metaclass=_KeywordChecked):
     """Base of every method rule. `kind` is the spec-file table name (`[[lora]]`)."""
 
     kind: ClassVar[str] = ""
@@ -57,9 +127,7 @@ class Rule:
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         for key in data:
             if key not in known:
-                close = [cls.hf_names[key]] if key in cls.hf_names else difflib.get_close_matches(key, sorted(known), n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
-                raise SpecError(f"{where}: unknown key `{key}`{hint}")
+                raise SpecError(unknown_key_message(cls, key, where))
         try:
             return cls(**data)
         except SpecError as e:
@@ -107,15 +175,37 @@ class LoRA(Rule):
         self._check_variants(where)
         for name, r in self._per_slice(self.r, "r").items():
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-                raise SpecError(f"{where}: `r`{name} must be a positive integer, got {r!r}")
+                raise SpecError(f"{where}: `r`{name} must be a positive integer, got {_shown(r)}")
+            if r > MAX_SIZE:
+                raise SpecError(f"{where}: `r`{name} = {_shown(r)} is larger than any tensor dimension (2**63 - 1)")
         for name, alpha in self._per_slice(self.alpha, "alpha").items():
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
-                    or alpha <= 0:
-                raise SpecError(f"{where}: `alpha`{name} must be a positive number, got {alpha!r}")
+            if not is_positive_number(alpha):
+                raise SpecError(f"{where}: `alpha`{name} must be a positive number (finite), got {_shown(alpha)}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise SpecError(f"{where}: `dropout` must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.use_rslora, bool):
             raise SpecError(f"{where}: `use_rslora` must be true or false, got {self.use_rslora!r}")
+        self._check_scalings(where)
+
+    def _check_scalings(self, where: str) -> None:
+        """Every scaling alpha/r this rule can give must be a normal float32: the adapter computes in float32 (or
+        wider), where alpha=1e308 with r=1 is inf (NaN logits) and 1e-300 is 0 (an adapter that trains nothing)."""
+        ranks = {**self._per_slice(self.r, "r"), **{f" (rank_pattern[{k!r}])": v
+                                                     for k, v in (self.rank_pattern or {}).items()}}
+        alphas = {**self._per_slice(self.alpha, "alpha"), **{f" (alpha_pattern[{k!r}])": v
+                                                             for k, v in (self.alpha_pattern or {}).items()}}
+        root = math.sqrt if self.use_rslora else float
+        per_slice = isinstance(self.r, dict) and isinstance(self.alpha, dict)  # slice q's alpha meets slice q's r
+        for a_name, alpha in alphas.items():
+            for r_name, r in ranks.items():
+                if per_slice and a_name != r_name:
+                    continue
+                scaling = float(alpha) / root(r)
+                if not FLOAT32_TINY <= scaling <= FLOAT32_MAX:
+                    raise SpecError(f"{where}: `alpha`{a_name} = {alpha:g} with `r`{r_name} = {r} gives scaling "
+                                    f"{scaling:g}, which float32 adapters cannot hold (it would be "
+                                    f"{'inf' if scaling > 1 else 'denormal or 0'}); keep alpha/r between 1e-38 "
+                                    f"and 3e38")
 
     @property
     def scaling(self) -> float:
@@ -139,19 +229,20 @@ class LoRA(Rule):
         for key in ("use_dora", "freeze_a"):
             if not isinstance(getattr(self, key), bool):
                 raise SpecError(f"{where}: `{key}` must be true or false, got {getattr(self, key)!r}")
-        for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        for key in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, key)
             if pattern is None:
                 continue
             if not isinstance(pattern, dict):
                 raise SpecError(f"{where}: `{key}` must be a table {{regex: value}}, got {type(pattern).__name__}")
             for k, v in pattern.items():
-                try:
-                    re.compile(k)
-                except (re.error, TypeError) as e:
-                    raise SpecError(f"{where}: `{key}` key {k!r} is not a valid regular expression ({e})") from None
-                if isinstance(v, bool) or not isinstance(v, kind) or v <= 0:
-                    raise SpecError(f"{where}: `{key}[{k!r}]` must be a positive number, got {v!r}")
+                # pattern_value() matches keys inside a larger regex; compile them the same way
+                check_regex(k, f"`{key}` key", where, template=PATTERN_TEMPLATE)
+                if key == "rank_pattern" and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIZE):
+                    raise SpecError(f"{where}: `{key}[{_shown(k)}]` must be a positive integer rank, got {_shown(v)}")
+                if key == "alpha_pattern" and not is_positive_number(v):
+                    raise SpecError(f"{where}: `{key}[{_shown(k)}]` must be a positive number (finite), got "
+                                    f"{_shown(v)}")
             object.__setattr__(self, key, dict(pattern))
         if self.slices is None:
             return
@@ -161,19 +252,19 @@ class LoRA(Rule):
         spans = {}
         for name, span in self.slices.items():
             if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise SpecError(f"{where}: slice name {name!r} must be an identifier (it names "
+                raise SpecError(f"{where}: `slices` name {_shown(name)} must be an identifier (it names "
                                 f"`<module>.lora_A.<name>.weight`)")
             ints = isinstance(span, (list, tuple)) and len(span) == 2 and \
                 all(isinstance(i, int) and not isinstance(i, bool) for i in span)
-            if not ints or not 0 <= span[0] < span[1]:
-                raise SpecError(f"{where}: slice `{name}` must be [start, end) output columns with "
-                                f"0 <= start < end, got {span!r}")
+            if not ints or not 0 <= span[0] < span[1] <= MAX_SIZE:
+                raise SpecError(f"{where}: `slices` entry `{name}` must be [start, end) output columns with "
+                                f"0 <= start < end, got {_shown(span)}")
             spans[name] = (span[0], span[1])
         ordered = sorted(spans.items(), key=lambda kv: kv[1])
         for (n0, (_, e0)), (n1, (s1, _)) in zip(ordered, ordered[1:]):
             if s1 < e0:
-                raise SpecError(f"{where}: slices `{n0}` and `{n1}` overlap; per-slice adapters need disjoint "
-                                f"column ranges")
+                raise SpecError(f"{where}: `slices` entries `{n0}` and `{n1}` overlap; per-slice adapters need "
+                                f"disjoint column ranges")
         if self.use_dora:
             raise SpecError(f"{where}: `use_dora` needs one magnitude per output row of the whole weight; it "
                             f"does not combine with `slices`")
@@ -197,10 +288,13 @@ class LoRA(Rule):
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
+PATTERN_TEMPLATE = r"(.*\.)?({})$"
+
+
 def pattern_value(pattern: dict[str, Any] | None, module: str, default: Any) -> Any:
     """HF PEFT's `get_pattern_key`: the first key `k` (in order) with re.match(rf"(.*\\.)?({k})$", module)."""
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(PATTERN_TEMPLATE.format(key), module):
             return value
     return default
 
@@ -270,6 +364,8 @@ class Spec:
                 if not isinstance(entry, dict):
                     raise SpecError(f"{source}: [[{kind}]] #{i + 1} must be a table")
                 rules.append(RULE_KINDS[kind].from_dict(entry, f"{source}: [[{kind}]] #{i + 1}"))
+        if not rules:
+            raise SpecError(f"{source}: the spec is empty: give at least one method table, e.g. [[lora]]")
         return cls(*rules, task_type=task_type)
 
     @classmethod
@@ -284,29 +380,50 @@ class Spec:
     def load(cls, path: str | Path) -> "Spec":
         """Load a spec from a `.toml` or `.json` file."""
         path = Path(path)
+        if path.suffix not in (".json", ".toml"):
+            raise SpecError(f"{path}: unknown spec format `{path.suffix}`; use .toml or .json")
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise SpecError(f"spec file {path} does not exist") from None
         except OSError as e:
-            raise SpecError(f"cannot read spec file {path}: {e.strerror}") from None
-        if path.suffix == ".json":
+            raise SpecError(f"cannot read spec file {path}: {e.strerror or e}") from None
+        return cls.loads(raw, path.suffix.lstrip("."), str(path))
+
+    @classmethod
+    def loads(cls, text: str | bytes, format: str, source: str = "spec") -> "Spec":
+        """Parse spec text ("toml" or "json"); `source` names it in errors (Spec.load passes the file path)."""
+        if isinstance(text, bytes):
             try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise SpecError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        elif path.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            try:
-                data = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as e:
-                raise SpecError(f"{path}: invalid TOML: {e}") from None
-        else:
-            raise SpecError(f"{path}: unknown spec format `{path.suffix}`; use .toml or .json")
-        return cls.from_dict(data, str(path))
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SpecError(f"{source}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                                f"save the spec as UTF-8") from None
+        try:
+            if format == "json":
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise SpecError(f"{source}:{e.lineno}: invalid JSON: {e.msg}") from None
+            elif format == "toml":
+                try:
+                    import tomllib
+                except ModuleNotFoundError:  # Python 3.10
+                    import tomli as tomllib
+                try:
+                    data = tomllib.loads(text)
+                except tomllib.TOMLDecodeError as e:
+                    raise SpecError(f"{source}: invalid TOML: {e}") from None
+            else:
+                raise SpecError(f"{source}: unknown spec format {format!r}; use toml or json")
+        except SpecError:
+            raise
+        except RecursionError:
+            raise SpecError(f"{source}: invalid {format.upper()}: nested too deeply (a spec is a table of method "
+                            f"tables)") from None
+        except ValueError as e:  # json: an integer literal past Python's digit limit
+            raise SpecError(f"{source}: invalid {format.upper()}: {str(e).split(';')[0]}") from None
+        return cls.from_dict(data, source)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task_type": self.task_type} if self.task_type is not None else {}
@@ -319,7 +436,9 @@ class Spec:
 
 def _positive_int(value: Any, key: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise SpecError(f"{where}: `{key}` must be a positive integer, got {value!r}")
+        raise SpecError(f"{where}: `{key}` must be a positive integer, got {_shown(value)}")
+    if value > MAX_SIZE:
+        raise SpecError(f"{where}: `{key}` = {_shown(value)} is larger than any tensor dimension (2**63 - 1)")
     return value
 
 
@@ -450,8 +569,8 @@ class SparseDelta(Rule):
             raise SpecError(f"{where}: `density` must be in (0, 1], got {self.density!r}")
         if self.structure not in STRUCTURES:
             raise SpecError(f"{where}: `structure` must be 'rows', 'columns' or omitted, got {self.structure!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise SpecError(f"{where}: `seed` must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise SpecError(f"{where}: `seed` must be an integer in [0, 2**32), got {_shown(self.seed)}")
 
 
 @dataclass(frozen=True)

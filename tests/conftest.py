@@ -41,3 +41,25 @@ def seeded():
 
 def ids(batch=2, seq=8, vocab=64, seed=0):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Counts of the fuzz tests (tests/test_fuzz.py records them as user properties; xdist workers send those back)."""
+    from collections import Counter
+
+    totals: Counter = Counter()
+    for reports in terminalreporter.stats.values():
+        for r in reports:
+            if getattr(r, "when", None) == "call":
+                for name, value in getattr(r, "user_properties", ()):
+                    if name.startswith("fuzz:"):
+                        totals[tuple(name.split(":")[1:])] += value
+    if not totals:
+        return
+    terminalreporter.section("fuzz counts")
+    for target in sorted({t for t, _ in totals}):
+        parts = ", ".join(f"{key} {totals[t, key]:,}" for t, key in sorted(totals) if t == target)
+        terminalreporter.write_line(f"{target}: {parts}")
+    tried = sum(v for (t, k), v in totals.items() if k == "tried")
+    defects = "0" if not terminalreporter.stats.get("failed") else "see the failures above"
+    terminalreporter.write_line(f"all: {tried:,} inputs tried; defects: {defects}")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import threading
+from typing import Any, Mapping, Sequence
 
 import torch
 from rich.console import Console, Group
@@ -13,12 +14,17 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from ..capture import ModelInfo, call_kwargs, capture
-from ..errors import AdapterError, PassError, PeftcError
+from ..errors import PassError, PeftcError
 from ..hf import HFModelMixin, autocast_state, source_signature
 from ..instrument import DiffIR, PassRecord, Verify
 from ..params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from ..pipeline import Instrument, PassContext, Pipeline
 from ..spec import Spec
+
+
+# torch.export keeps its tracing state in process-global modes: two captures at once (two threads' first calls)
+# corrupt each other ("ProxyTorchDispatchMode slot already occupied"). Captures take turns; graph calls do not.
+_CAPTURE_LOCK = threading.RLock()
 
 
 def _is_guard_failure(e: Exception) -> bool:
@@ -140,6 +146,11 @@ class CompiledModel(HFModelMixin, nn.Module):
     def _lower(self, args: tuple, kwargs: dict[str, Any], instruments: Sequence[Instrument] = (),
                entry: str | None = None) -> GraphModule:
         """Capture and compile one call signature; `entry` is a submodule to enter through (cm.base_model)."""
+        with _CAPTURE_LOCK:
+            return self._capture_and_compile(args, kwargs, instruments, entry)
+
+    def _capture_and_compile(self, args: tuple, kwargs: dict[str, Any], instruments: Sequence[Instrument],
+                             entry: str | None) -> GraphModule:
         source = self._source
         was_training = source.training
         source.train(self.training)
@@ -169,14 +180,21 @@ class CompiledModel(HFModelMixin, nn.Module):
 
     def _run(self, entry: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
         kwargs = call_kwargs(self._source if entry is None else get_attr_path(self._source, entry), kwargs)
-        for gm in self._graphs.get(self._key(args, kwargs, entry), []):
-            try:
-                return gm(*args, **kwargs)
-            except Exception as e:
-                if not _is_guard_failure(e):
-                    raise
-        # A new signature, or shapes that an earlier capture specialized: capture these inputs too.
-        return self._lower(args, kwargs, entry=entry)(*args, **kwargs)
+        key, tried = self._key(args, kwargs, entry), 0
+        while True:
+            graphs = list(self._graphs.get(key, []))
+            for gm in graphs[tried:]:
+                try:
+                    return gm(*args, **kwargs)
+                except Exception as e:
+                    if not _is_guard_failure(e):
+                        raise
+            tried = len(graphs)
+            # A new signature, or shapes that an earlier capture specialized: capture these inputs too, unless
+            # another thread captured this signature while we looked (then try its graph first).
+            with _CAPTURE_LOCK:
+                if len(self._graphs.get(key, [])) == tried:
+                    return self._lower(args, kwargs, entry=entry)(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -194,26 +212,21 @@ class CompiledModel(HFModelMixin, nn.Module):
         """Every adapter tensor, keyed as HF PEFT saves them without `base_model.model.`."""
         return {p.name: p.tensor.detach() for p in self.params if p.role == ADAPTER}
 
-    def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load adapter tensors; strict: unknown, missing or mis-shaped keys raise AdapterError."""
-        ours = {p.name: p for p in self.params if p.role == ADAPTER}
-        for key, value in state_dict.items():
-            if key not in ours:
-                import difflib
-                close = difflib.get_close_matches(key, list(ours), n=1)
-                hint = f"; did you mean `{close[0]}`?" if close else ""
-                raise AdapterError(f"adapter state dict has unknown key `{key}`{hint}")
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(ours[key].tensor.shape):
-                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise AdapterError(f"adapter `{key}` has shape {got}; the model expects "
-                                   f"{tuple(ours[key].tensor.shape)}")
-        missing = [k for k in ours if k not in state_dict]
-        if missing:
-            raise AdapterError(f"adapter state dict is missing `{missing[0]}`"
-                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    def load_adapter_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load adapter tensors, all or nothing: every key and tensor is checked before any is copied.
+
+        Strict: unknown, missing or mis-shaped keys, non-tensors, meta tensors, non-floating dtypes (bool, int,
+        complex) and NaN/inf values raise AdapterError naming the key. Other floating dtypes are cast to each
+        adapter's own dtype (float32 for half-precision bases) and devices are moved, as Tensor.copy_ does.
+        Integer adapter tensors (SparseDelta's indices) take integer values.
+        """
+        from ..adapter_check import check_adapter_state_dict
+
+        ours = {p.name: p.tensor for p in self.params if p.role == ADAPTER}
+        check_adapter_state_dict(state_dict, ours)
         with torch.no_grad():
             for key, value in state_dict.items():
-                ours[key].tensor.copy_(value)
+                ours[key].copy_(value)
 
     def save_pretrained(self, directory, format: str | None = None) -> str:
         """Save the adapter to `directory` in HF PEFT's format (adapter_config.json + adapter_model.safetensors),
@@ -333,8 +346,9 @@ class CompiledModel(HFModelMixin, nn.Module):
     def graph_for(self, *args: Any, **kwargs: Any) -> GraphModule:
         """The graph that serves this call signature in the current train/eval mode, captured if it is new."""
         kwargs = call_kwargs(self._source, kwargs)
-        graphs = self._graphs.get(self._key(args, kwargs))
-        return graphs[0] if graphs else self._lower(args, kwargs)
+        with _CAPTURE_LOCK:
+            graphs = self._graphs.get(self._key(args, kwargs))
+            return graphs[0] if graphs else self._lower(args, kwargs)
 
     def export_onnx(self, path, merged: bool = True, dynamic: bool = True, opset: int | None = None,
                     verify: bool = True, adapters: str | None = None, progress=None):

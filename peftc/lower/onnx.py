@@ -254,9 +254,11 @@ def _count_nodes(model) -> int:
 
 
 def _save_atomic(model, path: Path, check: Callable[[Path], None] | None = None) -> int:
-    """Save to a temp dir next to `path`, run `check` on it, then rename into place. Returns bytes written.
+    """Save into a staging dir next to `path`, run `check` on it, then rename into place. Returns bytes written.
 
-    A failure at any point (save, check, interrupt) leaves nothing at `path`.
+    A failure at any point (save, check, interrupt) leaves nothing at `path`. A process killed outright leaves its
+    staging dir, `.peftc-staging-<pid>-<random>`, whose model file is named `*.unverified` so it cannot pass for
+    output; the next export into that directory removes every staging dir whose process is gone.
     """
     import onnx_ir as ir
 
@@ -264,12 +266,16 @@ def _save_atomic(model, path: Path, check: Callable[[Path], None] | None = None)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ExportError(f"cannot write {path}: directory {parent} does not exist")
+    for stale in parent.glob(".peftc-staging-*"):
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".peftc-staging-{os.getpid()}-", dir=parent))
     except OSError as e:
         raise ExportError(f"cannot write {path}: {e.strerror} (is {parent} writable?)") from None
     try:
-        staged = tmp / path.name
+        staged = tmp / f"{path.name}.unverified"
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         data_name = f"{path.name}.data"
         if size > EXTERNAL_DATA_THRESHOLD:
@@ -281,11 +287,21 @@ def _save_atomic(model, path: Path, check: Callable[[Path], None] | None = None)
         written = [p for p in tmp.iterdir()]
         total = sum(p.stat().st_size for p in written)
         # data before model: the model only appears once all it references is in place
-        for p in sorted(written, key=lambda p: p.name == path.name):
-            os.replace(p, parent / p.name)
+        for p in sorted(written, key=lambda p: p == staged):
+            os.replace(p, parent / (path.name if p == staged else p.name))
         return total
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
 
 
 # ---- verification ----------------------------------------------------------------------------------------------
