@@ -130,7 +130,8 @@ def test_modules_to_save_is_a_full_trainable_copy_under_peft_s_names(tmp_path):
     copy_ = cm.params["classifier.weight"].tensor + cm.params["classifier.modules_to_save.weight"].tensor
     torch.testing.assert_close(saved["base_model.model.classifier.weight"], copy_.detach())
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
-    hf = peft.get_peft_model(tiny_bert(), peft.LoraConfig(target_modules=["query"], r=4, modules_to_save=["classifier"]))
+    hf = peft.get_peft_model(tiny_bert(), peft.LoraConfig(target_modules=["query"], r=4,
+                                                          modules_to_save=["classifier"]))
     assert cm.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
 
 
