@@ -1,4 +1,4 @@
-"""insert-modules-to-save: p = get_attr(<module>.<leaf>)  ==>  p + delta, for every parameter of the selected modules."""
+"""insert-modules-to-save: p = get_attr(<module>.<leaf>)  ==>  p + delta, for each parameter of the chosen modules."""
 
 from __future__ import annotations
 

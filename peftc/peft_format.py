@@ -317,10 +317,6 @@ _TASK_BY_CLASS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("
                   ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("Seq2SeqLM", "SEQ_2_SEQ_LM"))
 
 
-def _task_type(cm) -> str | None:
-    return cm.spec.task_type
-
-
 def _prompt_task_type(cm) -> str:
     """Prompt learning needs a task type (it picks PEFT's model class); the spec's, else read off the class name."""
     if cm.spec.task_type is not None:
@@ -402,7 +398,8 @@ def _choose_targets(cm, config: dict, target: Target, exclude: Target, adapted: 
 
 def _modules_to_save(cm) -> tuple[set[str], list[str] | None]:
     """(the modules trained in full, the `modules_to_save` names PEFT reads as exactly those)."""
-    trained = {_delta_owner(p.name, "modules_to_save") for p in cm.params if p.role == ADAPTER and p.method == "modules_to_save"}
+    trained = {_delta_owner(p.name, "modules_to_save") for p in cm.params
+               if p.role == ADAPTER and p.method == "modules_to_save"}
     if not trained:
         return set(), None
     rules = [r for r in cm.spec.rules if isinstance(r, ModulesToSave)]
@@ -457,7 +454,7 @@ def _lora(cm, rule: LoRA) -> tuple[dict, dict]:
     if odd:
         raise NotPeftExpressible(f"LoRA on `{odd[0]}`, which is not an nn.Linear, Conv1D or convolution module "
                                  f"(a weight read functionally), has no PEFT format: PEFT swaps modules")
-    config = {**_base_config(cm, "LORA", _task_type(cm)), "r": rule.r, "lora_alpha": rule.alpha,
+    config = {**_base_config(cm, "LORA", cm.spec.task_type), "r": rule.r, "lora_alpha": rule.alpha,
               "lora_dropout": rule.dropout, "use_rslora": rule.use_rslora, "use_dora": rule.use_dora,
               "rank_pattern": dict(rule.rank_pattern or {}), "alpha_pattern": dict(rule.alpha_pattern or {}),
               "bias": "none", "init_lora_weights": True,
@@ -474,7 +471,7 @@ def _ia3(cm, rule: IA3) -> tuple[dict, dict]:
         raise NotPeftExpressible(f"IA3 on `{odd[0]}`, which is not an nn.Linear or Conv1D module, has no PEFT format")
     feedforward = {n.meta["peftc.ia3"]["vector"].rsplit(".ia3_l", 1)[0] for gms in cm._graphs.values() for gm in gms
                    for n in gm.graph.nodes if n.meta.get("peftc.ia3", {}).get("feedforward")}
-    config = {**_base_config(cm, "IA3", _task_type(cm)), "init_ia3_weights": True,
+    config = {**_base_config(cm, "IA3", cm.spec.task_type), "init_ia3_weights": True,
               "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in adapted)}
     tensors = {MODEL_PREFIX + p.name: p.tensor.detach() for p in cm.params if p.role == ADAPTER and p.method == "ia3"}
     _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
@@ -484,7 +481,8 @@ def _ia3(cm, rule: IA3) -> tuple[dict, dict]:
         ff_candidates.insert(0, peft_regex(rule.feedforward) if isinstance(rule.feedforward, str)
                              else list(rule.feedforward))
     for ff in ff_candidates:
-        chosen = {m for m in adapted if (re.fullmatch(ff, m) if isinstance(ff, str) else any(m.endswith(f) for f in ff))}
+        chosen = {m for m in adapted
+                  if (re.fullmatch(ff, m) if isinstance(ff, str) else any(m.endswith(f) for f in ff))}
         if chosen != feedforward:
             continue
         if isinstance(ff, list) and isinstance(config["target_modules"], list) \
@@ -501,14 +499,13 @@ def _ia3(cm, rule: IA3) -> tuple[dict, dict]:
 def _norm_tuning(cm, rule: NormTuning) -> tuple[dict, dict]:
     adapted = {_delta_owner(p.name, "norm_tuning") for p in cm.params if p.role == ADAPTER
                and p.method == "norm_tuning"}
-    config = _base_config(cm, "LN_TUNING", _task_type(cm))
+    config = _base_config(cm, "LN_TUNING", cm.spec.task_type)
     tensors = {}
     for m in sorted(adapted):
         for alias, value in _trained_module(cm, m, "norm_tuning").items():
             tensors[f"{MODEL_PREFIX}{m}.ln_tuning_layers{alias[len(m):]}"] = value
     _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
-    target = None if rule.target is None else rule.target
-    return _choose_targets(cm, config, target, rule.exclude, adapted, "norm modules"), tensors
+    return _choose_targets(cm, config, rule.target, rule.exclude, adapted, "norm modules"), tensors
 
 
 def _hf_config_value(cm, *keys: str) -> Any:

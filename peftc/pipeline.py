@@ -20,7 +20,7 @@ from torch.fx import GraphModule
 from .capture import ModelInfo
 from .errors import PassError, PeftcError, SpecError
 from .params import ParamTable
-from .spec import Rule, Spec
+from .spec import ModulesToSave, Rule, Spec
 
 
 @dataclass
@@ -125,8 +125,6 @@ class Pipeline:
             if pass_cls is None:
                 raise SpecError(f"no pass implements {type(rule).__name__} rules")
             passes.append(pass_cls(rule))
-        from .spec import ModulesToSave
-
         # HF PEFT trains the classifier head in full for sequence classification, unless the spec says which modules.
         if spec.task_type == "SEQ_CLS" and not any(isinstance(r, ModulesToSave) for r in spec.rules):
             from .passes.insert_modules_to_save import InsertModulesToSave

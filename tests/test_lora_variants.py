@@ -214,7 +214,11 @@ def test_conv_lora_matches_hf_peft(cnn, use_dora):
 
 def test_all_linear_leaves_convolutions_alone(cnn):
     _, ctx = cnn.rewrite(peftc.LoRA(target="all-linear"))
-    assert {p.name for p in ctx.params if p.role == "adapter"} == {"proj.lora_A.weight", "proj.lora_B.weight"}
+    ours = {p.name for p in ctx.params if p.role == "adapter"}
+    # a plain module has no get_output_embeddings: HF PEFT adapts every Linear, the head included
+    assert ours == {f"{m}.lora_{w}.weight" for m in ("proj", "head") for w in "AB"}
+    hf = hf_peft(copy.deepcopy(cnn.ref), target_modules="all-linear")
+    assert ours == {hf_name(n) for n, p in hf.named_parameters() if p.requires_grad}
 
 
 # ---- per-slice adapters on a fused weight ----------------------------------------------------------------------

@@ -130,7 +130,8 @@ def test_modules_to_save_is_a_full_trainable_copy_under_peft_s_names(tmp_path):
     copy_ = cm.params["classifier.weight"].tensor + cm.params["classifier.modules_to_save.weight"].tensor
     torch.testing.assert_close(saved["base_model.model.classifier.weight"], copy_.detach())
     assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
-    hf = peft.get_peft_model(tiny_bert(), peft.LoraConfig(target_modules=["query"], r=4, modules_to_save=["classifier"]))
+    hf = peft.get_peft_model(tiny_bert(), peft.LoraConfig(target_modules=["query"], r=4,
+                                                          modules_to_save=["classifier"]))
     assert cm.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
 
 
@@ -233,19 +234,27 @@ LOAD_CASES = {
 
 
 @pytest.mark.parametrize("case", list(LOAD_CASES))
-def test_peft_adapters_load_into_peftc_three_ways(case, tmp_path):
+def test_peft_adapters_compile_from_their_directory(case, tmp_path):
     make, config = LOAD_CASES[case]
-    pm, (b1, b2, b3) = _peft_trained(make, config(), tmp_path)
+    pm, (base, plain_base, _) = _peft_trained(make, config(), tmp_path)
     x, x2 = ids(), ids(seed=4)
     theirs = logits(pm(input_ids=x2))
-    plain = logits(b3(input_ids=x2))
+    plain = logits(plain_base(input_ids=x2))
     assert not torch.allclose(theirs[:, -plain.shape[1]:], plain, atol=1e-3)
-    compiled = peftc.compile(b1, tmp_path, kwargs=dict(input_ids=x))
-    assert_close(logits(compiled(input_ids=x2)), theirs)
-    assert compiled.parameter_counts()[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    from_pretrained = peftc.CompiledModel.from_pretrained(b2, tmp_path / "adapter_config.json", kwargs=dict(input_ids=x))
-    assert_close(logits(from_pretrained(input_ids=x2)), theirs)
-    loaded = peftc.compile(b3, peftc.Spec.from_peft(pm.peft_config["default"]), kwargs=dict(input_ids=x))
+    cm = peftc.compile(base, tmp_path, kwargs=dict(input_ids=x))
+    assert_close(logits(cm(input_ids=x2)), theirs)
+    assert cm.parameter_counts()[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+
+
+def test_from_pretrained_and_load_adapter_agree_with_peft(tmp_path):
+    config = peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, use_dora=True,
+                             modules_to_save=["lm_head"])
+    pm, (b1, b2, _) = _peft_trained(tiny_llama, config, tmp_path)
+    x, x2 = ids(), ids(seed=4)
+    theirs = logits(pm(input_ids=x2))
+    cm = peftc.CompiledModel.from_pretrained(b1, tmp_path / "adapter_config.json", kwargs=dict(input_ids=x))
+    assert_close(logits(cm(input_ids=x2)), theirs)
+    loaded = peftc.compile(b2, peftc.Spec.from_peft(pm.peft_config["default"]), kwargs=dict(input_ids=x))
     loaded.load_adapter(tmp_path)
     assert_close(logits(loaded(input_ids=x2)), theirs)
 
