@@ -250,20 +250,20 @@ def _tensor_args(node: Node) -> bool:
 def insert_method(gm: GraphModule, ctx, rule: Method, pass_name: str) -> bool:
     """Rewrite every site `rule` selects with its forward; True when something changed."""
     raws = method_sites(gm, ctx, rule)
-    dtypes = {raw: _adapter_dtype(ctx.params[raw.weight].tensor.dtype) for raw in raws}
-    sites = {raw: _site(raw, ctx.params[raw.weight].tensor, dtypes[raw], ctx.training) for raw in raws}
+    sites = [_site(raw, ctx.params[raw.weight].tensor, _adapter_dtype(ctx.params[raw.weight].tensor.dtype),
+                   ctx.training) for raw in raws]
     shared = {}
     first = ctx.params[raws[0].weight].tensor
-    for key, param in rule.shared_params(list(sites.values())).items():
+    for key, param in rule.shared_params(sites).items():
         where = f"{rule!r}: shared parameter `{key}`"
-        ctx.params.add(gm, key, lambda p=param, w=where: p.make(dtypes[raws[0]], first.device, w),
+        ctx.params.add(gm, key, lambda p=param, w=where: p.make(sites[0].dtype, first.device, w),
                        method=rule.kind, added_by=pass_name, trainable=param.trainable)
         shared[key] = key
     modified = False
-    for raw in raws:
+    for raw, site in zip(raws, sites):
         if adapted(raw.node, rule.kind, rule, raw.module):
             continue
-        _insert(gm, ctx, rule, pass_name, raw, sites[raw], shared)
+        _insert(gm, ctx, rule, pass_name, raw, site, shared)
         mark_adapted(raw.node, rule.kind, rule)
         ctx.count(f"{pass_name}.inserted")
         modified = True
