@@ -37,9 +37,9 @@ class GatedLoRA(peftc.Method):
 
 def main(out_dir: str) -> dict:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2))
-    ids = torch.randint(0, 128, (4, 16))
+    ids = torch.randint(0, 64, (2, 8))
     cm = peftc.compile(model, GatedLoRA(target="q_proj|v_proj", r=4), kwargs={"input_ids": ids, "labels": ids})
     opt = torch.optim.AdamW(cm.trainable_parameters(), lr=1e-2)
     losses = []
@@ -49,8 +49,8 @@ def main(out_dir: str) -> dict:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    merged = cm.merge()
-    report = cm.export_onnx(f"{out_dir}/gated_lora.onnx")
+    merged = cm.merge()  # the gate and B·A folded into W: the plain model's graph
+    report = merged.export_onnx(f"{out_dir}/gated_lora.onnx", merged=False)  # already merged: export as it is
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged and exported: {report.path}")
     return {"losses": losses, "cm": cm, "merged": merged, "report": report, "ids": ids}
 
