@@ -94,6 +94,9 @@ def test_spec_errors_say_what_and_where(tmp_path):
         RankGate(r="3")
     with pytest.raises(SpecError, match="matches no matmul"):
         peftc.compile(model(), RankGate(target="nope"), kwargs={"ids": ids()})
+    with pytest.raises(SpecError, match="which RankGate.*already adapts"):
+        peftc.compile(model(), peftc.Spec(RankGate(target="up"), RankGate(target=["up", "down"], r=3)),
+                      kwargs={"ids": ids()})
 
 
 def test_identity_at_init_names_diff_and_idempotence():
