@@ -44,7 +44,7 @@ from torch.fx.proxy import GraphAppendingTracer
 from .errors import PassError, SpecError
 from .match import ConvSite, MatmulSite, conv_sites, matmul_sites, select
 from .rewrite import NodeBuilder, adapted, mark_adapted, replace_uses
-from .spec import Rule, _as_target, register_rule
+from .spec import Rule, Target, _as_target, register_rule
 
 aten = torch.ops.aten
 
@@ -148,8 +148,8 @@ class Method(Rule):
     kind: ClassVar[str] = ""
     sites: ClassVar[tuple[str, ...]] = ("matmul",)
 
-    target: Any = "all-linear"
-    exclude: Any = None
+    target: Target = "all-linear"
+    exclude: Target = None
 
     def __post_init__(self) -> None:
         where = self._where()

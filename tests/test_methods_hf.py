@@ -152,3 +152,31 @@ def test_loha_identity_at_init_and_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_lokr_llama_decomposed_matches_hf_with_prune_grads():
+    torch.manual_seed(0)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    cm = check_parity(tiny_llama(num_hidden_layers=1), peftc.LoKr(target=targets, r=1, alpha=2, decompose_both=True),
+                      peft.LoKrConfig(target_modules=targets, r=1, alpha=2, decompose_both=True),
+                      {"input_ids": ids()}, lambda o: o.logits, prune_grads=True)
+    assert {k.rpartition(".")[2] for k in cm.adapter_state_dict()} == {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a",
+                                                                       "lokr_w2_b"}
+
+
+@pytest.mark.parametrize("r", [1, 4])  # r=1: W2 factored (kernel in W2_b); r=4: full W2 (kernel in W2)
+def test_lokr_convolutions_match_hf(r):
+    torch.manual_seed(0)
+    check_parity(TinyCNN(), peftc.LoKr(target=["c1", "c2", "c3", "head"], r=r, alpha=3),
+                 peft.LoKrConfig(target_modules=["c1", "c2", "c3", "head"], r=r, alpha=3),
+                 {"x": torch.randn(2, 4, 6, 6)}, lambda o: o, prune_grads=False)
+
+
+def test_lokr_factorization_is_hf_peft_factorization():
+    from peft.tuners.lokr.layer import factorization as hf_factorization
+
+    from peftc.methods.lokr import factorization
+
+    for n in range(1, 200):
+        for factor in (-1, 1, 2, 3, 4, 8, 16):
+            assert factorization(n, factor) == hf_factorization(n, factor), (n, factor)
