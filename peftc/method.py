@@ -42,15 +42,16 @@ from torch.fx import GraphModule, Node, Proxy
 from torch.fx.proxy import GraphAppendingTracer
 
 from .errors import PassError, SpecError
-from .match import ConvSite, MatmulSite, conv_sites, matmul_sites, select
-from .rewrite import NodeBuilder, adapted, mark_adapted, replace_uses
+from .match import _KEEPS, ConvSite, MatmulSite, conv_sites, matmul_sites, select
+from .rewrite import NodeBuilder, adapted, mark_adapted
 from .spec import Rule, Target, _as_target, register_rule
 
 aten = torch.ops.aten
 
 # The tag insert-<method> writes on a rewrite's output node; merge_methods reads it.
 TAG = "peftc.method"
-SITE_KINDS = ("matmul", "conv")
+SITE_KINDS = ("matmul", "conv", "module", "norm", "attention")
+WEIGHT_KINDS = ("matmul", "conv")  # sites with a weight: `site.apply` and `merge` exist only there
 
 INITS: dict[str, Callable[[torch.Tensor], Any]] = {
     "zeros": nn.init.zeros_,
@@ -103,14 +104,15 @@ class Site:
     `weight_shape` is W as the method sees it, whatever its storage: (out, in) for a matmul (GPT-2's Conv1D
     included), (out, in/groups, *kernel) for a convolution. `apply(x, w)` is the site's own op with weight `w`
     (that shape) and no bias: `linear(x, w)`, or the convolution with the site's stride, padding, dilation and
-    groups. `training` says whether the graph is a training graph (dropout is live only there).
+    groups. `training` says whether the graph is a training graph (dropout is live only there). Module, norm and
+    attention sites have no weight (`weight` is None); `out_features` is the last dim of their output.
     """
 
-    kind: str  # matmul | conv
+    kind: str  # matmul | conv | module | norm | attention
     module: str
-    weight: str
-    weight_shape: tuple[int, ...]
-    in_features: int
+    weight: str | None
+    weight_shape: tuple[int, ...] | None
+    in_features: int | None
     out_features: int
     training: bool
     dtype: torch.dtype  # the adapters' dtype: float32 on half-precision bases
@@ -118,8 +120,15 @@ class Site:
     padding: tuple[int, ...] | str | None = None
     dilation: tuple[int, ...] | None = None
     groups: int = 1
+    module_type: str = ""  # the module's class name (module and norm sites)
+    heads: int = 0  # attention sites: query heads, key/value heads, head dim
+    kv_heads: int = 0
+    head_dim: int = 0
 
     def apply(self, x, w):
+        if self.kind not in WEIGHT_KINDS:
+            raise PassError(f"`{self.module}` is a {self.kind} site, which has no weight: site.apply is for matmul "
+                            f"and conv sites")
         if self.kind == "matmul":
             return F.linear(x, w)
         conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.weight_shape) - 3]
@@ -141,22 +150,29 @@ class Tensors(dict):
 class Method(Rule):
     """Base of a method written with the public API (peftc/method.py; docs/methods.md, "Writing a method").
 
-    Subclasses set `kind` and, optionally, `sites` ("matmul", "conv"), declare options as fields, and define
-    `params(site)`, `forward(site, x, y, p)` and optionally `merge(site, w, p)` and `shared_params(sites)`.
+    Subclasses set `kind` and, optionally, `sites` ("matmul" and/or "conv"; or one of "module", "norm",
+    "attention"), declare options as fields, and define `params(site)`, `forward(site, x, y, p)` and optionally
+    `merge(site, w, p)` (weight sites only) and `shared_params(sites)`.
     """
 
     kind: ClassVar[str] = ""
     sites: ClassVar[tuple[str, ...]] = ("matmul",)
 
-    target: Target = "all-linear"
+    # None: every matmul but the output layer ("all-linear"), every norm, every attention (module sites: required)
+    target: Target = None
     exclude: Target = None
 
     def __post_init__(self) -> None:
         where = self._where()
         object.__setattr__(self, "target", _as_target(self.target, "target", where))
         object.__setattr__(self, "exclude", _as_target(self.exclude, "exclude", where))
-        if self.target is None:
-            raise SpecError(f"{where}: `target` is required (a regex, a list of module names or 'all-linear')")
+        if self.target == "all-linear" and self.sites[0] not in WEIGHT_KINDS:
+            raise SpecError(f"{where}: 'all-linear' selects matmuls, and this method rewrites {self.sites[0]} "
+                            f"outputs; give module paths (a regex or a list)"
+                            + ("" if self.sites[0] == "module" else ", or leave `target` unset for all of them"))
+        if self.target is None and self.sites[0] == "module":
+            raise SpecError(f"{where}: `target` is required: the modules whose output to rewrite, e.g. "
+                            f"target=r'layers\\.\\d+\\.mlp'")
         for f in dataclasses.fields(self):
             if f.name in ("target", "exclude") or f.default is dataclasses.MISSING or f.default is None:
                 continue
@@ -189,8 +205,10 @@ def _check_kind(cls: type) -> None:
         raise SpecError(f"{cls.__name__}.kind = {cls.kind!r}: set a snake_case name, e.g. kind = 'gated_lora'; it "
                         f"names the spec table [[kind]] and the pass insert-<kind>")
     bad = [s for s in cls.sites if s not in SITE_KINDS]
-    if bad or not cls.sites:
-        raise SpecError(f"{cls.__name__}.sites = {cls.sites!r}: use some of {', '.join(SITE_KINDS)}")
+    mixed = len(cls.sites) > 1 and not set(cls.sites) <= set(WEIGHT_KINDS)
+    if bad or not cls.sites or mixed:
+        raise SpecError(f"{cls.__name__}.sites = {cls.sites!r}: use 'matmul' and/or 'conv', or one of 'module', "
+                        f"'norm', 'attention'")
 
 
 def register_method(cls: type) -> type:
@@ -209,7 +227,7 @@ def register_method(cls: type) -> type:
 
 # ---- insertion -----------------------------------------------------------------------------------------------------
 
-def _site(raw: MatmulSite | ConvSite, weight: torch.Tensor, dtype: torch.dtype, training: bool) -> Site:
+def _weight_site(raw: MatmulSite | ConvSite, weight: torch.Tensor, dtype: torch.dtype, training: bool) -> Site:
     if isinstance(raw, ConvSite):
         n = len(raw.kernel)
         pad = raw.padding if isinstance(raw.padding, str) else tuple(raw.padding) * (n if len(raw.padding) == 1
@@ -222,17 +240,125 @@ def _site(raw: MatmulSite | ConvSite, weight: torch.Tensor, dtype: torch.dtype, 
                 raw.out_features, training, dtype)
 
 
-def method_sites(gm: GraphModule, ctx, rule: Method) -> list[MatmulSite | ConvSite]:
+def method_sites(gm: GraphModule, ctx, rule: Method) -> list:
+    kind = rule.sites[0]
+    if kind == "attention":
+        return _attention_sites(gm, ctx, rule)
+    if kind in ("module", "norm"):
+        return _module_sites(gm, ctx, rule, norms_only=kind == "norm")
+    target = "all-linear" if rule.target is None else rule.target
     found: list = []
     if "matmul" in rule.sites:
         found += matmul_sites(gm, ctx.params, ctx.info)
-    if "conv" in rule.sites and rule.target != "all-linear":  # as LoRA: "all-linear" leaves convolutions alone
+    if "conv" in rule.sites and target != "all-linear":  # as LoRA: "all-linear" leaves convolutions alone
         found += conv_sites(gm, ctx.params, ctx.info)
-    sites = select(found, rule.target, rule.exclude, ctx.info, where=repr(rule))
+    sites = select(found, target, rule.exclude, ctx.info, where=repr(rule))
     for raw in sites:
         if raw.form == "einsum":
             raise SpecError(f"{rule!r} on `{raw.module}`: an einsum site ({raw.equation}) has no feature-last "
                             f"layout for `site.apply`; exclude this module")
+    return sites
+
+
+@dataclass(frozen=True, eq=False)
+class _Output:
+    """A site without a weight: the tensor a module call (or an attention) hands on, read outside it."""
+
+    node: Node
+    module: str
+    x: Any  # a Node, the (q, k, v) Nodes of an attention, or None
+    inside: frozenset  # the nodes of the call, whose reads of `node` stay
+    site_fields: dict
+    adapter_prefix: str = ""
+    weight: None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "adapter_prefix", self.module)
+
+
+def _val(node: Node) -> torch.Tensor | None:
+    """The example value of `node`, or of the first tensor it is computed from (peftc's own nodes carry none)."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop(0)
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return val
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return None
+
+
+def _output_dtype(val: torch.Tensor) -> torch.dtype:
+    return _adapter_dtype(val.dtype)
+
+
+def _module_sites(gm: GraphModule, ctx, rule: Method, norms_only: bool) -> list[_Output]:
+    """One site per call of each selected module: the one tensor the call computes and the graph reads outside it.
+
+    x is the call's first input (in graph order) shaped like that output: the hidden states of a block or a norm.
+    """
+    from .match import _matches
+
+    calls: dict[str, list[Node]] = {}
+    paths: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+            if path:
+                calls.setdefault(key, []).append(node)
+                paths[key] = path
+    types = ctx.info.module_types
+    candidates = [k for k in calls if not norms_only or "Norm" in types.get(paths[k], "")]
+    chosen = [k for k in candidates if (rule.target is None or _matches(rule.target, paths[k]))
+              and (rule.exclude is None or not _matches(rule.exclude, paths[k]))]
+    if not chosen:
+        import difflib
+
+        names = list(dict.fromkeys(paths[k] for k in candidates))
+        wanted = [rule.target] if isinstance(rule.target, str) else list(rule.target or [])
+        close = list(dict.fromkeys(c for t in wanted for c in difflib.get_close_matches(t, names, n=3, cutoff=0.3)))
+        raise SpecError(f"{rule!r}: target={rule.target!r} matches no {'norm ' if norms_only else ''}module. "
+                        f"Closest: {', '.join((close or names)[:5]) or '(none)'} ({len(names)} candidates)")
+    sites = []
+    for key in chosen:
+        inside = frozenset(calls[key])
+        outs = [n for n in calls[key] if any(u not in inside for u in n.users)
+                and (isinstance(n.meta.get("val"), torch.Tensor) or "val" not in n.meta)
+                and not (n.target in _KEEPS and n.args[0] not in inside)]  # its input passed through (a cast)
+        path = paths[key]
+        if len(outs) != 1:
+            raise SpecError(f"{rule!r}: module `{path}` hands {len(outs)} tensors to the rest of the graph "
+                            f"({', '.join(n.name for n in outs[:4])}); a module site needs exactly one. Target a "
+                            f"submodule instead")
+        y, y_val = outs[0], _val(outs[0])
+        inputs = [a for n in calls[key] for a in n.all_input_nodes if a not in inside and a.op != "get_attr"]
+        same = [a for a in dict.fromkeys(inputs) if (v := _val(a)) is not None and str(v.shape) == str(y_val.shape)]
+        x = same[0] if same else None
+        sites.append(_Output(y, path, x, inside, dict(
+            kind="norm" if norms_only else "module", in_features=int(_val(x).shape[-1]) if x is not None else None,
+            out_features=int(y_val.shape[-1]), dtype=_output_dtype(y_val), module_type=types.get(path, ""))))
+    return sites
+
+
+def _attention_sites(gm: GraphModule, ctx, rule: Method) -> list[_Output]:
+    """One site per attention (SDPA, or written-out softmax(q k^T) v): y is its output, x its (q, k, v)."""
+    from .attention import attention_sites, select_attention
+
+    sites = []
+    for a in select_attention(attention_sites(gm), rule.target, where=repr(rule)):
+        if rule.exclude is not None:
+            from .match import _matches
+
+            if _matches(rule.exclude, a.module):
+                continue
+        y = a.node if a.form == "sdpa" else a.pv
+        val = _val(y)
+        sites.append(_Output(y, a.module, (a.q, a.k, a.v), frozenset(), dict(
+            kind="attention", in_features=a.head_dim, out_features=a.value_dim, dtype=_output_dtype(val),
+            heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim)))
     return sites
 
 
@@ -250,13 +376,11 @@ def _tensor_args(node: Node) -> bool:
 def insert_method(gm: GraphModule, ctx, rule: Method, pass_name: str) -> bool:
     """Rewrite every site `rule` selects with its forward; True when something changed."""
     raws = method_sites(gm, ctx, rule)
-    sites = [_site(raw, ctx.params[raw.weight].tensor, _adapter_dtype(ctx.params[raw.weight].tensor.dtype),
-                   ctx.training) for raw in raws]
+    sites = [_site(raw, ctx, rule) for raw in raws]
     shared = {}
-    first = ctx.params[raws[0].weight].tensor
     for key, param in rule.shared_params(sites).items():
         where = f"{rule!r}: shared parameter `{key}`"
-        ctx.params.add(gm, key, lambda p=param, w=where: p.make(sites[0].dtype, first.device, w),
+        ctx.params.add(gm, key, lambda p=param, w=where: p.make(sites[0].dtype, _device(ctx, raws[0]), w),
                        method=rule.kind, added_by=pass_name, trainable=param.trainable)
         shared[key] = key
     modified = False
@@ -270,6 +394,17 @@ def insert_method(gm: GraphModule, ctx, rule: Method, pass_name: str) -> bool:
     return modified
 
 
+def _site(raw, ctx, rule: Method) -> Site:
+    if isinstance(raw, _Output):
+        return Site(module=raw.module, weight=None, weight_shape=None, training=ctx.training, **raw.site_fields)
+    weight = ctx.params[raw.weight].tensor
+    return _weight_site(raw, weight, _adapter_dtype(weight.dtype), ctx.training)
+
+
+def _device(ctx, raw) -> torch.device:
+    return ctx.params[raw.weight].tensor.device if raw.weight is not None else _val(raw.node).device
+
+
 def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
     from .passes.insert_lora import adapter_dtype
 
@@ -277,24 +412,31 @@ def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _insert(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site: Site, shared: dict[str, str]) -> None:
-    weight = ctx.params[raw.weight].tensor
+    device = _device(ctx, raw)
     names = dict(shared)
     for key, param in rule.params(site).items():
         name, where = _param_name(raw, key), f"{rule!r}: parameter `{key}` on `{raw.module}`"
-        ctx.params.add(gm, name, lambda p=param, w=where: p.make(site.dtype, weight.device, w), method=rule.kind,
+        ctx.params.add(gm, name, lambda p=param, w=where: p.make(site.dtype, device, w), method=rule.kind,
                        added_by=pass_name, trainable=param.trainable)
         names[key] = name
     y = raw.node
+    base_dtype = ctx.params[raw.weight].tensor.dtype if raw.weight is not None else _val(y).dtype
     anchor = y.next
     before = set(gm.graph.nodes)
     b = NodeBuilder(gm, anchor, pass_name, rule.kind, like=y)
-    x = raw.x
-    if site.dtype != weight.dtype:
-        x = b.call(aten.to.dtype, x, site.dtype)
     tracer = GraphAppendingTracer(gm.graph)
+
+    def operand(node):
+        if node is None:
+            return None
+        if site.dtype != base_dtype:  # half-precision base: the adapter computes in float32
+            node = b.call(aten.to.dtype, node, site.dtype)
+        return Proxy(node, tracer)
+
+    x = tuple(operand(n) for n in raw.x) if isinstance(raw.x, tuple) else operand(raw.x)
     tensors = Tensors({k: Proxy(b.attr(n), tracer) for k, n in names.items()})
     with gm.graph.inserting_before(anchor):
-        out = rule.forward(site, Proxy(x, tracer), Proxy(y, tracer), tensors)
+        out = rule.forward(site, x, Proxy(y, tracer), tensors)
     created = [n for n in gm.graph.nodes if n not in before]
     if not isinstance(out, Proxy) or out.node is y:
         raise PassError(f"{type(rule).__name__}.forward on `{raw.module}` returned {type(out).__name__}; it must "
@@ -305,11 +447,14 @@ def _insert(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site: Site,
                             f"argument (in `{node.format_node()}`); declare it with params() or shared_params()")
         node.meta.update(b.meta)
     out = out.node
-    if site.dtype != weight.dtype:
-        out = b.call(aten.to.dtype, out, weight.dtype)
+    if site.dtype != base_dtype:
+        out = b.call(aten.to.dtype, out, base_dtype)
     out.meta[TAG] = {"rule": rule, "site": site, "node": y.name, "params": names,
                      "created": [n.name for n in created] + [n.name for n in b.created]}
-    replace_uses(y, out, keep=created + b.created)
+    keep = set(created) | set(b.created)
+    if isinstance(raw, _Output):  # the module's own reads of its output stay; what comes after reads the new one
+        keep |= raw.inside
+    y.replace_all_uses_with(out, delete_user_cb=lambda user: user not in keep)
 
 
 # ---- merging -------------------------------------------------------------------------------------------------------
@@ -327,7 +472,7 @@ def merge_methods(gm: GraphModule, scope, pass_name: str) -> int:
     hits = 0
     for out in list(gm.graph.nodes):
         tag = out.meta.get(TAG)
-        if tag is None or out._erased or type(tag["rule"]).merge is None:
+        if tag is None or out._erased or type(tag["rule"]).merge is None or tag["site"].kind not in WEIGHT_KINDS:
             continue
         per_site = {n for k, n in tag["params"].items() if n != k}
         shared = set(tag["params"].values()) - per_site

@@ -202,3 +202,105 @@ def test_user_errors_are_peftc_errors():
         peftc.compile(model(), shape(target="up"), kwargs={"ids": x}).merge()
     with pytest.raises(SpecError, match="set a snake_case name"):
         _broken(kind="Bad-Kind")
+
+
+# ---- sites without a weight: module outputs, norms, attention ---------------------------------------------------
+
+@peftc.register_method
+class ParallelAdapter(peftc.Method):
+    """parallel adapter (test): y = block(x)  ==>  y + U relu(D x)."""
+
+    kind = "test_parallel_adapter"
+    sites = ("module",)
+    bottleneck: int = 4
+
+    def params(self, site):
+        return {"down.weight": peftc.Param((self.bottleneck, site.in_features), init="kaiming_uniform"),
+                "up.weight": peftc.Param((site.out_features, self.bottleneck), init="zeros")}
+
+    def forward(self, site, x, y, p):
+        return y + torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, p["down.weight"])),
+                                              p["up.weight"])
+
+
+@peftc.register_method
+class NormScale(peftc.Method):
+    """norm scale (test): y = norm(x)  ==>  y · (1 + s)."""
+
+    kind = "test_norm_scale"
+    sites = ("norm",)
+
+    def params(self, site):
+        return {"norm_scale": peftc.Param((site.out_features,), init="zeros")}
+
+    def forward(self, site, x, y, p):
+        return y * (1 + p.norm_scale)
+
+
+@peftc.register_method
+class HeadGate(peftc.Method):
+    """head gate (test): o = attention(q, k, v)  ==>  o · g[head]."""
+
+    kind = "test_head_gate"
+    sites = ("attention",)
+
+    def params(self, site):
+        return {"head_gate": peftc.Param((site.heads,), init="ones")}
+
+    def forward(self, site, x, y, p):
+        return y * p.head_gate[None, :, None, None]
+
+
+def test_module_and_norm_sites_match_hooked_reference():
+    import copy
+
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    base = tiny_llama(num_hidden_layers=1).eval()
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    cm = perturbed(peftc.compile(base, peftc.Spec(ParallelAdapter(target=r"layers\.\d+\.mlp"), NormScale()),
+                                 kwargs={"input_ids": x}))
+    assert cm.counters["insert-test-parallel-adapter.inserted"] == 1
+    assert cm.counters["insert-test-norm-scale.inserted"] == 3  # input, post-attention and final norms
+
+    ref = copy.deepcopy(base)
+    p = {k: v.detach() for k, v in cm.adapter_state_dict().items()}
+    mlp = ref.model.layers[0].mlp
+    mlp.register_forward_hook(lambda m, i, o: o + torch.nn.functional.linear(
+        torch.relu(torch.nn.functional.linear(i[0], p["model.layers.0.mlp.down.weight"])),
+        p["model.layers.0.mlp.up.weight"]))
+    for name, module in ref.named_modules():
+        if "Norm" in type(module).__name__:
+            module.register_forward_hook(lambda m, i, o, n=name: o * (1 + p[f"{n}.norm_scale"]))
+    torch.testing.assert_close(cm(input_ids=x).logits, ref(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(PassError, match="no merge rule matched"):  # no weight, no merge
+        cm.merge()
+
+
+def test_attention_sites_in_both_forms_match_a_reweighted_output_projection():
+    import copy
+
+    from attention_models import HandLM
+
+    base = HandLM(forms=("softmax", "sdpa")).eval()
+    x = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    cm = peftc.compile(base, HeadGate(), kwargs={"input_ids": x})
+    assert cm.counters["insert-test-head-gate.inserted"] == 2
+    torch.testing.assert_close(cm(x), base(x), atol=0, rtol=0)
+    gates = {f"blocks.{i}": torch.tensor([1.0, 0.0, 2.0, -0.5]) for i in range(2)}
+    cm.load_adapter_state_dict({f"{m}.head_gate": g for m, g in gates.items()})
+    ref = copy.deepcopy(base)
+    with torch.no_grad():  # gating head h scales the output projection's columns of head h
+        for i, block in enumerate(ref.blocks):
+            block.o.weight.mul_(gates[f"blocks.{i}"].repeat_interleave(block.d))
+    torch.testing.assert_close(cm(x), ref(x), atol=1e-6, rtol=1e-5)
+
+
+def test_output_sites_need_module_paths():
+    with pytest.raises(SpecError, match="'all-linear' selects matmuls"):
+        NormScale(target="all-linear")
+    with pytest.raises(SpecError, match="`target` is required"):
+        ParallelAdapter()
+    with pytest.raises(SpecError, match="matches no norm module"):
+        peftc.compile(model(), NormScale(), kwargs={"ids": ids()})
