@@ -20,7 +20,7 @@
 A method is a spec rule (a frozen dataclass; its fields are its options, type-checked against their defaults) with
 `target`/`exclude` selectors in HF PEFT's `target_modules` forms. `register_method` makes it loadable from spec
 files (`[[kind]]`) and registers its pass, `insert-<kind>`, which the default pipeline runs for it. The pass
-finds the sites (matmuls, and convolutions when `sites` says so), adds the parameters to the parameter table under
+finds the sites (`sites`: matmuls and/or convolutions, or module, norm or attention outputs), adds the parameters to the parameter table under
 `<module>.<name>` (HF PEFT's key layout; `shared_params` are added once, under their own name), and inserts
 `forward`, traced on the graph's own nodes: the diff shows it op for op, verification and prune-grads see it like
 any other pass's nodes, and ONNX export lowers it. `merge` is traced to ATen once per site at merge time, and

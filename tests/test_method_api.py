@@ -248,6 +248,7 @@ class HeadGate(peftc.Method):
         return {"head_gate": peftc.Param((site.heads,), init="ones")}
 
     def forward(self, site, x, y, p):
+        q, k, v = x  # an attention site's input is its (q, k, v)
         return y * p.head_gate[None, :, None, None]
 
 
