@@ -241,6 +241,8 @@ def merge_tagged(gm: GraphModule, scope: Any, pass_name: str) -> int:
 
 def _merge_one(gm: GraphModule, scope: Any, pass_name: str, out: Node, kind: str, sites: dict, order: dict) -> int:
     tag = out.meta[kind]
+    if tag.get("groups", 1) != 1:  # A reads every input channel: B·A is no grouped kernel (HF PEFT cannot merge it)
+        return 0
     dying = _chain(out, out.meta["peftc.pass"])
     site = _site_of(out, kind, tag, dying, sites, order, scope.ctx.params)
     rewire = site and _weight_leaf(site, dying)
