@@ -78,3 +78,15 @@ def test_dilated_conv_keeps_the_dilation_and_merges(prune_grads):
     merged = cm.merge()
     torch.testing.assert_close(merged(x), reference, atol=1e-5, rtol=1e-5)
     assert {n for n, _ in merged.named_parameters()} == {"c.weight", "c.bias"}
+
+
+def test_dilated_conv_dora_equals_the_reweighted_kernel():
+    torch.manual_seed(0)
+    base, x = Dilated().eval(), torch.randn(2, 3, 7, 7)
+    cm = peftc.compile(base, peftc.LoRA(target=["c"], r=2, alpha=4, use_dora=True), args=(x,))
+    w = randomized(cm)
+    full = base.c.weight + (w["c.lora_B.weight"].flatten(1) @ w["c.lora_A.weight"].flatten(1)).view(5, 3, 3, 3) * 2
+    kernel = full * (w["c.lora_magnitude_vector"].view(-1, 1, 1, 1) / full.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+    reference = F.conv2d(x, kernel, base.c.bias, padding=2, dilation=2)
+    torch.testing.assert_close(cm(x), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cm.merge()(x), reference, atol=1e-5, rtol=1e-5)
