@@ -56,6 +56,8 @@ def check_parity(base, rule, config, kwargs, out, prune_grads: bool):
     hf = peft.get_peft_model(copy.deepcopy(base), config).eval()
     assert cm.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
 
+    with torch.no_grad():  # HF PEFT's init leaves the model unchanged: one factor (or λ_b) starts at zero
+        torch.testing.assert_close(out(cm(**kwargs)), out(base(**kwargs)), atol=0, rtol=0)
     hf_state = peft.get_peft_model_state_dict(hf)
     ours = cm.adapter_state_dict()
     assert {hf_key(k, hf_state): tuple(v.shape) for k, v in ours.items()} == \
