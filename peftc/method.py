@@ -20,10 +20,10 @@
 A method is a spec rule (a frozen dataclass; its fields are its options, type-checked against their defaults) with
 `target`/`exclude` selectors in HF PEFT's `target_modules` forms. `register_method` makes it loadable from spec
 files (`[[kind]]`) and registers its pass, `insert-<kind>`, which the default pipeline runs for it. The pass
-finds the sites (`sites`: matmuls and/or convolutions, or module, norm or attention outputs), adds the parameters to the parameter table under
-`<module>.<name>` (HF PEFT's key layout; `shared_params` are added once, under their own name), and inserts
-`forward`, traced on the graph's own nodes: the diff shows it op for op, verification and prune-grads see it like
-any other pass's nodes, and ONNX export lowers it. `merge` is traced to ATen once per site at merge time, and
+finds the sites (`sites`: matmuls and/or convolutions, or module, norm or attention outputs), adds the parameters
+to the parameter table under `<module>.<name>` (HF PEFT's key layout; `shared_params` are added once, under their
+own name), and inserts `forward`, traced on the graph's own nodes: the diff shows it op for op, verification and
+prune-grads see it like any other pass's nodes, and ONNX export lowers it. `merge` is traced to ATen once per site at merge time, and
 fold-params evaluates it into the base weight, so the merged graph is the plain capture's, op for op.
 """
 
@@ -290,10 +290,6 @@ def _val(node: Node) -> torch.Tensor | None:
     return None
 
 
-def _output_dtype(val: torch.Tensor) -> torch.dtype:
-    return _adapter_dtype(val.dtype)
-
-
 def _module_sites(gm: GraphModule, ctx, rule: Method, norms_only: bool) -> list[_Output]:
     """One site per call of each selected module: the one tensor the call computes and the graph reads outside it.
 
@@ -339,7 +335,7 @@ def _module_sites(gm: GraphModule, ctx, rule: Method, norms_only: bool) -> list[
         x = same[0] if same else None
         sites.append(_Output(y, path, x, inside, dict(
             kind="norm" if norms_only else "module", in_features=int(_val(x).shape[-1]) if x is not None else None,
-            out_features=int(y_val.shape[-1]), dtype=_output_dtype(y_val), module_type=types.get(path, ""))))
+            out_features=int(y_val.shape[-1]), dtype=_adapter_dtype(y_val.dtype), module_type=types.get(path, ""))))
     return sites
 
 
@@ -357,13 +353,9 @@ def _attention_sites(gm: GraphModule, ctx, rule: Method) -> list[_Output]:
         y = a.node if a.form == "sdpa" else a.pv
         val = _val(y)
         sites.append(_Output(y, a.module, (a.q, a.k, a.v), frozenset(), dict(
-            kind="attention", in_features=a.head_dim, out_features=a.value_dim, dtype=_output_dtype(val),
+            kind="attention", in_features=a.head_dim, out_features=a.value_dim, dtype=_adapter_dtype(val.dtype),
             heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim)))
     return sites
-
-
-def _param_name(raw, key: str) -> str:
-    return f"{raw.adapter_prefix}.{key}"
 
 
 def _tensor_args(node: Node) -> bool:
@@ -415,7 +407,7 @@ def _insert(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site: Site,
     device = _device(ctx, raw)
     names = dict(shared)
     for key, param in rule.params(site).items():
-        name, where = _param_name(raw, key), f"{rule!r}: parameter `{key}` on `{raw.module}`"
+        name, where = f"{raw.adapter_prefix}.{key}", f"{rule!r}: parameter `{key}` on `{raw.module}`"
         ctx.params.add(gm, name, lambda p=param, w=where: p.make(site.dtype, device, w), method=rule.kind,
                        added_by=pass_name, trainable=param.trainable)
         names[key] = name
