@@ -153,7 +153,8 @@ class InsertLora(Pass):
                 delta = self._einsum_delta(b, site, x, a_w, b_w, stem)
             else:
                 down = b.call(aten.linear.default, x, a_w, name=f"{stem}_lora_A")
-                delta = b.call(aten.linear.default, down, b_w, b_bias, name=f"{stem}_lora_B")
+                delta = b.call(aten.linear.default, down, b_w, *([b_bias] if self.rule.lora_bias else []),
+                               name=f"{stem}_lora_B")
             if self.rule.use_dora:
                 y_a = y if dtype == weight.dtype else b.call(aten.to.dtype, y, dtype, name=f"{stem}_lora_y")
                 out = self._dora(gm, ctx, b, site, x, y_a, a_w, b_w, delta, scaling, dropped, dtype, stem)
