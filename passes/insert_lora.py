@@ -67,9 +67,10 @@ class InsertLora(Pass):
     every read, as a module-swapping library applies one adapter at every call of the module.
 
     Variants, each HF PEFT's math and names unless noted: `use_dora` (y + (m/‖W+s·BA‖ - 1)·base + m/‖W+s·BA‖·s·BAx,
-    `<module>.lora_magnitude_vector`), `freeze_a` (LoRA-FA: A frozen), `rank_pattern`/`alpha_pattern`,
-    convolutions (A: conv with the base kernel/stride/padding to r channels, B: 1x1 conv), and peftc's own
-    `slices`: one adapter per output-column slice of a fused weight, `<module>.lora_A.<slice>.weight`.
+    `<module>.lora_magnitude_vector`), `freeze_a` (LoRA-FA: A frozen), `lora_bias` (`<module>.lora_B.bias`),
+    `rank_pattern`/`alpha_pattern`, convolutions (A: conv with the base kernel/stride/padding/dilation to r
+    channels, B: 1x1 conv with the base's groups), and peftc's own `slices`: one adapter per output-column slice of a
+    fused weight, `<module>.lora_A.<slice>.weight`.
     """
 
     name: ClassVar[str] = "insert-lora"
