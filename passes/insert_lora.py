@@ -67,9 +67,10 @@ class InsertLora(Pass):
     every read, as a module-swapping library applies one adapter at every call of the module.
 
     Variants, each HF PEFT's math and names unless noted: `use_dora` (y + (m/‖W+s·BA‖ - 1)·base + m/‖W+s·BA‖·s·BAx,
-    `<module>.lora_magnitude_vector`), `freeze_a` (LoRA-FA: A frozen), `rank_pattern`/`alpha_pattern`,
-    convolutions (A: conv with the base kernel/stride/padding to r channels, B: 1x1 conv), and peftc's own
-    `slices`: one adapter per output-column slice of a fused weight, `<module>.lora_A.<slice>.weight`.
+    `<module>.lora_magnitude_vector`), `freeze_a` (LoRA-FA: A frozen), `lora_bias` (`<module>.lora_B.bias`),
+    `rank_pattern`/`alpha_pattern`, convolutions (A: conv with the base kernel/stride/padding/dilation to r
+    channels, B: 1x1 conv with the base's groups), and peftc's own `slices`: one adapter per output-column slice of a
+    fused weight, `<module>.lora_A.<slice>.weight`.
     """
 
     name: ClassVar[str] = "insert-lora"
@@ -97,13 +98,13 @@ class InsertLora(Pass):
         if isinstance(site, ConvSite):
             if rule.slices:
                 raise SpecError(f"{where}: `slices` apply to matmuls, not convolutions; exclude this module")
-            if site.groups != 1 or any(d != 1 for d in site.dilation):
-                raise SpecError(f"{where}: LoRA on a convolution with groups={site.groups}, "
-                                f"dilation={site.dilation} is not supported (HF PEFT's lora_A ignores dilation); "
-                                f"exclude this module")
-        elif site.form == "einsum" and (rule.use_dora or rule.slices):
-            raise SpecError(f"{where}: use_dora and slices need a linear/addmm/mm/matmul site, this one is an "
-                            f"einsum ({site.equation}); exclude it")
+            if site.groups != 1 and (rule.use_dora or rule.rank_for(site.module) % site.groups):
+                raise SpecError(f"{where}: LoRA on a convolution with groups={site.groups} needs a rank divisible "
+                                f"by the groups (B is a grouped 1x1 conv, as in HF PEFT) and no DoRA; got "
+                                f"r={rule.rank_for(site.module)}, use_dora={rule.use_dora}")
+        elif site.form == "einsum" and (rule.use_dora or rule.slices or rule.lora_bias):
+            raise SpecError(f"{where}: use_dora, slices and lora_bias need a linear/addmm/mm/matmul site, this one "
+                            f"is an einsum ({site.equation}); exclude it")
         if rule.slices:
             too_far = [n for n, (_, end) in rule.slices.items() if end > site.out_features]
             if too_far:
@@ -117,7 +118,7 @@ class InsertLora(Pass):
         conv = isinstance(site, ConvSite)
         a_init = (lambda: lora_init_conv_a(r, site.in_features, site.kernel, weight)) if conv \
             else (lambda: lora_init_a(r, site.in_features, weight))
-        b_shape = (out_features, r, *[1] * len(site.kernel)) if conv else (out_features, r)
+        b_shape = (out_features, r // site.groups, *[1] * len(site.kernel)) if conv else (out_features, r)
         ctx.params.add(gm, a_name, a_init, method="lora", added_by=self.name, trainable=not self.rule.freeze_a)
         ctx.params.add(gm, b_name, lambda: torch.zeros(b_shape, dtype=dtype, device=weight.device),
                        method="lora", added_by=self.name)
@@ -135,19 +136,26 @@ class InsertLora(Pass):
         dropped = self.rule.dropout > 0 and ctx.training
         if dropped:
             x = b.call(aten.dropout.default, x, float(self.rule.dropout), True, name=f"{stem}_lora_dropout")
+        bias_name = f"{site.adapter_prefix}.lora_B.bias" if self.rule.lora_bias else None
         if self.rule.slices:
             out = self._slices(gm, ctx, b, site, x, dtype, weight, stem)
         else:
             r, scaling = self.rule.rank_for(site.module), self.rule.scaling_for(site.module)
             a_name, b_name = self._add_pair(gm, ctx, site, "", r, site.out_features, dtype, weight)
             a_w, b_w = b.attr(a_name), b.attr(b_name)
+            b_bias = None
+            if self.rule.lora_bias:
+                ctx.params.add(gm, bias_name, lambda: torch.zeros(site.out_features, dtype=dtype, device=weight.device),
+                               method="lora", added_by=self.name)
+                b_bias = b.attr(bias_name)
             if isinstance(site, ConvSite):
-                delta = self._conv_delta(b, site, x, a_w, b_w, stem)
+                delta = self._conv_delta(b, site, x, a_w, b_w, stem, b_bias)
             elif site.form == "einsum":
                 delta = self._einsum_delta(b, site, x, a_w, b_w, stem)
             else:
                 down = b.call(aten.linear.default, x, a_w, name=f"{stem}_lora_A")
-                delta = b.call(aten.linear.default, down, b_w, name=f"{stem}_lora_B")
+                delta = b.call(aten.linear.default, down, b_w, *([b_bias] if self.rule.lora_bias else []),
+                               name=f"{stem}_lora_B")
             if self.rule.use_dora:
                 y_a = y if dtype == weight.dtype else b.call(aten.to.dtype, y, dtype, name=f"{stem}_lora_y")
                 out = self._dora(gm, ctx, b, site, x, y_a, a_w, b_w, delta, scaling, dropped, dtype, stem)
@@ -165,7 +173,8 @@ class InsertLora(Pass):
         out.meta["peftc.lora"] = {
             "weight": site.weight, "module": site.module, "form": site.form,
             "weight_in_out": getattr(site, "weight_in_out", False), "adapters": adapters,
-            "magnitude": f"{site.adapter_prefix}.lora_magnitude_vector" if self.rule.use_dora else None}
+            "magnitude": f"{site.adapter_prefix}.lora_magnitude_vector" if self.rule.use_dora else None,
+            "groups": getattr(site, "groups", 1), "bias": bias_name}
         replace_uses(y, out, keep=b.created)
 
     def _slices(self, gm: GraphModule, ctx: PassContext, b: NodeBuilder, site: MatmulSite, x: Node,
@@ -188,17 +197,21 @@ class InsertLora(Pass):
             pieces.append(b.call(aten.slice.Tensor, y, -1, pos, site.out_features, name=f"{stem}_lora_keep_{pos}"))
         return b.call(aten.cat.default, pieces, -1, name=f"{stem}_lora_out")
 
-    def _conv_delta(self, b: NodeBuilder, site: ConvSite, x: Node, a_w: Node, b_w: Node, stem: str) -> Node:
-        """HF PEFT's conv LoRA: A is a conv with the base's kernel, stride and padding to r channels, B a 1x1 conv."""
+    def _conv_delta(self, b: NodeBuilder, site: ConvSite, x: Node, a_w: Node, b_w: Node, stem: str,
+                    b_bias: Node | None = None) -> Node:
+        """HF PEFT's conv LoRA: A is a conv with the base's kernel, stride and padding to r channels (over every input
+        channel), B a 1x1 conv with the base's groups. A also takes the base's dilation, so a dilated site's delta has
+        the base's output size (HF PEFT's A drops the dilation, which mis-sizes its output)."""
         n = len(site.kernel)
+        dilation = list(site.dilation)
         if site.node.target == aten.convolution.default:
-            down = b.call(aten.convolution.default, x, a_w, None, site.stride, site.padding, [1] * n, False,
+            down = b.call(aten.convolution.default, x, a_w, None, site.stride, site.padding, dilation, False,
                           [0] * n, 1, name=f"{stem}_lora_A")
-            return b.call(aten.convolution.default, down, b_w, None, [1] * n, [0] * n, [1] * n, False, [0] * n, 1,
-                          name=f"{stem}_lora_B")
-        down = b.call(site.node.target, x, a_w, None, site.stride, site.padding, name=f"{stem}_lora_A")
+            return b.call(aten.convolution.default, down, b_w, b_bias, [1] * n, [0] * n, [1] * n, False, [0] * n,
+                          site.groups, name=f"{stem}_lora_B")
+        down = b.call(site.node.target, x, a_w, None, site.stride, site.padding, dilation, name=f"{stem}_lora_A")
         one = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[n]
-        return b.call(one, down, b_w, None, [1] * n, [0] * n, name=f"{stem}_lora_B")
+        return b.call(one, down, b_w, b_bias, [1] * n, [0] * n, [1] * n, site.groups, name=f"{stem}_lora_B")
 
     def _dora(self, gm: GraphModule, ctx: PassContext, b: NodeBuilder, site: MatmulSite | ConvSite, x: Node,
               y: Node, a_w: Node, b_w: Node, lora: Node, scaling: float, dropped: bool, dtype: torch.dtype,

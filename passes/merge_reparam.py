@@ -11,6 +11,7 @@ from torch.fx import GraphModule, Node
 
 from peftc.errors import SpecError
 from peftc.merge import merge_tagged
+from peftc.method import merge_methods
 from peftc.params import ADAPTER, BASE, ParamTable
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
 from peftc.rewrite import Bindings, Rule, RuleSet
@@ -214,4 +215,6 @@ class MergeReparam(Pass):
         hits = MERGE_RULES.apply(gm, scope, self.name)
         # Then every adapter its insert pass tagged (DoRA, slices, IA3, LoRA on mm/matmul/einsum/conv ...).
         hits += merge_tagged(gm, scope, self.name)
+        # And every method written with peftc.Method that states a merge (peftc/method.py).
+        hits += merge_methods(gm, scope, self.name)
         return PassResult(gm, hits > 0)

@@ -5,7 +5,7 @@ The insert passes record on the adapter's output node what it computes: insert-l
 (weight, vector, feed-forward or output). Every such adapter is linear in x with the same site, so the adapted
 output equals the site's own matmul with a weight (and bias) computed from parameters only:
 
-    LoRA (LoRA-FA, rank/alpha patterns, conv, einsum)  W' = W + s·BA
+    LoRA (LoRA-FA, rank/alpha patterns, conv, einsum)  W' = W + s·BA   (lora_bias: b' = b + s·b_B)
     per-slice LoRA                                      W'[s_i:e_i] = W[s_i:e_i] + s_i·B_i A_i
     DoRA                                                W' = m / ‖W + s·BA‖ · (W + s·BA)   (row norms; bias kept)
     IA3 on the output                                   W' = diag(l)·W,  b' = l·b
@@ -41,7 +41,7 @@ def _tensors(kind: str, tag: dict) -> list[str]:
     if kind == IA3:
         return [tag["vector"]]
     names = [n for a, b, _s, _span in tag["adapters"].values() for n in (a, b)]
-    return names + ([tag["magnitude"]] if tag["magnitude"] else [])
+    return names + [n for n in (tag["magnitude"], tag.get("bias")) if n]
 
 
 def _chain(out: Node, pass_name: str) -> set[Node]:
@@ -151,6 +151,13 @@ class _Merge:
         vec = self.b.call(aten.view.default, self.b.attr(self.tag["vector"]), [-1, 1] if along_rows else [1, -1])
         return self.b.call(aten.mul.Tensor, w, vec)
 
+    def lora_bias(self, bias: Node) -> Node:
+        """HF PEFT's lora_bias merge: b' = b + s·b_B."""
+        self.b.anchor = self.site.node
+        s = next(iter(self.tag["adapters"].values()))[2]
+        scaled = self.b.call(aten.mul.Tensor, self.b.attr(self.tag["bias"]), s)
+        return self.b.call(aten.add.Tensor, self.upcast(bias), scaled)
+
     def ia3_bias(self, bias: Node) -> Node:
         self.b.anchor = self.site.node  # the bias may be read after W's layout ops
         vec = self.b.call(aten.view.default, self.b.attr(self.tag["vector"]), [-1])
@@ -161,7 +168,7 @@ def _bias(site) -> Node | None:
     args = site.node.args
     if site.form == "addmm":
         return args[0]
-    if site.form == "linear" and len(args) > 2:
+    if site.form in ("linear", "conv") and len(args) > 2:
         return args[2]
     return None
 
@@ -241,18 +248,24 @@ def merge_tagged(gm: GraphModule, scope: Any, pass_name: str) -> int:
 
 def _merge_one(gm: GraphModule, scope: Any, pass_name: str, out: Node, kind: str, sites: dict, order: dict) -> int:
     tag = out.meta[kind]
+    if tag.get("groups", 1) != 1:  # A reads every input channel: B·A is no grouped kernel (HF PEFT cannot merge it)
+        return 0
     dying = _chain(out, out.meta["peftc.pass"])
     site = _site_of(out, kind, tag, dying, sites, order, scope.ctx.params)
     rewire = site and _weight_leaf(site, dying)
     if not rewire:
         return 0
     reader, leaf = rewire
+    bias = _bias(site)
+    if kind == LORA and tag.get("bias") and bias is None:  # lora_bias needs a base bias to merge into (as in HF)
+        return 0
     m = _Merge(gm, scope.ctx, site, kind, tag, pass_name, anchor=reader)
     w = m.upcast(leaf)
     reader.replace_input_with(leaf, m.done(m.lora(w) if kind == LORA else m.ia3(w), leaf))
-    bias = _bias(site)
     if kind == IA3 and not tag["feedforward"] and bias is not None:
         site.node.replace_input_with(bias, m.done(m.ia3_bias(bias), bias))
+    if kind == LORA and tag.get("bias"):
+        site.node.replace_input_with(bias, m.done(m.lora_bias(bias), bias))
     if kind == IA3 and tag["feedforward"]:
         x = next(i for n in dying for i in n.all_input_nodes if i not in dying)
         site.node.replace_input_with(out, x)

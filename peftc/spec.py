@@ -165,9 +165,14 @@ class LoRA(Rule):
     # Per-slice adapters on output-column slices of one fused weight: {name: (start, end)}; `r` and `alpha` may
     # then be {name: value}. Adapters are named `<module>.lora_A.<name>.weight`.
     slices: dict[str, tuple[int, int]] | None = None
+    # HF PEFT's lora_bias: B gets a trainable bias `<module>.lora_B.bias` (zeros), scaled with B, merged into W's bias.
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         where = self._where()
+        if not isinstance(self.lora_bias, bool) or (self.lora_bias and (self.use_dora or self.slices)):
+            raise SpecError(f"{where}: `lora_bias` must be true or false, and does not combine with use_dora or "
+                            f"slices; got lora_bias={self.lora_bias!r}")
         object.__setattr__(self, "target", _as_target(self.target, "target", where))
         object.__setattr__(self, "exclude", _as_target(self.exclude, "exclude", where))
         if self.target is None:

@@ -1,0 +1,7 @@
+"""Built-in methods written with exactly the public API (peftc.Method), as a user would write them."""
+
+from .loha import LoHa
+from .lokr import LoKr
+from .vera import VeRA
+
+__all__ = ["LoHa", "LoKr", "VeRA"]
