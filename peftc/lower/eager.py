@@ -12,11 +12,13 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from ..capture import ModelInfo, call_kwargs, capture
+from ..distributed import check_capture, check_sharding, check_source, copy_full_into
 from ..errors import AdapterError, PassError, PeftcError
 from ..instrument import DiffIR, PassRecord, Verify
 from ..params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from ..pipeline import Instrument, PassContext, Pipeline
 from ..spec import Spec
+from .modules import live_tensor, make_containers, runnable
 
 
 def _is_guard_failure(e: Exception) -> bool:
@@ -104,6 +106,7 @@ class CompiledModel(nn.Module):
         self.diff_ir = DiffIR()
         self.recompute_plan = None  # a peftc.recompute.RecomputePlan when compiled with a memory budget
         # The source model is kept to capture new signatures, but not registered: its parameters are ours.
+        check_source(model)
         object.__setattr__(self, "_source", model)
         self._info = ModelInfo.of(model)
         self._graphs: dict[Any, list[GraphModule]] = {}
@@ -111,6 +114,7 @@ class CompiledModel(nn.Module):
         first = self._lower(tuple(args), call_kwargs(model, kwargs),
                             instruments=[*([Verify()] if verify else []), self.diff_ir, *instruments])
         object.__setattr__(self, "graph_module", first)  # not a submodule: its tensors are registered below
+        make_containers(self, self._info)
         for p in self._exposed():
             try:
                 set_attr_path(self, p.name, p.tensor)
@@ -153,16 +157,24 @@ class CompiledModel(nn.Module):
         if self.graph_module is old:
             object.__setattr__(self, "graph_module", new)
 
+    def _run(self, gm: GraphModule, args: tuple, kwargs: dict[str, Any]) -> Any:
+        # The graph as it runs: tensors read from this module's tree, each repeated block a module call
+        # (peftc/lower/modules.py), so whatever swaps a registered tensor (FSDP2, assign=True) is seen.
+        run = runnable(self, gm, self._info)
+        check_sharding(self, run)
+        return run(*args, **kwargs)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = call_kwargs(self._source, kwargs)
         for gm in self._graphs.get(self._key(args, kwargs), []):
             try:
-                return gm(*args, **kwargs)
+                return self._run(gm, args, kwargs)
             except Exception as e:
                 if not _is_guard_failure(e):
                     raise
         # A new signature, or shapes that an earlier capture specialized: capture these inputs too.
-        return self._lower(args, kwargs)(*args, **kwargs)
+        check_capture(self)
+        return self._run(self._lower(args, kwargs), args, kwargs)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -178,7 +190,7 @@ class CompiledModel(nn.Module):
     # ---- adapters ------------------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Every adapter tensor, keyed as HF PEFT saves them without `base_model.model.`."""
-        return {p.name: p.tensor.detach() for p in self.params if p.role == ADAPTER}
+        return {p.name: live_tensor(self, p).detach() for p in self.params if p.role == ADAPTER}
 
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load adapter tensors; strict: unknown, missing or mis-shaped keys raise AdapterError."""
@@ -197,9 +209,8 @@ class CompiledModel(nn.Module):
         if missing:
             raise AdapterError(f"adapter state dict is missing `{missing[0]}`"
                                + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        with torch.no_grad():
-            for key, value in state_dict.items():
-                ours[key].tensor.copy_(value)
+        for key, value in state_dict.items():
+            copy_full_into(live_tensor(self, ours[key]), value)
 
     def merge(self, adapters: str | Sequence[str] | None = None) -> "MergedModel":
         """A new module with the adapters folded into the base weights; this model stays as it is, trainable.
@@ -252,7 +263,7 @@ class CompiledModel(nn.Module):
         return PassReport(self.diff_ir.records)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p.tensor for p in self.params if p.trainable]
+        return [live_tensor(self, p) for p in self.params if p.trainable]
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; total counts the base model plus adapters."""

@@ -1,0 +1,189 @@
+"""peftc under torch.distributed: DDP, FSDP2 (`fully_shard` per block and at the root), distributed checkpoints.
+
+A CompiledModel runs its graphs through its own modules (peftc/lower/modules.py): every tensor is read from the
+module tree when the graph runs, and each repeated block runs as a call of the CompiledModel's module at that path.
+So `DistributedDataParallel(cm)` and
+
+    for block in cm.model.layers:
+        fully_shard(block)
+    fully_shard(cm)
+
+work as they do on the source model. What cannot work raises a ShardingError at the first step (check_sharding):
+sharding a module that is neither the root nor a repeated block, sharding blocks without the root, sharding the
+source model before `peftc.compile`, and capturing a new call signature after sharding.
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PeftcError
+from .params import get_attr_path, set_attr_path
+
+WORKS = ("compile first, then shard the compiled model: `for block in <repeated blocks, e.g. cm.model.layers>: "
+         "fully_shard(block)`, then `fully_shard(cm)`")
+
+
+class ShardingError(PeftcError):
+    """A combination of peftc and FSDP2 that would not train correctly."""
+
+
+def _fsdp_module_type():
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    return FSDPModule
+
+
+def sharded_modules(root: nn.Module) -> list[str]:
+    """Paths of the modules under `root` that `fully_shard` was applied to ('' is root itself)."""
+    fsdp = _fsdp_module_type()
+    return [] if fsdp is None else [name for name, m in root.named_modules() if isinstance(m, fsdp)]
+
+
+def is_dtensor(t: Any) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def check_source(model: nn.Module) -> None:
+    """Compiling an FSDP-sharded model cannot work: torch.export cannot read DTensor shards (nor run FSDP's hooks
+    on fake tensors), and the compiled model registers its own modules, which the source's sharding would miss."""
+    sharded = sharded_modules(model)
+    if sharded:
+        where = "the model itself" if sharded[0] == "" else f"`{sharded[0]}`"
+        raise ShardingError(f"peftc.compile got a model already sharded with fully_shard ({where}"
+                            f"{f' and {len(sharded) - 1} more modules' if len(sharded) > 1 else ''}); {WORKS}")
+
+
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def check_sharding(cm: nn.Module, run: nn.Module) -> None:
+    """Before `run` (a runnable of `cm`) runs: every sharded module's hooks must run around the computation that
+    reads its parameters, and the root must be sharded too, or tensors outside the blocks would stay unsynced."""
+    sharded = sharded_modules(cm)
+    if not sharded:
+        return
+    key = (id(cm), tuple(sharded))
+    if _CHECKED.get(run) == key:
+        return
+    called = {"", *run.peftc_blocks}
+    outside = [name for name in sharded if name not in called]
+    if outside:
+        blocks = ", ".join(run.peftc_blocks[:2]) + (", ..." if len(run.peftc_blocks) > 2 else "")
+        raise ShardingError(
+            f"fully_shard on `{outside[0]}` of the compiled model cannot work: peftc runs only the root and the "
+            f"repeated blocks ({blocks or 'none in this model'}) as module calls, so the hooks of `{outside[0]}` "
+            f"would never gather its parameters; {WORKS}")
+    if "" not in sharded:
+        raise ShardingError(
+            f"fully_shard on blocks ({sharded[0]}, ...) without the root: the tensors outside the blocks (embeddings, "
+            f"head, their adapters) would not be synchronized across ranks; call fully_shard(cm) after the blocks")
+    adopt_registered(cm)
+    _CHECKED[run] = key
+
+
+def adopt_registered(cm) -> None:
+    """Point the parameter table, the IR graphs and the source model at the tensors registered on `cm` now.
+
+    After `fully_shard` those are the sharded DTensors: nothing else then keeps the full tensors alive, so each
+    rank holds only its shards (and the graphs captured before sharding stay the only ones: check_capture).
+    """
+    from .lower.modules import live_tensor
+
+    for p in cm.params:
+        live = live_tensor(cm, p)
+        if live is p.tensor:
+            continue
+        p.tensor = live
+        for alias in cm._info.aliases.get(p.name, (p.name,)):
+            _rebind(cm._source, alias, live)
+        for graphs in cm._graphs.values():
+            for gm in graphs:
+                _rebind(gm, p.name, live)
+
+
+def _rebind(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    try:
+        get_attr_path(root, name)
+    except AttributeError:
+        return
+    set_attr_path(root, name, tensor)
+
+
+def check_capture(cm) -> None:
+    """A new call signature after sharding: the source's weights are shards now, and torch.export needs them whole."""
+    if any(is_dtensor(p.tensor) for p in cm.params):
+        raise ShardingError(
+            f"this call signature (keyword set, or train/eval) was not captured before the model was sharded, and "
+            f"torch.export cannot capture sharded weights; before fully_shard, call the model once with each "
+            f"signature it will be called with (e.g. `cm.eval(); cm(**inputs); cm.train()`)")
+
+
+# ---- adapter state -----------------------------------------------------------------------------------------
+
+def full_adapter_state_dict(cm) -> dict[str, torch.Tensor]:
+    """`cm.adapter_state_dict()` with sharded tensors gathered whole; a collective: every rank must call it."""
+    return {k: v.full_tensor() if is_dtensor(v) else v for k, v in cm.adapter_state_dict().items()}
+
+
+def copy_full_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """target[...] = value, for a target that may be a sharded DTensor (then a collective: every rank calls it with
+    the same full value; rank 0's is the one kept)."""
+    with torch.no_grad():
+        if is_dtensor(target):
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(device=target.device, dtype=target.dtype), target.device_mesh,
+                                      target.placements)
+        target.copy_(value)
+
+
+# ---- distributed checkpoints ---------------------------------------------------------------------------------
+
+def _state(cm: nn.Module, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return {"model": get_model_state_dict(cm, options=options)}, options
+    model_sd, optim_sd = get_state_dict(cm, optimizer, options=options)
+    return {"model": model_sd, "optim": optim_sd}, options
+
+
+def save_checkpoint(cm: nn.Module, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Save the trainable tensors (and the optimizer's state) with torch.distributed.checkpoint: each rank writes
+    its own shards; the frozen base weights are not written. `cm` may be a CompiledModel, DDP(cm) or a sharded cm.
+    Call it on every rank (or in a single process)."""
+    import torch.distributed.checkpoint as dcp
+
+    state, _ = _state(cm, optimizer)
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load_checkpoint(cm: nn.Module, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load what save_checkpoint wrote, into any world size or sharding (a single process reads all shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state, options = _state(cm, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(cm, state["model"], options=options)
+    else:
+        set_state_dict(cm, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=options)
