@@ -186,10 +186,10 @@ def split_block(graph: Graph, path: str, nodes: list[Node], attrs: dict[str, Any
 def bound_module(graph: Graph, attrs: dict[str, Any], owner: nn.Module, class_name: str) -> GraphModule:
     """A GraphModule running `graph` whose reads resolve on `owner` when it runs.
 
-    `attrs`: each get_attr / call_module target ==> the object the IR read there. A target that `owner` registers
-    the same object under is looked up on `owner`'s modules at call time: the module shares `owner`'s tensor dicts
-    and child modules. Anything else (graph-only submodules, tensors no module registers) the module holds itself,
-    under `peftc_local`.
+    `attrs`: each get_attr / call_module target ==> the object the IR read there. A tensor `owner` registers under
+    that name, or a module it holds there, is looked up on `owner`'s modules at call time: the module shares
+    `owner`'s tensor dicts and child modules. Anything else (graph-only submodules, tensors no module registers) the
+    module holds itself, under `peftc_local`.
     """
     local = nn.Module()
     for node in graph.nodes:
@@ -197,9 +197,12 @@ def bound_module(graph: Graph, attrs: dict[str, Any], owner: nn.Module, class_na
             continue
         obj = attrs[node.target]
         try:
-            registered = get_attr_path(owner, node.target) is obj
+            found = get_attr_path(owner, node.target)
         except AttributeError:
-            registered = False
+            found = None
+        # A tensor by name: whatever is registered there when the graph runs is what it reads (FSDP2 may have
+        # swapped it already). A module only when it is the same one (graph-only submodules stay ours).
+        registered = found is obj or (isinstance(obj, torch.Tensor) and isinstance(found, torch.Tensor))
         if not registered:
             name = f"a{len(local._modules) + len(local._parameters) + len(local._buffers)}"
             if isinstance(obj, nn.Module):
