@@ -10,7 +10,7 @@ So `DistributedDataParallel(cm)` and
 
 work as they do on the source model. What cannot work raises a ShardingError at the first step (check_sharding):
 sharding a module that is neither the root nor a repeated block, sharding blocks without the root, sharding the
-source model before `peftc.compile`, and capturing a new call signature after sharding.
+source model before `peftc.compile`, and capturing a new call signature after the first sharded step.
 """
 
 from __future__ import annotations
@@ -94,15 +94,21 @@ def check_sharding(cm: nn.Module, run: nn.Module) -> None:
 
 
 def adopt_registered(cm) -> None:
-    """Point the parameter table, the IR graphs and the source model at the tensors registered on `cm` now.
+    """Point the parameter table, the IR graphs and the source model at the sharded DTensors FSDP2 registered.
 
-    After `fully_shard` those are the sharded DTensors: nothing else then keeps the full tensors alive, so each
-    rank holds only its shards (and the graphs captured before sharding stay the only ones: check_capture).
+    Nothing else then keeps the full tensors alive, so each rank holds only its shards (and the graphs captured
+    so far stay the only ones: check_capture).
     """
     from .lower.modules import live_tensor
 
+    shards = _sharded_params(cm)
     for p in cm.params:
-        live = live_tensor(cm, p)
+        parent, _, leaf = p.name.rpartition(".")
+        try:
+            owner = cm.get_submodule(parent)
+        except AttributeError:
+            continue
+        live = shards.get((id(owner), leaf), live_tensor(cm, p))
         if live is p.tensor:
             continue
         p.tensor = live
@@ -111,6 +117,18 @@ def adopt_registered(cm) -> None:
         for graphs in cm._graphs.values():
             for gm in graphs:
                 _rebind(gm, p.name, live)
+
+
+def _sharded_params(cm) -> dict[tuple[int, str], torch.Tensor]:
+    """(id of the owning module, parameter name) ==> FSDP2's sharded DTensor parameter. Inside the root's forward
+    the root's own parameters are registered unsharded, so ask FSDP2's state (private in torch 2.13)."""
+    out = {}
+    for name in sharded_modules(cm):
+        group = cm.get_submodule(name)._get_fsdp_state()._fsdp_param_group
+        for fsdp_param in group.fsdp_params if group is not None else ():
+            info = fsdp_param._module_info
+            out[(id(info.module), info.param_name)] = fsdp_param.sharded_param
+    return out
 
 
 def _rebind(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -122,12 +140,12 @@ def _rebind(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def check_capture(cm) -> None:
-    """A new call signature after sharding: the source's weights are shards now, and torch.export needs them whole."""
+    """A new call signature after the first sharded step (adopt_registered): the source's weights are shards."""
     if any(is_dtensor(p.tensor) for p in cm.params):
         raise ShardingError(
-            f"this call signature (keyword set, or train/eval) was not captured before the model was sharded, and "
-            f"torch.export cannot capture sharded weights; before fully_shard, call the model once with each "
-            f"signature it will be called with (e.g. `cm.eval(); cm(**inputs); cm.train()`)")
+            f"this call signature (keyword set, or train/eval) is new after the sharded model's first step: its "
+            f"weights are shards now, and torch.export needs them whole; call the model once with each signature "
+            f"it will be called with before fully_shard (e.g. `cm.eval(); cm(**inputs); cm.train()`)")
 
 
 # ---- adapter state -----------------------------------------------------------------------------------------
