@@ -33,8 +33,13 @@ class ShardingError(PeftcError):
     """A combination of peftc and FSDP2 that would not train correctly."""
 
 
+def _initialized() -> bool:
+    # Sharding needs a process group: without one, peftc never imports FSDP or DTensor.
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _fsdp_module_type():
-    if not torch.distributed.is_available():
+    if not _initialized():
         return None
     from torch.distributed.fsdp import FSDPModule
 
@@ -48,7 +53,7 @@ def sharded_modules(root: nn.Module) -> list[str]:
 
 
 def is_dtensor(t: Any) -> bool:
-    if not torch.distributed.is_available():
+    if not _initialized():
         return False
     from torch.distributed.tensor import DTensor
 

@@ -103,6 +103,7 @@ def _scenario(rank: int, name: str, out: Path) -> dict:
         _, losses, grads = train(wrapped, params, [(ids[mine], labels[mine])] * STEPS)
         result["bytes_per_step"] = sum(sent) / STEPS
         result["adapter_grad_bytes"] = sum(p.numel() * p.element_size() for p in params)
+        result["adapters"] = {k: v.clone() for k, v in cm.adapter_state_dict().items()}
     else:
         mesh = init_device_mesh("cpu", (WORLD,))
         base = weakref.ref(model.model.layers[0].mlp.up_proj.weight)
@@ -119,6 +120,7 @@ def _scenario(rank: int, name: str, out: Path) -> dict:
         local = [p.to_local() for p in cm.parameters() if not p.requires_grad]
         result["base_bytes"] = (sum(t.numel() * t.element_size() for t in local), full_bytes)
         grads = [_full(g) for g in grads]
+        result["adapters"] = {k: v.clone() for k, v in full_adapter_state_dict(cm).items()}
         if name == "fsdp":  # checkpoint, then train on: a single process must resume with the same losses
             save_checkpoint(cm, out / "ckpt", opt)
             adapters = full_adapter_state_dict(cm)
@@ -134,7 +136,6 @@ def _scenario(rank: int, name: str, out: Path) -> dict:
                 dist.all_reduce(total)
                 resumed.append(total / WORLD)
             result["resumed_losses"] = resumed
-    result["adapters"] = {k: v.clone() for k, v in full_adapter_state_dict(cm).items()}
     result["first_grads"] = grads
     result["losses"] = losses
     return result

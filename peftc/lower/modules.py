@@ -87,14 +87,12 @@ def live_tensor(root: nn.Module, p: Param) -> torch.Tensor:
 
 # ---- the runnable --------------------------------------------------------------------------------------------
 
-_RUNNABLES: "weakref.WeakKeyDictionary[GraphModule, GraphModule]" = weakref.WeakKeyDictionary()
-
-
 def runnable(cm: nn.Module, gm: GraphModule, info: ModelInfo) -> GraphModule:
-    """The module that runs `gm` for `cm`: built on first use, then cached for as long as `gm` lives."""
-    run = _RUNNABLES.get(gm)
-    if run is None or run.peftc_owner is not cm:
-        run = _RUNNABLES[gm] = build_runnable(cm, gm, info)
+    """The module that runs `gm` for `cm`: built on first use, then kept (on `cm`) for as long as `gm` lives."""
+    cache = cm.__dict__.setdefault("_runnables", weakref.WeakKeyDictionary())
+    run = cache.get(gm)
+    if run is None:
+        run = cache[gm] = build_runnable(cm, gm, info)
     return run
 
 
@@ -113,7 +111,6 @@ def build_runnable(cm: nn.Module, gm: GraphModule, info: ModelInfo) -> GraphModu
     run = bound_module(graph, attrs, cm, f"{type(gm).__name__}Runnable")
     run.peftc_blocks = tuple(p for p in outer_blocks(info) if any(
         n.op == "call_module" and n.target == p for n in graph.nodes))
-    object.__setattr__(run, "peftc_owner", cm)
     return run
 
 
