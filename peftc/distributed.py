@@ -177,7 +177,9 @@ def copy_full_into(target: torch.Tensor, value: torch.Tensor) -> None:
 def _state(cm: nn.Module, optimizer):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    options = StateDictOptions(ignore_frozen_params=True)
+    # Only trainable tensors; strict=False lets set_state_dict skip the frozen ones, while dcp.load still fails
+    # on any trainable tensor the checkpoint lacks.
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
