@@ -114,14 +114,15 @@ def adopt_registered(cm) -> None:
         except AttributeError:
             continue
         live = shards.get((id(owner), leaf), live_tensor(cm, p))
-        if live is p.tensor:
+        old = p.tensor
+        if live is old:
             continue
         p.tensor = live
         for alias in cm._info.aliases.get(p.name, (p.name,)):
-            _rebind(cm._source, alias, live)
+            _rebind(cm._source, alias, old, live)
         for graphs in cm._graphs.values():
             for gm in graphs:
-                _rebind(gm, p.name, live)
+                _rebind(gm, p.name, old, live)
 
 
 def _sharded_params(cm) -> dict[tuple[int, str], torch.Tensor]:
@@ -136,12 +137,14 @@ def _sharded_params(cm) -> dict[tuple[int, str], torch.Tensor]:
     return out
 
 
-def _rebind(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _rebind(root: nn.Module, name: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    """root.<name> = new where it holds old (a merged model's table is not its source's)."""
     try:
-        get_attr_path(root, name)
+        held = get_attr_path(root, name)
     except AttributeError:
         return
-    set_attr_path(root, name, tensor)
+    if held is old:
+        set_attr_path(root, name, new)
 
 
 def check_capture(cm) -> None:
@@ -151,6 +154,16 @@ def check_capture(cm) -> None:
             f"this call signature (keyword set, or train/eval) is new after the sharded model's first step: its "
             f"weights are shards now, and torch.export needs them whole; call the model once with each signature "
             f"it will be called with before fully_shard (e.g. `cm.eval(); cm(**inputs); cm.train()`)")
+
+
+def whole_weights(cm, what: str) -> None:
+    """Before reading the parameter table as weights (merge, ONNX export): point it at the registered tensors
+    (load_state_dict(assign=True) may have replaced them), and refuse shards."""
+    adopt_registered(cm)
+    if any(is_dtensor(p.tensor) for p in cm.params):
+        raise ShardingError(f"{what} needs whole weights, and this model is sharded with fully_shard; save the "
+                            f"adapters (full_adapter_state_dict on every rank, then rank 0 writes them) and load them "
+                            f"into a model compiled in a single process")
 
 
 # ---- adapter state -----------------------------------------------------------------------------------------

@@ -267,6 +267,7 @@ def one_rank(tmp_path):
     ("no_root", ["without the root", "fully_shard(cm)"]),
     ("sharded_source", ["already sharded", "compile first", "fully_shard(cm)"]),
     ("new_signature", ["new after the sharded model's first step", "cm.eval(); cm(**inputs)"]),
+    ("merge_sharded", ["cm.merge() needs whole weights", "full_adapter_state_dict"]),
 ])
 def test_what_cannot_work_raises_at_the_first_step(one_rank, case, names):
     import peftc
@@ -287,6 +288,12 @@ def test_what_cannot_work_raises_at_the_first_step(one_rank, case, names):
             fully_shard(cm, mesh=one_rank)
             cm(input_ids=ids[:2], labels=labels[:2]).loss.backward()  # the first step captures: fine
             cm(input_ids=ids[:2])  # after it, the weights are shards: a new keyword set cannot be captured
+        elif case == "merge_sharded":
+            for block in cm.model.layers:
+                fully_shard(block, mesh=one_rank)
+            fully_shard(cm, mesh=one_rank)
+            cm(input_ids=ids[:2], labels=labels[:2]).loss.backward()
+            cm.merge()
         else:
             source, _, _ = tiny()
             for layer in source.model.layers:
@@ -350,3 +357,13 @@ def test_example_runs_under_torchrun(tmp_path, script):
     assert adapters and all("lora_" in k for k in adapters)
     assert any(v.abs().max() > 0 for k, v in adapters.items() if "lora_B" in k)  # trained
     assert (tmp_path / "checkpoint" / ".metadata").exists()
+
+
+def test_merge_reads_tensors_registered_later():
+    model, cm, ids, labels = build(False)
+    new = {k: torch.nn.Parameter(torch.randn_like(v) * 0.1) for k, v in cm.adapter_state_dict().items()
+           if "lora_B" in k}
+    cm.load_state_dict(new, strict=False, assign=True)
+    cm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cm.merge()(input_ids=ids).logits, cm(input_ids=ids).logits)

@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from ..capture import ModelInfo, call_kwargs, capture
-from ..distributed import check_capture, check_sharding, check_source, copy_full_into
+from ..distributed import check_capture, check_sharding, check_source, copy_full_into, whole_weights
 from ..errors import AdapterError, PassError, PeftcError
 from ..instrument import DiffIR, PassRecord, Verify
 from ..params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
@@ -224,6 +224,7 @@ class CompiledModel(nn.Module):
         from ..passes.fold_params import FoldParams
         from ..passes.merge_reparam import MergeReparam, select_adapters
 
+        whole_weights(self, "cm.merge()")
         chosen = select_adapters(self.params, adapters)
         table = self.params.copy()
         for p in table:
@@ -301,6 +302,7 @@ class CompiledModel(nn.Module):
         """
         from .onnx import export_compiled
 
+        whole_weights(self, "cm.export_onnx()")
         return export_compiled(self, path, merged=merged, adapters=adapters, dynamic=dynamic, opset=opset,
                                verify=verify, progress=progress)
 
