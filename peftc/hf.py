@@ -87,7 +87,7 @@ class CompiledBackbone:
         self._cm, self._entry = cm, entry
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._cm._run(self._entry, args, kwargs)
+        return self._cm._call(self._entry, args, kwargs)
 
     forward = __call__
 

@@ -14,12 +14,14 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from ..capture import ModelInfo, call_kwargs, capture
+from ..distributed import check_capture, check_sharding, check_source, copy_full_into, whole_weights
 from ..errors import PassError, PeftcError
 from ..hf import HFModelMixin, autocast_state, source_signature
 from ..instrument import DiffIR, PassRecord, Verify
 from ..params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from ..pipeline import Instrument, PassContext, Pipeline
 from ..spec import Spec
+from .modules import live_tensor, make_containers, runnable
 
 
 # torch.export keeps its tracing state in process-global modes: two captures at once (two threads' first calls)
@@ -118,6 +120,7 @@ class CompiledModel(HFModelMixin, nn.Module):
         self.diff_ir = DiffIR()
         self.recompute_plan = None  # a peftc.recompute.RecomputePlan when compiled with a memory budget
         # The source model is kept to capture new signatures, but not registered: its parameters are ours.
+        check_source(model)
         object.__setattr__(self, "_source", model)
         self._info = ModelInfo.of(model, task_type=getattr(spec, "task_type", None))
         self._graphs: dict[Any, list[GraphModule]] = {}
@@ -125,6 +128,7 @@ class CompiledModel(HFModelMixin, nn.Module):
         first = self._lower(tuple(args), call_kwargs(model, kwargs),
                             instruments=[*([Verify()] if verify else []), self.diff_ir, *instruments])
         object.__setattr__(self, "graph_module", first)  # not a submodule: its tensors are registered below
+        make_containers(self, self._info)
         for p in self._exposed():
             try:
                 set_attr_path(self, p.name, p.tensor)
@@ -176,16 +180,17 @@ class CompiledModel(HFModelMixin, nn.Module):
 
     @source_signature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._run(None, args, kwargs)
+        return self._call(None, args, kwargs)
 
-    def _run(self, entry: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def _call(self, entry: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Run the graph of this call signature (entering through submodule `entry`, for cm.base_model)."""
         kwargs = call_kwargs(self._source if entry is None else get_attr_path(self._source, entry), kwargs)
         key, tried = self._key(args, kwargs, entry), 0
         while True:
             graphs = list(self._graphs.get(key, []))
             for gm in graphs[tried:]:
                 try:
-                    return gm(*args, **kwargs)
+                    return self._run(gm, args, kwargs)
                 except Exception as e:
                     if not _is_guard_failure(e):
                         raise
@@ -194,7 +199,15 @@ class CompiledModel(HFModelMixin, nn.Module):
             # another thread captured this signature while we looked (then try its graph first).
             with _CAPTURE_LOCK:
                 if len(self._graphs.get(key, [])) == tried:
-                    return self._lower(args, kwargs, entry=entry)(*args, **kwargs)
+                    check_capture(self)
+                    return self._run(self._lower(args, kwargs, entry=entry), args, kwargs)
+
+    def _run(self, gm: GraphModule, args: tuple, kwargs: dict[str, Any]) -> Any:
+        # The graph as it runs: tensors read from this module's tree, each repeated block a module call
+        # (peftc/lower/modules.py), so whatever swaps a registered tensor (FSDP2, assign=True) is seen.
+        run = runnable(self, gm, self._info)
+        check_sharding(self, run)
+        return run(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -210,7 +223,7 @@ class CompiledModel(HFModelMixin, nn.Module):
     # ---- adapters ------------------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Every adapter tensor, keyed as HF PEFT saves them without `base_model.model.`."""
-        return {p.name: p.tensor.detach() for p in self.params if p.role == ADAPTER}
+        return {p.name: live_tensor(self, p).detach() for p in self.params if p.role == ADAPTER}
 
     def load_adapter_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load adapter tensors, all or nothing: every key and tensor is checked before any is copied.
@@ -222,11 +235,10 @@ class CompiledModel(HFModelMixin, nn.Module):
         """
         from ..adapter_check import check_adapter_state_dict
 
-        ours = {p.name: p.tensor for p in self.params if p.role == ADAPTER}
+        ours = {p.name: live_tensor(self, p) for p in self.params if p.role == ADAPTER}
         check_adapter_state_dict(state_dict, ours)
-        with torch.no_grad():
-            for key, value in state_dict.items():
-                ours[key].copy_(value)
+        for key, value in state_dict.items():
+            copy_full_into(ours[key], value)  # a sharded (FSDP2) adapter takes the full tensor
 
     def save_pretrained(self, directory, format: str | None = None) -> str:
         """Save the adapter to `directory` in HF PEFT's format (adapter_config.json + adapter_model.safetensors),
@@ -265,6 +277,7 @@ class CompiledModel(HFModelMixin, nn.Module):
         from ..passes.fold_params import FoldParams
         from ..passes.merge_reparam import MergeReparam, select_adapters
 
+        whole_weights(self, "cm.merge()")
         chosen = select_adapters(self.params, adapters)
         table = self.params.copy()
         for p in table:
@@ -325,7 +338,7 @@ class CompiledModel(HFModelMixin, nn.Module):
         return PassReport(self.diff_ir.records)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p.tensor for p in self.params if p.trainable]
+        return [live_tensor(self, p) for p in self.params if p.trainable]
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; total counts the base model plus adapters."""
@@ -363,6 +376,7 @@ class CompiledModel(HFModelMixin, nn.Module):
         """
         from .onnx import export_compiled
 
+        whole_weights(self, "cm.export_onnx()")
         return export_compiled(self, path, merged=merged, adapters=adapters, dynamic=dynamic, opset=opset,
                                verify=verify, progress=progress)
 
