@@ -163,6 +163,26 @@ def _explain(model: nn.Module, kwargs: dict[str, Any], err: Exception) -> str:
             f"{where}. Likely fix: {fix}.")
 
 
+def _distinct_inputs(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Copies for input tensors that share storage with an earlier input (`input_ids=ids, labels=ids`).
+
+    torch.export bakes input aliasing into the graph: captured with one tensor for both, the graph would keep
+    reading `input_ids` where later calls pass other `labels`, and compute a silently wrong loss.
+    """
+    seen: set[int] = set()
+
+    def distinct(x):
+        if not isinstance(x, torch.Tensor) or x.device.type == "meta":
+            return x
+        ptr = x.untyped_storage().data_ptr()
+        if ptr in seen:
+            return x.clone()
+        seen.add(ptr)
+        return x
+
+    return pytree.tree_map(distinct, (tuple(args), dict(kwargs)))
+
+
 def capture(model: nn.Module, args: tuple, kwargs: dict[str, Any], table: ParamTable, *,
             dynamic: bool = True, entry: str | None = None) -> GraphModule:
     """Export `model(*args, **kwargs)` and bind every tensor the graph reads to the shared parameter table.
@@ -171,6 +191,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict[str, Any], table: ParamT
     needs at every call; the caller sets both. `entry` names a submodule to run instead (the backbone), its
     parameters still named from `model`.
     """
+    args, kwargs = _distinct_inputs(args, kwargs)
     target = model
     if entry is not None or _lands_in_var_keyword(model, kwargs):
         target = _EntryPoint(model, entry, tuple(args), kwargs)

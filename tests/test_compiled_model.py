@@ -189,3 +189,17 @@ def test_measure_step_on_a_signature_not_yet_captured():
     first = measure_step(cm, (x, 2.0))  # scale=2.0 is a new signature: captured before measuring
     again = measure_step(cm, (x, 2.0))
     assert first == again and isinstance(first.forward_flops, int) and first.forward_flops > 0
+
+
+@pytest.mark.parametrize("fuse_loss", [False, True])
+def test_one_tensor_for_two_inputs_at_capture_does_not_tie_them(fuse_loss):
+    """Compiled with `input_ids=ids, labels=ids` (one tensor), later calls with other labels get their own loss."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    x = ids()
+    cm = peftc.compile(model, peftc.LoRA(target="q_proj"), kwargs={"input_ids": x, "labels": x},
+                       fuse_loss=fuse_loss)
+    other = ids(seed=5)
+    assert not torch.equal(other, x)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(input_ids=x, labels=other).loss, model(input_ids=x, labels=other).loss)
