@@ -216,7 +216,7 @@ def _check_adapter_scaling(cm, directory: Path) -> None:
     trained = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     args, kwargs = cm.example_inputs
     with _eval(cm):
-        compiled = lora_scalings(cm.graph_for(*args, **kwargs))
+        compiled = lora_scalings(cm.method_graph_for(*args, **kwargs))
     for name, s in compiled.items():
         if not math.isclose(s, trained, rel_tol=1e-6):
             raise SpecError(f"--adapter {directory} was trained with r={r}, lora_alpha={alpha}"

@@ -276,8 +276,7 @@ def test_merge_of_a_pruned_training_model():
     model = MLP([6, 8, 8, 4], bias=True).train()
     x = torch.randn(5, 6)
     spec = peftc.Spec(peftc.LoRA(target="layers.0|layers.1|layers.2", r=2, dropout=0.2))
-    cm = peftc.compile(copy.deepcopy(model), spec, args=(x,), dynamic=False,
-                       prune_grads=True)
+    cm = peftc.compile(copy.deepcopy(model), spec, args=(x,), dynamic=False)  # prune-grads: on by default
     randomize_adapters(cm)
     merged = cm.merge(adapters=["layers.0", "layers.2"])
     assert merged.counters["merge-reparam.lora-linear"] == 2
