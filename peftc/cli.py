@@ -385,12 +385,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_passes(args: argparse.Namespace) -> int:
-    from .pipeline import PASSES
+    from .pipeline import PASSES, TRAINING
 
     for name in sorted(PASSES):
         cls = PASSES[name]
         doc = (cls.__doc__ or "").strip().splitlines()
-        print(f"{name}: {doc[0].removeprefix(name + ':').strip() if doc else ''}")
+        stage = " [training stage: never exported]" if cls.stage == TRAINING else ""
+        print(f"{name}{stage}: {doc[0].removeprefix(name + ':').strip() if doc else ''}")
         for opt, typ, default in cls.options():
             print(f"    {opt}: {typ} = {default!r}")
     return 0

@@ -92,7 +92,8 @@ def test_merge_subset_leaves_the_rest_trainable():
     assert left == {f"model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
                     for i, m in ((0, "v_proj"), (1, "q_proj")) for ab in "AB"}
     assert {n for n, _ in merged.named_parameters()} == base_names(model) | left
-    assert op_count(merged.graph_module) == plain_op_count(model, kwargs, training=False) + 2 * 4
+    # the method graph: prune-grads (on by default) may rewrite the attention the adapters left feed
+    assert op_count(merged.method_graph_for(**kwargs)) == plain_op_count(model, kwargs, training=False) + 2 * 4
     with torch.no_grad():
         assert torch.allclose(merged(**kwargs).logits, cm(**kwargs).logits, rtol=1e-5, atol=1e-5)
     merged(**kwargs).logits.sum().backward()
