@@ -60,9 +60,9 @@ def _tokens(vocab: int, batch: int, seq: int) -> dict:
 
 def llama_case(key: str, quick: bool, vocab: int, targets: list[str], r: int, dropout: float = 0.0,
                goals: dict[str, float] | None = None) -> Case:
-    size = dict(layers=2, hidden=64, heads=4, intermediate=172) if quick else \
+    size = dict(layers=1, hidden=32, heads=2, intermediate=86) if quick else \
         dict(layers=4, hidden=256, heads=8, intermediate=688)
-    batch, seq = (2, 32) if quick else (2, 256)
+    batch, seq = (2, 16) if quick else (2, 256)
     vocab = vocab // 16 if quick else vocab
     torch.manual_seed(0)
     model = models.llama(vocab=vocab, **size).train()
@@ -73,8 +73,8 @@ def llama_case(key: str, quick: bool, vocab: int, targets: list[str], r: int, dr
 
 
 def gpt2_case(key: str, quick: bool) -> Case:
-    size = dict(layers=2, hidden=64, heads=4) if quick else dict(layers=4, hidden=256, heads=8)
-    batch, seq = (2, 32) if quick else (2, 256)
+    size = dict(layers=1, hidden=32, heads=2) if quick else dict(layers=4, hidden=256, heads=8)
+    batch, seq = (2, 16) if quick else (2, 256)
     vocab = 50257 // 16 if quick else 50257
     torch.manual_seed(0)
     model = models.gpt2(vocab=vocab, **size).train()

@@ -59,8 +59,9 @@ def trained(request):
 def test_default_compiled_model_exports_in_every_form(trained, merged, adapters, tmp_path):
     cm, kwargs = trained
     path = tmp_path / "m.onnx"
-    report = cm.export_onnx(path, merged=merged, adapters=adapters)  # verified in onnxruntime on two shapes
-    assert report.max_abs_diff <= report.tolerance and len(report.shapes_checked) == 2
+    # Verified in onnxruntime against the compiled model. Static shapes: dynamic axes are test_onnx.py's subject.
+    report = cm.export_onnx(path, merged=merged, adapters=adapters, dynamic=False)
+    assert report.max_abs_diff <= report.tolerance and report.shapes_checked == ["2x8"]
     assert cm.training  # export put it in eval mode and back
     cm.eval()
     try:
