@@ -6,3 +6,4 @@ from . import insert_bitfit, insert_norm_tuning, insert_sparse_delta  # noqa: F4
 from . import prune_grads  # noqa: F401
 from . import fold_params, merge_reparam  # noqa: F401
 from . import schedule_recompute  # noqa: F401
+from . import fuse_linear_cross_entropy  # noqa: F401

@@ -16,7 +16,7 @@ from .spec import Rule, Spec
 
 def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple = (),
             kwargs: dict[str, Any] | None = None, *, dynamic: bool = True, prune_grads: bool = True,
-            pipeline: Pipeline | str | None = None,
+            fuse_loss: bool = True, pipeline: Pipeline | str | None = None,
             verify: bool = True, instruments: Sequence[Instrument] = (),
             memory_budget: int | str | None = None) -> CompiledModel:
     """Compile `model` for parameter-efficient fine-tuning as `spec` says.
@@ -25,13 +25,15 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     dimension dynamic unless `dynamic=False` (sizes 1 specialize; give batch and sequence sizes >= 2). Other
     keyword sets and train/eval are captured on first use. `spec` is a Spec, a single rule, or a .toml/.json
     path. The spec's pipeline is its method passes (freeze-base, one pass per rule), then the training passes
-    that change only how a training step runs: prune-grads (docs/optimize.md: nothing saved only for frozen weights,
-    dropout masks replayed, not stored); `prune_grads=False` leaves it out. Exports and merges never see training
-    passes. `pipeline` overrides the spec's default pipeline (`"insert-lora{r=8,target=q_proj},prune-grads"`).
-    `memory_budget` (bytes, or a size such as "2GiB") plans activation recomputation: the fewest repeated blocks
-    (e.g. decoder layers) recomputed in backward whose measured training-step peak on the example inputs fits; the
-    chosen `schedule-recompute{blocks=k}` is appended to the pipeline and the plan is `cm.recompute_plan`
-    (docs/optimize.md).
+    that change only how a training step runs (docs/optimize.md): prune-grads (nothing saved only for frozen
+    weights, dropout masks replayed, not stored; `prune_grads=False` leaves it out) and fuse-linear-cross-entropy
+    (a training step's cross-entropy loss computed in chunks of tokens without keeping the [tokens, vocab] logits,
+    so `.logits` of a training call with labels raises PeftcError; `fuse_loss=False` computes them). Exports and
+    merges never see training passes. `pipeline` overrides the spec's default pipeline
+    (`"insert-lora{r=8,target=q_proj},prune-grads"`). `memory_budget` (bytes, or a size such as "2GiB") plans
+    activation recomputation: the fewest repeated blocks (e.g. decoder layers) recomputed in backward whose
+    measured training-step peak on the example inputs fits; the chosen `schedule-recompute{blocks=k}` is appended
+    to the pipeline and the plan is `cm.recompute_plan` (docs/optimize.md).
     """
     if not isinstance(model, nn.Module):
         raise PeftcError(f"peftc.compile needs an nn.Module, got {type(model).__name__}")
@@ -47,7 +49,7 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     elif pipeline is None:
         if spec is None:
             raise SpecError("give a spec (e.g. peftc.LoRA(target='q_proj|v_proj')) or a pipeline")
-        pipeline = Pipeline.for_spec(spec, prune_grads=prune_grads)
+        pipeline = Pipeline.for_spec(spec, prune_grads=prune_grads, fuse_loss=fuse_loss)
     if memory_budget is not None:
         memory_budget = parse_bytes(memory_budget)  # a bad budget fails before minutes of compiling
     if not isinstance(args, tuple):

@@ -78,10 +78,11 @@ class PassRecord:
     trainable: int  # trainable parameter count after the pass
     seconds: float
     diff: str  # unified diff of code and parameter table; empty when nothing changed
+    notes: tuple[str, ...] = ()  # what the pass said through PassContext.note
 
 
-def _snapshot(gm: GraphModule, ctx: PassContext) -> tuple[str, str, set[str], int]:
-    return gm.code, ctx.params.render(), {n.name for n in gm.graph.nodes}, len(ctx.params)
+def _snapshot(gm: GraphModule, ctx: PassContext) -> tuple[str, str, set[str], int, int]:
+    return gm.code, ctx.params.render(), {n.name for n in gm.graph.nodes}, len(ctx.params), len(ctx.notes)
 
 
 def unified(before: str, after: str, label: str) -> str:
@@ -104,12 +105,16 @@ class DiffIR:
 
     def after(self, index: int, p: Pass, result: PassResult, ctx: PassContext) -> None:
         seconds = time.perf_counter() - self._start
-        code0, table0, nodes0, nparams0 = self._before
-        code1, table1, nodes1, nparams1 = _snapshot(result.gm, ctx)
+        code0, table0, nodes0, nparams0, nnotes0 = self._before
+        code1, table1, nodes1, nparams1, _ = _snapshot(result.gm, ctx)
         label = f"{index + 1:02d}-{p.name}"
+        notes = tuple(ctx.notes[nnotes0:])
         diff = unified(code0, code1, f"{label}/code.py") + unified(table0, table1, f"{label}/params.txt")
+        if diff and notes:  # the diff says what the code alone does not: what the pass gave up, and why
+            diff = "".join(f"# {label}: {note}\n" for note in notes) + diff
         self.records.append(PassRecord(index, p.name, result.modified, len(nodes1 - nodes0), len(nodes0 - nodes1),
-                                       nparams1 - nparams0, ctx.params.count(trainable=True), seconds, diff))
+                                       nparams1 - nparams0, ctx.params.count(trainable=True), seconds, diff,
+                                       notes))
 
     def failed(self, index: int, p: Pass, gm: GraphModule, ctx: PassContext, error: BaseException) -> None:
         self.failure = f"# pass #{index + 1} `{p.name}` failed: {error}\n{gm.code}"

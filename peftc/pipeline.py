@@ -35,9 +35,14 @@ class PassContext:
     training: bool  # the mode this graph was captured in: dropout exists only in training graphs
     counters: Counter = field(default_factory=Counter)
     base_frozen: bool = False
+    notes: list[str] = field(default_factory=list)  # what passes want the user to know (cm.report() shows them)
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] += n
+
+    def note(self, text: str) -> None:
+        """Leave a note for the report: what a pass did that the code diff does not say, or why it declined."""
+        self.notes.append(text)
 
 
 @dataclass(frozen=True)
@@ -150,9 +155,11 @@ class Pipeline:
         return Pipeline(tuple(p for p in self.passes if p.stage == TRAINING))
 
     @classmethod
-    def for_spec(cls, spec: Spec, *, prune_grads: bool = True) -> "Pipeline":
-        """Method stage: freeze-base, one pass per rule. Training stage: prune-grads (unless `prune_grads=False`)."""
+    def for_spec(cls, spec: Spec, *, prune_grads: bool = True, fuse_loss: bool = True) -> "Pipeline":
+        """Method stage: freeze-base, one pass per rule. Training stage: prune-grads, then fuse-linear-cross-entropy
+        (each unless turned off)."""
         from .passes.freeze_base import FreezeBase
+        from .passes.fuse_linear_cross_entropy import FuseLinearCrossEntropy
         from .passes.prune_grads import PruneGrads
 
         # Freeze first, so adapter passes mark as trainable exactly what they add. Adapter rules run in spec
@@ -166,6 +173,9 @@ class Pipeline:
         # Training stage. Pruning needs the final trainable set to know which values carry gradients.
         if prune_grads:
             passes.append(PruneGrads())
+        # The fused loss last: it moves the head's final form (adapters, pruned dropout) into its chunks.
+        if fuse_loss:
+            passes.append(FuseLinearCrossEntropy())
         return cls(tuple(passes))
 
     @classmethod

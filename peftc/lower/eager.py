@@ -74,11 +74,15 @@ class PassReport:
                       str(r.nodes_removed), str(r.params_added), f"{r.trainable:,}", f"{r.seconds * 1e3:.1f}")
         return t
 
+    def notes(self) -> list[str]:
+        """`#N pass: note` for each note a pass left (what it gave up, or why it declined)."""
+        return [f"#{r.index + 1} {r.name}: {note}" for r in self.records for note in r.notes]
+
     def __str__(self) -> str:
         console = Console(width=100, record=True, file=None, force_terminal=False)
         with console.capture() as cap:
             console.print(self.table())
-        return cap.get()
+        return cap.get() + "".join(f"{line}\n" for line in self.notes())
 
     def __rich__(self) -> Table:
         return self.table()
