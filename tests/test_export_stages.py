@@ -42,7 +42,7 @@ def trained(request):
     torch.manual_seed(0)
     model, target, kwargs = request.param()
     cm = peftc.compile(model.train(), peftc.LoRA(target=target, r=4, alpha=8, dropout=0.1), kwargs=kwargs)
-    assert cm.pipeline.training.passes and str(cm.pipeline).endswith(",prune-grads")
+    assert "prune-grads" in str(cm.pipeline.training)
     assert sum(v for k, v in cm.counters.items() if k.startswith("prune-grads.")) > 0  # it rewrote something
     args, _ = cm.example_inputs
     assert _training_nodes(cm.graph_for(*args, **kwargs), cm.pipeline)  # what the training step runs
