@@ -60,10 +60,10 @@ def _tokens(vocab: int, batch: int, seq: int) -> dict:
 
 def llama_case(key: str, quick: bool, vocab: int, targets: list[str], r: int, dropout: float = 0.0,
                goals: dict[str, float] | None = None) -> Case:
+    # Quick: a one-layer body but the real vocabulary and enough tokens that the loss is chunked as at full size.
     size = dict(layers=1, hidden=32, heads=2, intermediate=86) if quick else \
         dict(layers=4, hidden=256, heads=8, intermediate=688)
-    batch, seq = (2, 16) if quick else (2, 256)
-    vocab = vocab // 16 if quick else vocab
+    batch, seq = (2, 128) if quick else (2, 256)
     torch.manual_seed(0)
     model = models.llama(vocab=vocab, **size).train()
     which = "all seven projections" if targets == LLAMA_PROJECTIONS else "/".join(targets)
@@ -74,8 +74,8 @@ def llama_case(key: str, quick: bool, vocab: int, targets: list[str], r: int, dr
 
 def gpt2_case(key: str, quick: bool) -> Case:
     size = dict(layers=1, hidden=32, heads=2) if quick else dict(layers=4, hidden=256, heads=8)
-    batch, seq = (2, 16) if quick else (2, 256)
-    vocab = 50257 // 16 if quick else 50257
+    batch, seq = (2, 128) if quick else (2, 256)
+    vocab = 50257
     torch.manual_seed(0)
     model = models.gpt2(vocab=vocab, **size).train()
     title = (f"GPT-2 {size['layers']}x{size['hidden']}, {size['heads']} heads, seq {seq}, batch {batch}, "

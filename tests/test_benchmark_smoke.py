@@ -8,7 +8,7 @@ import torch
 
 
 def test_quick_benchmark(tmp_path):
-    from benchmarks.run import main
+    from benchmarks.run import check_targets, main
 
     threads = torch.get_num_threads()
     try:
@@ -22,8 +22,9 @@ def test_quick_benchmark(tmp_path):
         # Step time is too noisy at this size to assert; memory and FLOPs are exact.
         assert ours["peak_bytes"] <= hf["peak_bytes"], key
         assert ours["flops"] <= 1.01 * hf["flops"], key
-    # No dropout masks: with LoRA dropout, peftc peaks no higher than HF PEFT without dropout.
-    assert results["c"]["peftc"]["peak_bytes"] <= results["c"]["hf_peft_no_dropout"]["peak_bytes"]
+    # The language-model cases have the full-size vocabularies and chunked losses: their memory targets hold here too.
+    for name, ok, value in check_targets({k: results[k] for k in "abc"}):
+        assert ok or "step time" in name, (name, value)
     # Frozen convs and eval-mode BatchNorm save less (0.6x is the full-size target; this ResNet is tiny).
     assert results["d"]["peftc"]["saved_bytes"] < results["d"]["hf_peft"]["saved_bytes"]
     saved = json.loads((tmp_path / "benchmarks.json").read_text())
