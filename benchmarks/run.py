@@ -181,7 +181,7 @@ def ratio(r: dict, metric: str) -> float:
 
 
 GOAL_LABELS = {"peak_bytes": "peak memory", "saved_bytes": "bytes saved for backward", "flops": "FLOPs",
-               "step_s": "median step time", "peak_bytes_vs_no_dropout": "peak memory vs HF PEFT without dropout"}
+               "step_s": "median step time", "peak_bytes_vs_no_dropout": "peak memory"}
 
 
 def check_targets(results: dict) -> list[tuple[str, bool, str]]:
@@ -190,7 +190,8 @@ def check_targets(results: dict) -> list[tuple[str, bool, str]]:
     for key, r in results.items():
         for metric, goal in r["goals"].items():
             value = ratio(r, metric)
-            rows.append((f"({key}) {GOAL_LABELS[metric]} <= {goal:g}x HF PEFT", value <= goal, f"{value:.3f}x"))
+            reference = "HF PEFT without dropout" if metric == "peak_bytes_vs_no_dropout" else "HF PEFT"
+            rows.append((f"({key}) {GOAL_LABELS[metric]} <= {goal:g}x {reference}", value <= goal, f"{value:.3f}x"))
     return rows
 
 
@@ -237,15 +238,26 @@ runs), so the ratio of medians is what to read."""
 
 WHY = """## Where the differences come from
 
-- (a) With a frozen base, eager autograd already saves nothing for a frozen `nn.Linear`, so an fp32 Llama with
-  LoRA on q/v has little to prune. The one difference is in capture: torch.export records the boolean causal mask
-  that transformers builds when tracing, and CPU SDPA saves a float copy of it per layer. `prune-grads` checks the
-  mask once per step and runs SDPA with `is_causal=True`, as the eager HF model does, so both save the same tensors.
-- (b) HF PEFT's `nn.Dropout` on CPU multiplies x by a float noise tensor: per adapter it saves the noise and the
+- (a), (b), (e) The language-model loss. HF PEFT's step keeps the [tokens, vocab] logits for backward and, inside the
+  loss, log-softmax and gradient copies of the same size: at vocab 32,000 and 512 tokens each is 62.5 MiB. peftc's
+  default training stage ends with `fuse-linear-cross-entropy`: the head and the loss run over chunks of tokens
+  (a chunk's fp32 logits are about 2 MiB, at least 64 tokens), each chunk's gradient w.r.t. the hidden states is
+  computed right away, and only that gradient ([tokens, hidden]) is kept. Nothing is computed twice, so the FLOPs
+  are HF PEFT's; the loss is the same (|diff| below). The smaller the vocabulary, the smaller the share: (b) at
+  4,000. GPT-2's `lm_head` is tied to the input embedding; the same pass fuses it.
+- (a), (b) `prune-grads`: with a frozen base, eager autograd already saves nothing for a frozen `nn.Linear`. The
+  difference is in capture: torch.export records the boolean causal mask that transformers builds when tracing, and
+  CPU SDPA saves a float copy of it per layer; `prune-grads` checks the mask once per step and runs SDPA with
+  `is_causal=True`, as the eager HF model does.
+- (c) HF PEFT's `nn.Dropout` on CPU multiplies x by a float noise tensor: per adapter it saves the noise and the
   dropped copy of x. peftc's `dropout_linear` saves x (one copy, shared by q and v and read by the base anyway) and
-  the RNG state, and replays the mask in backward.
-- (c) Eval-mode BatchNorm saves its input for backward even when frozen, and a frozen conv saves its input;
-  `prune-grads` turns BatchNorm into `x * scale + shift` and frozen convs into input-gradient-only convs."""
+  the RNG state, and replays the mask in backward; so peftc with dropout stays under HF PEFT without it (the fused
+  loss adds to the margin).
+- (d) Eval-mode BatchNorm saves its input for backward even when frozen, and a frozen conv saves its input;
+  `prune-grads` turns BatchNorm into `x * scale + shift` and frozen convs into input-gradient-only convs. The model
+  trains in eval mode, and the training passes run on eval-mode graphs too (docs/optimize.md).
+- Step time: the same FLOPs on both sides. The chunked loss adds per-chunk overhead (a sub-graph call and an
+  `autograd.grad` per chunk), which shows when the loss dominates a small model's step."""
 
 
 def render_chart(results: dict, path: Path) -> bool:
