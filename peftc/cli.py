@@ -374,7 +374,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     console.print(t)
     trainable, total = cm.parameter_counts()
     console.print(f"trainable: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
-    console.print(cm.report().table())
+    console.print(cm.report())
     console.print("memory of one training step (measured on the example inputs; saved = what the forward leaves "
                   "alive for backward, outputs and loss included):")
     console.print(str(step))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
+from rich.console import Console
 from torch import nn
 
 import peftc
@@ -144,6 +145,10 @@ def test_default_compile_fuses_and_reports_the_missing_logits():
     assert "not computed" in repr(out.logits)
     report = str(cm.report())
     assert NAME in report and "`logits` are not computed" in report and "fuse_loss=False" in report
+    console = Console(width=200)
+    with console.capture() as shown:
+        console.print(cm.report())  # as `peftc explain` prints it: the table, then the notes
+    assert "`logits` are not computed" in shown.get()
     diff = cm.diff(NAME)
     assert "logits_not_computed" in diff and "chunked_cross_entropy" in diff and "fuse_loss=False" in diff
     # A training call without labels has no loss to fuse: real logits.
@@ -233,10 +238,11 @@ def test_bf16_no_further_from_fp32_than_the_unfused_bf16_graph():
     half.cm.load_adapter_state_dict(reference.cm.adapter_state_dict())
     ref_loss, ref_grads = reference.step(reference.plain, kwargs)
     (loss0, grads0), (loss1, grads1) = half.step(half.plain, kwargs), half.step(half.fused, kwargs)
-    assert relative(loss1, ref_loss) <= max(relative(loss0, ref_loss) * 1.5, 1e-3)
+    # Rounding differs (a chunked sum), so "no further" gets 10% of the unfused graph's own bf16 error as slack.
+    assert relative(loss1, ref_loss) <= 1.1 * relative(loss0, ref_loss)
     for name in ref_grads:
         unfused_err, fused_err = relative(grads0[name], ref_grads[name]), relative(grads1[name], ref_grads[name])
-        assert fused_err <= max(unfused_err * 1.5, 1e-3), (name, fused_err, unfused_err)
+        assert 0 < fused_err <= 1.1 * unfused_err, (name, fused_err, unfused_err)
 
 
 def test_fused_step_peak_is_well_below_the_unfused_one_at_a_larger_vocab():

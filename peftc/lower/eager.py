@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
@@ -84,8 +85,9 @@ class PassReport:
             console.print(self.table())
         return cap.get() + "".join(f"{line}\n" for line in self.notes())
 
-    def __rich__(self) -> Table:
-        return self.table()
+    def __rich__(self) -> Table | Group:
+        notes = self.notes()
+        return Group(self.table(), *(Text(line) for line in notes)) if notes else self.table()
 
 
 class CompiledModel(nn.Module):
