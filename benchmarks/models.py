@@ -16,6 +16,13 @@ def llama(layers: int, hidden: int, heads: int, vocab: int, intermediate: int) -
     return LlamaForCausalLM(cfg)
 
 
+def gpt2(layers: int, hidden: int, heads: int, vocab: int) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=vocab,
+                                      n_positions=1024))
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()

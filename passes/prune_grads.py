@@ -2,7 +2,7 @@
 
     conv(x, W_frozen)                  ==>  frozen_conv(x, W)        (saves W, not x)
     batch_norm(x, frozen, training=0)  ==>  x * scale + shift         (saves the per-channel scale, not x)
-    linear(dropout(x, p), A)           ==>  dropout_linear(x, A, p)   (saves x and an RNG state, no mask)
+    linear(dropout(x, p), A)           ==>  dropout_linear(x, A, p)   (A trainable: saves x and an RNG state, no mask)
     sdpa(q, k, v, causal bool mask)    ==>  sdpa(q, k, v, is_causal)  (saves no float copy of the mask)
     dropout(x, p)                      ==>  seeded_dropout(x, p)      (saves an RNG state, no mask)
     to(x, dt) ... to(x, dt)            ==>  one to(x, dt)             (several adapters share one copy of x)
@@ -253,9 +253,12 @@ class PruneGrads(Pass):
             return False
         users = list(node.users)
         user = users[0] if len(users) == 1 else None
+        w, b = (*user.args[1:], None)[:2] if user is not None else (None, None)
+        # Fused only where the linear's weight is trainable and so needs its (dropped) input for backward: a
+        # frozen linear saves nothing of its input, and seeded_dropout keeps only an RNG state.
         if user is not None and user.target == aten.linear.default and user.args[0] is node \
-                and node not in user.args[1:] and not self._random_between(node, user):
-            w, b = (*user.args[1:], None)[:2]
+                and node not in user.args[1:] and not (_frozen_attr(w, ctx.params) and _frozen_attr(b, ctx.params)) \
+                and not self._random_between(node, user):
             nb = NodeBuilder(gm, user, self.name, "seeded-dropout", like=node)
             self._replace(user, nb.call(dropout_linear, x, w, b, p))
             gm.graph.erase_node(node)

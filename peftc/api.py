@@ -15,7 +15,7 @@ from .spec import Rule, Spec
 
 
 def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple = (),
-            kwargs: dict[str, Any] | None = None, *, dynamic: bool = True, prune_grads: bool = False,
+            kwargs: dict[str, Any] | None = None, *, dynamic: bool = True, prune_grads: bool = True,
             fuse_loss: bool = True, pipeline: Pipeline | str | None = None,
             verify: bool = True, instruments: Sequence[Instrument] = (),
             memory_budget: int | str | None = None) -> CompiledModel:
@@ -24,15 +24,16 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     `args`/`kwargs` are example inputs: the model is captured with torch.export (non-strict) on them, with every
     dimension dynamic unless `dynamic=False` (sizes 1 specialize; give batch and sequence sizes >= 2). Other
     keyword sets and train/eval are captured on first use. `spec` is a Spec, a single rule, a .toml/.json
-    path, or a saved adapter directory (HF PEFT's or peftc's; its weights are loaded). `fuse_loss` (default)
-    appends fuse-linear-cross-entropy: a training step's cross-entropy loss is computed in chunks of tokens without
-    keeping the [tokens, vocab] logits, so `.logits` of a training call with labels raises PeftcError;
-    `fuse_loss=False` computes them. `prune_grads=True` appends prune-grads (docs/optimize.md: nothing saved only for frozen weights, dropout
-    masks replayed, not stored); not yet for models you will export unmerged to ONNX. `pipeline` overrides the
-    spec's default pipeline (`"insert-lora{r=8,target=q_proj},prune-grads"`). `memory_budget` (bytes, or a size
-    such as "2GiB") plans activation recomputation: the fewest repeated blocks (e.g. decoder layers) recomputed in
-    backward whose measured training-step peak on the example inputs fits; the chosen `schedule-recompute{blocks=k}`
-    is appended to the pipeline and the plan is `cm.recompute_plan` (docs/optimize.md).
+    path, or a saved adapter directory (HF PEFT's or peftc's; its weights are loaded). The spec's pipeline is its method passes (freeze-base, one pass per rule), then the training passes
+    that change only how a training step runs (docs/optimize.md): prune-grads (nothing saved only for frozen
+    weights, dropout masks replayed, not stored; `prune_grads=False` leaves it out) and fuse-linear-cross-entropy
+    (a training step's cross-entropy loss computed in chunks of tokens without keeping the [tokens, vocab] logits,
+    so `.logits` of a training call with labels raises PeftcError; `fuse_loss=False` computes them). Exports and
+    merges never see training passes. `pipeline` overrides the spec's default pipeline
+    (`"insert-lora{r=8,target=q_proj},prune-grads"`). `memory_budget` (bytes, or a size such as "2GiB") plans
+    activation recomputation: the fewest repeated blocks (e.g. decoder layers) recomputed in backward whose
+    measured training-step peak on the example inputs fits; the chosen `schedule-recompute{blocks=k}` is appended
+    to the pipeline and the plan is `cm.recompute_plan` (docs/optimize.md).
     """
     if not isinstance(model, nn.Module):
         raise PeftcError(f"peftc.compile needs an nn.Module, got {type(model).__name__}")

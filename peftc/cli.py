@@ -352,7 +352,7 @@ def _check_adapter_scaling(cm, directory: Path) -> None:
     trained = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     args, kwargs = cm.example_inputs
     with _eval(cm):
-        compiled = lora_scalings(cm.graph_for(*args, **kwargs))
+        compiled = lora_scalings(cm.method_graph_for(*args, **kwargs))
     for name, s in compiled.items():
         if not math.isclose(s, trained, rel_tol=1e-6):
             raise SpecError(f"--adapter {directory} was trained with r={r}, lora_alpha={alpha}"
@@ -527,12 +527,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_passes(args: argparse.Namespace) -> int:
-    from .pipeline import PASSES
+    from .pipeline import PASSES, TRAINING
 
     for name in sorted(PASSES):
         cls = PASSES[name]
         doc = (cls.__doc__ or "").strip().splitlines()
-        print(f"{name}: {doc[0].removeprefix(name + ':').strip() if doc else ''}")
+        stage = " [training stage: never exported]" if cls.stage == TRAINING else ""
+        print(f"{name}{stage}: {doc[0].removeprefix(name + ':').strip() if doc else ''}")
         for opt, typ, default in cls.options():
             print(f"    {opt}: {typ} = {default!r}")
     return 0

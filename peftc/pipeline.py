@@ -3,6 +3,11 @@
 A pass is a small frozen dataclass with a kebab-case `name` and its options as fields. It reads and writes one
 IR: a GraphModule plus the parameter table in the PassContext. The pipeline is an explicit ordered list; there is
 no ordering solver. Instruments (peftc.instrument) observe every pass: before, after, failed.
+
+Two stages, in this order: method passes say what is fine-tuned (freeze-base, insert-*, merge-reparam, fold-params);
+training passes change only how a training step runs (prune-grads, schedule-recompute, the fused loss). A pipeline
+runs its method passes, keeps that graph for the lowerings (ONNX, merge), and runs its training passes on a copy,
+which is what a training step calls (`Pipeline.run_stages`).
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ import difflib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Protocol, Sequence
+from typing import Any, ClassVar, Iterable, NamedTuple, Protocol, Sequence
 
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 
 from .capture import ModelInfo
 from .errors import PassError, PeftcError, SpecError
@@ -46,6 +51,9 @@ class PassResult:
     modified: bool
 
 
+METHOD, TRAINING = "method", "training"
+
+
 class Pass:
     """Base of every pass. Subclasses are frozen dataclasses registered with @register_pass."""
 
@@ -54,7 +62,7 @@ class Pass:
     rule_type: ClassVar[type[Rule] | None] = None
     # "method": says what is fine-tuned; every lowering (eager, merge, ONNX) sees it.
     # "training": changes only how a training step runs (what is saved, recomputed, fused); never exported.
-    stage: ClassVar[str] = "method"
+    stage: ClassVar[str] = METHOD
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
@@ -91,6 +99,8 @@ RULE_PASSES: dict[type[Rule], type[Pass]] = {}
 def register_pass(cls: type[Pass]) -> type[Pass]:
     if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", cls.name):
         raise ValueError(f"pass name {cls.name!r} is not kebab-case")
+    if cls.stage not in (METHOD, TRAINING):
+        raise ValueError(f"pass `{cls.name}` has stage {cls.stage!r}; use {METHOD!r} or {TRAINING!r}")
     PASSES[cls.name] = cls
     if cls.rule_type is not None:
         RULE_PASSES[cls.rule_type] = cls
@@ -105,14 +115,49 @@ class Instrument(Protocol):
     def failed(self, index: int, p: Pass, gm: GraphModule, ctx: PassContext, error: BaseException) -> None: ...
 
 
+def copy_graph_module(gm: GraphModule) -> GraphModule:
+    """A GraphModule over a copy of `gm`'s graph that reads the same tensors (node meta copied shallowly)."""
+    graph = Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = gm.graph._codegen  # the calling convention (pytree specs), shared, never edited by passes
+    return GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+class Stages(NamedTuple):
+    """One capture through a pipeline: `method` is what lowerings read (ONNX, merge, adapter files), `training` is
+    what a call runs (the method graph plus the training passes; the same graph when there are none)."""
+
+    method: GraphModule
+    training: GraphModule
+
+
 @dataclass(frozen=True)
 class Pipeline:
     passes: tuple[Pass, ...]
 
+    def __post_init__(self):
+        stages = [p.stage for p in self.passes]
+        if TRAINING in stages and METHOD in stages[stages.index(TRAINING):]:
+            first = self.passes[stages.index(TRAINING)]
+            late = next(p for p in self.passes[stages.index(TRAINING):] if p.stage == METHOD)
+            raise SpecError(f"pipeline {self}: method pass `{late.name}` comes after training pass `{first.name}`; "
+                            f"training passes change only how a training step runs and go last, after every "
+                            f"method pass (the graph before them is the one exported)")
+
+    @property
+    def method(self) -> "Pipeline":
+        """The method passes: what is fine-tuned, seen by every lowering."""
+        return Pipeline(tuple(p for p in self.passes if p.stage == METHOD))
+
+    @property
+    def training(self) -> "Pipeline":
+        """The training passes: how a training step runs; never seen by an export."""
+        return Pipeline(tuple(p for p in self.passes if p.stage == TRAINING))
+
     @classmethod
-    def for_spec(cls, spec: Spec, *, prune_grads: bool = False, fuse_loss: bool = True) -> "Pipeline":
-        """freeze-base, one pass per rule, then (with `prune_grads`) prune-grads, then (with `fuse_loss`)
-        fuse-linear-cross-entropy."""
+    def for_spec(cls, spec: Spec, *, prune_grads: bool = True, fuse_loss: bool = True) -> "Pipeline":
+        """Method stage: freeze-base, one pass per rule. Training stage: prune-grads, then fuse-linear-cross-entropy
+        (each unless turned off)."""
         from .passes.freeze_base import FreezeBase
         from .passes.fuse_linear_cross_entropy import FuseLinearCrossEntropy
         from .passes.prune_grads import PruneGrads
@@ -130,7 +175,7 @@ class Pipeline:
             from .passes.insert_modules_to_save import InsertModulesToSave
 
             passes.append(InsertModulesToSave(ModulesToSave(target="^(?:classifier|score)")))
-        # Pruning last: it needs the final trainable set to know which values carry gradients.
+        # Training stage. Pruning needs the final trainable set to know which values carry gradients.
         if prune_grads:
             passes.append(PruneGrads())
         # The fused loss last: it moves the head's final form (adapters, pruned dropout) into its chunks.
@@ -159,8 +204,17 @@ class Pipeline:
 
     def run(self, gm: GraphModule, ctx: PassContext, instruments: Sequence[Instrument] = (),
             start: int = 0) -> GraphModule:
-        """Run the passes in order; `start` numbers them after passes that already ran (for diffs and errors)."""
+        """Run the passes in order; `start` numbers them after passes that already ran (for diffs and errors).
+        Returns the last graph (the training graph); `run_stages` also returns the method graph."""
+        return self.run_stages(gm, ctx, instruments, start).training
+
+    def run_stages(self, gm: GraphModule, ctx: PassContext, instruments: Sequence[Instrument] = (),
+                   start: int = 0) -> Stages:
+        """Run the passes in order; before the first training pass, keep the method graph and go on with a copy."""
+        method = None
         for i, p in enumerate(self.passes, start):
+            if method is None and p.stage == TRAINING:
+                method, gm = gm, copy_graph_module(gm)
             for inst in instruments:
                 inst.before(i, p, gm, ctx)
             try:
@@ -179,7 +233,7 @@ class Pipeline:
                 kind = PassError if not isinstance(e, PeftcError) or isinstance(e, PassError) else type(e)
                 raise kind(f"pass #{i + 1} `{p.name}` failed: {e} (passes run before it: {before})") from e
             gm = result.gm
-        return gm
+        return Stages(gm if method is None else method, gm)
 
 
 _PASS_ITEM = re.compile(r"\s*([a-z][a-z0-9-]*)\s*(?:\{([^{}]*)\})?\s*(,|$)")

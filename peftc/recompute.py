@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.fx import Graph, GraphModule
+from torch.fx import GraphModule
 
 from .errors import PeftcError, SpecError
 from .instrument import Verify
@@ -137,10 +137,8 @@ def _training(cm):
 
 
 def _scheduled(base: GraphModule, p, cm, instruments=(), start: int = 0) -> GraphModule:
-    """`base` with pass `p` run on a copy of its graph; the copy reads the same tensors."""
-    graph = Graph()
-    graph.output(graph.graph_copy(base.graph, {}))
-    graph._codegen = base.graph._codegen  # the calling convention (pytree specs), shared, never edited by passes
-    copy = GraphModule(base, graph, class_name=type(base).__name__)
+    """`base` with training pass `p` run on a copy of its graph (run_stages leaves `base` as it is); the copy reads
+    the same tensors."""
     ctx = PassContext(cm.params, cm._info, training=True)
-    return Pipeline((p,)).run(copy, ctx, [*([Verify()] if cm.verify else []), *instruments], start=start)
+    return Pipeline((p,)).run_stages(base, ctx, [*([Verify()] if cm.verify else []), *instruments],
+                                     start=start).training

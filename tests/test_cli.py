@@ -44,6 +44,7 @@ def test_passes_lists_every_pass_with_options(capsys):
     code, out, _ = run(capsys, "passes")
     assert code == 0
     assert "insert-lora: y = matmul(x, W)" in out and "freeze-base:" in out
+    assert "prune-grads [training stage: never exported]: " in out  # in every default pipeline
     assert "    r: int = 8" in out
 
 

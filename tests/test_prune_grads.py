@@ -54,10 +54,9 @@ def patch_net() -> tuple[nn.Module, dict]:
 
 
 def compile_pair(model, spec, kwargs):
-    """The same model compiled without and with prune-grads, sharing base weights and adapter values."""
-    plain = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs, dynamic=False)
-    pruned = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs, dynamic=False,
-                           prune_grads=True)
+    """The same model compiled without prune-grads and by default (with it), sharing base weights and adapters."""
+    plain = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs, dynamic=False, prune_grads=False)
+    pruned = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs, dynamic=False)  # the default pipeline
     torch.manual_seed(1)
     with torch.no_grad():
         for p in plain.trainable_parameters():
@@ -236,3 +235,26 @@ def test_bert_training_dropouts_store_no_masks():
     loss = lambda out: out.last_hidden_state.pow(2).mean()  # noqa: E731
     assert measure_step(pruned, (), kwargs, loss).saved_bytes < measure_step(plain, (), kwargs, loss).saved_bytes
     assert_same_grads(plain, pruned, kwargs, loss_fn=loss)
+
+
+class DropoutHead(nn.Module):
+    """An adapted layer, then dropout, then a frozen head (T5's decoder output ends so, before lm_head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.drop, self.head = nn.Linear(8, 8), nn.Dropout(0.3), nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.body(x))))
+
+
+def test_dropout_before_a_frozen_linear_is_seeded_not_fused():
+    """dropout_linear only where the linear needs its input (a trainable weight); a frozen head keeps its linear,
+    so the fused loss still finds it, and the dropout saves an RNG state instead of x."""
+    torch.manual_seed(0)
+    kwargs = {"x": torch.randn(4, 8)}
+    plain, pruned = compile_pair(DropoutHead().train(), peftc.Spec(peftc.LoRA(target="body", r=2)), kwargs)
+    assert pruned.counters["prune-grads.seeded-dropout"] == 1 and "prune-grads.dropout-linear" not in pruned.counters
+    assert sum(n.target == torch.ops.aten.linear.default and n.args[1].target == "head.weight"
+               for n in pruned.graph_module.graph.nodes) == 1
+    assert_same_grads(plain, pruned, kwargs, loss_fn=lambda out: out.pow(2).mean())

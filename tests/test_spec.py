@@ -76,7 +76,17 @@ def test_pipeline_text():
         Pipeline.parse("insert-lora{r=4")
 
 
-def test_prune_grads_option_appends_the_pass():
-    spec = peftc.Spec(peftc.LoRA(target="q_proj"))
-    assert str(Pipeline.for_spec(spec)) == "freeze-base,insert-lora"
-    assert str(Pipeline.for_spec(spec, prune_grads=True)) == "freeze-base,insert-lora,prune-grads"
+def test_prune_grads_is_on_by_default_and_last():
+    spec = peftc.Spec(peftc.LoRA(target="q_proj"), peftc.IA3(target="down_proj"))
+    pipeline = Pipeline.for_spec(spec)
+    assert str(pipeline) == "freeze-base,insert-lora,insert-ia3,prune-grads,fuse-linear-cross-entropy"
+    assert str(pipeline.method) == "freeze-base,insert-lora,insert-ia3"
+    assert str(pipeline.training) == "prune-grads,fuse-linear-cross-entropy"
+    assert str(Pipeline.for_spec(spec, prune_grads=False)) == \
+        "freeze-base,insert-lora,insert-ia3,fuse-linear-cross-entropy"
+    assert str(Pipeline.for_spec(spec, prune_grads=False, fuse_loss=False)) == "freeze-base,insert-lora,insert-ia3"
+
+
+def test_training_passes_go_after_every_method_pass():
+    with pytest.raises(peftc.SpecError, match="method pass `insert-lora` comes after training pass `prune-grads`"):
+        Pipeline.parse("prune-grads,insert-lora{target=q_proj}")

@@ -123,7 +123,8 @@ class CompiledModel(HFModelMixin, nn.Module):
         check_source(model)
         object.__setattr__(self, "_source", model)
         self._info = ModelInfo.of(model, task_type=getattr(spec, "task_type", None))
-        self._graphs: dict[Any, list[GraphModule]] = {}
+        self._graphs: dict[Any, list[GraphModule]] = {}  # what calls run: the training stage's graphs
+        self._method_graphs: dict[Any, list[GraphModule]] = {}  # the same captures before it: what lowerings read
         self.train(model.training)
         first = self._lower(tuple(args), call_kwargs(model, kwargs),
                             instruments=[*([Verify()] if verify else []), self.diff_ir, *instruments])
@@ -165,11 +166,13 @@ class CompiledModel(HFModelMixin, nn.Module):
         if not instruments and self.verify:
             instruments = [Verify()]
         ctx = PassContext(self.params, self._info, training=self.training)
-        gm = self.pipeline.run(gm, ctx, instruments)
+        stages = self.pipeline.run_stages(gm, ctx, instruments)
         if self.counters is None:
             self.counters = ctx.counters
-        self._graphs.setdefault(self._key(args, kwargs, entry), []).append(gm)
-        return gm
+        key = self._key(args, kwargs, entry)
+        self._graphs.setdefault(key, []).append(stages.training)
+        self._method_graphs.setdefault(key, []).append(stages.method)
+        return stages.training
 
     def _replace_graph(self, old: GraphModule, new: GraphModule) -> None:
         """Serve `new` wherever `old` served (the recompute planner swaps in scheduled graphs)."""
@@ -215,7 +218,7 @@ class CompiledModel(HFModelMixin, nn.Module):
         for p in self.params:
             if p.role == BUFFER:
                 p.tensor = get_attr_path(self, p.name)
-                for graphs in self._graphs.values():
+                for graphs in (*self._graphs.values(), *self._method_graphs.values()):
                     for gm in graphs:
                         set_attr_path(gm, p.name, p.tensor)
         return self
@@ -284,7 +287,8 @@ class CompiledModel(HFModelMixin, nn.Module):
             if p.role == ADAPTER:  # copies: training this model later must not move the merged weights
                 keep = p.trainable and p.name not in chosen
                 p.tensor, p.trainable = nn.Parameter(p.tensor.detach().clone(), requires_grad=keep), keep
-        # Merge right after the adapter passes, before optimizations that fuse adapter ops (prune-grads).
+        # Merge right after the adapter passes (method stage), before optimizations that fuse adapter ops: the
+        # training passes (prune-grads) then see the merged graph.
         passes = list(self.pipeline.passes)
         last_adapter = max((i for i, q in enumerate(passes) if q.rule_type is not None), default=0)
         passes[last_adapter + 1:last_adapter + 1] = [MergeReparam(tuple(sorted(chosen))), FoldParams()]
@@ -362,6 +366,12 @@ class CompiledModel(HFModelMixin, nn.Module):
         with _CAPTURE_LOCK:
             graphs = self._graphs.get(self._key(args, kwargs))
             return graphs[0] if graphs else self._lower(args, kwargs)
+
+    def method_graph_for(self, *args: Any, **kwargs: Any) -> GraphModule:
+        """graph_for's capture before the training passes: what lowerings read (ONNX, adapter files). It computes
+        what the served graph computes, without prune-grads' autograd functions, recomputation or a fused loss."""
+        self.graph_for(*args, **kwargs)
+        return self._method_graphs[self._key(args, call_kwargs(self._source, kwargs))][0]
 
     def export_onnx(self, path, merged: bool = True, dynamic: bool = True, opset: int | None = None,
                     verify: bool = True, adapters: str | None = None, progress=None):

@@ -569,7 +569,7 @@ def adapter_tensors(cm) -> dict[str, np.ndarray]:
 
     args, kwargs = cm.example_inputs
     with _eval(cm):
-        scales = lora_scalings(cm.graph_for(*args, **kwargs))
+        scales = lora_scalings(cm.method_graph_for(*args, **kwargs))
     _check_lora_only(p.name for p in cm.params if p.role == ADAPTER)
     out = {}
     for p in cm.params:
@@ -616,11 +616,11 @@ def export_compiled(cm, path: str | Path, *, merged: bool = True, adapters: str 
                 progress("merging adapters into the base weights")
             merged_cm = merge()
             merged_cm.eval()
-            gm = merged_cm.graph_for(*args, **kwargs)
+            gm = merged_cm.method_graph_for(*args, **kwargs)
             gm.eval()
             return export_module(gm, args, kwargs, path, reference=cm, dynamic=dynamic, opset=opset,
                                  verify=verify, params={p.name for p in merged_cm.params}, progress=progress)
-        gm = cm.graph_for(*args, **kwargs)
+        gm = cm.method_graph_for(*args, **kwargs)
         if adapters == "inputs":
             module, _ = adapter_inputs_module(gm, names)
             return export_module(module, args, kwargs, path, reference=cm, dynamic=dynamic, opset=opset,
