@@ -34,7 +34,7 @@ from .capture import capture
 from .errors import GenerationError
 from .instrument import Verify
 from .lower.eager import _is_guard_failure
-from .pipeline import PassContext, Pipeline
+from .pipeline import PassContext
 
 # Generation options that change what this loop does; others must be at their defaults.
 SUPPORTED = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
@@ -118,7 +118,7 @@ class Generator:
         config = getattr(source, "config", None)
         self.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         # Training passes (prune-grads, recompute) shape a training step: generation runs none.
-        self.pipeline = Pipeline(tuple(p for p in cm.pipeline.passes if p.stage == "method"))
+        self.pipeline = cm.pipeline.method
         base_forward = type(source).forward
         params = inspect.signature(source.forward).parameters
         if "cache" not in params:
