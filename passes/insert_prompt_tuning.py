@@ -80,7 +80,10 @@ class InsertPromptTuning(Pass):
         batch = self._track(made, b.call(aten.sym_size.int, source, 0, name="prompt_batch"))
         for ph in placeholders:
             val = ph.meta.get("val")
-            if not isinstance(val, torch.Tensor) or val.dim() < 2 or not _same_symbol(val.shape[1], seq):
+            # Capture gives each input its own symbols: `labels` has the sequence length by HF's meaning, even
+            # where the graph never ties its size to the ids'.
+            if not isinstance(val, torch.Tensor) or val.dim() < 2 or \
+                    not (_same_symbol(val.shape[1], seq) or ph.target == "labels"):
                 continue
             if ph is source and lookup is None:  # inputs_embeds
                 new = b.call(aten.cat.default, [self._prompt(b, made, batch, val.dtype), ph], 1,
@@ -100,15 +103,6 @@ class InsertPromptTuning(Pass):
             made.add(new)
             ph.replace_all_uses_with(new, delete_user_cb=lambda u: u not in made and u.op != "call_module")
         if lookup is not None:
-            if _PAD.get(source.target, 0) != 0:
-                # export feeds one placeholder to every use of inputs passed as the same tensor (labels=input_ids):
-                # the lookup then reads `labels`, whose -100 padding is no token id.
-                user, padded = lookup, lookup.args[1]
-                while padded not in made:
-                    user, padded = padded, padded.args[0]
-                ids = NodeBuilder(gm, anchor, self.name, "prompt_tuning").call(
-                    aten.constant_pad_nd.default, source, [length, 0], 0, name="lookup_ids_with_prompt")
-                user.replace_input_with(padded, ids)
             after = NodeBuilder(gm, lookup.next, self.name, "prompt_tuning", like=lookup)
             real = after.call(aten.slice.Tensor, lookup, 1, length, torch.iinfo(torch.int64).max,
                               name="embeds_real")

@@ -120,7 +120,7 @@ def adopt_registered(cm) -> None:
         p.tensor = live
         for alias in cm._info.aliases.get(p.name, (p.name,)):
             _rebind(cm._source, alias, old, live)
-        for graphs in cm._graphs.values():
+        for graphs in (*cm._graphs.values(), *cm._method_graphs.values()):
             for gm in graphs:
                 _rebind(gm, p.name, old, live)
 

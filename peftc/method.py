@@ -167,8 +167,8 @@ class Method(Rule):
         object.__setattr__(self, "target", _as_target(self.target, "target", where))
         object.__setattr__(self, "exclude", _as_target(self.exclude, "exclude", where))
         if self.target == "all-linear" and self.sites[0] not in WEIGHT_KINDS:
-            raise SpecError(f"{where}: 'all-linear' selects matmuls, and this method rewrites {self.sites[0]} "
-                            f"outputs; give module paths (a regex or a list)"
+            raise SpecError(f"{where}: `target` = 'all-linear' selects matmuls, and this method rewrites "
+                            f"{self.sites[0]} outputs; give module paths (a regex or a list)"
                             + ("" if self.sites[0] == "module" else ", or leave `target` unset for all of them"))
         if self.target is None and self.sites[0] == "module":
             raise SpecError(f"{where}: `target` is required: the modules whose output to rewrite, e.g. "
