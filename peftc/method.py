@@ -44,7 +44,7 @@ from torch.fx.proxy import GraphAppendingTracer
 from .errors import PassError, SpecError
 from .match import _KEEPS, ConvSite, MatmulSite, conv_sites, matmul_sites, select
 from .rewrite import NodeBuilder, adapted, mark_adapted
-from .spec import Rule, Target, _as_target, register_rule
+from .spec import Rule, Target, register_rule
 
 aten = torch.ops.aten
 
@@ -164,8 +164,7 @@ class Method(Rule):
 
     def __post_init__(self) -> None:
         where = self._where()
-        object.__setattr__(self, "target", _as_target(self.target, "target", where))
-        object.__setattr__(self, "exclude", _as_target(self.exclude, "exclude", where))
+        self._check_targets(where)
         if self.target == "all-linear" and self.sites[0] not in WEIGHT_KINDS:
             raise SpecError(f"{where}: `target` = 'all-linear' selects matmuls, and this method rewrites "
                             f"{self.sites[0]} outputs; give module paths (a regex or a list)"

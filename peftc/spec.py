@@ -122,6 +122,11 @@ class Rule(metaclass=_KeywordChecked):
     def _where(self) -> str:
         return f"{type(self).__name__}"
 
+    def _check_targets(self, where: str) -> None:
+        """Validate and normalize the `target` / `exclude` selectors of a rule that has both."""
+        object.__setattr__(self, "target", _as_target(self.target, "target", where))
+        object.__setattr__(self, "exclude", _as_target(self.exclude, "exclude", where))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> "Rule":
         known = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -173,8 +178,7 @@ class LoRA(Rule):
         if not isinstance(self.lora_bias, bool) or (self.lora_bias and (self.use_dora or self.slices)):
             raise SpecError(f"{where}: `lora_bias` must be true or false, and does not combine with use_dora or "
                             f"slices; got lora_bias={self.lora_bias!r}")
-        object.__setattr__(self, "target", _as_target(self.target, "target", where))
-        object.__setattr__(self, "exclude", _as_target(self.exclude, "exclude", where))
+        self._check_targets(where)
         if self.target is None:
             raise SpecError(f"{where}: `target` is required (a regex, a list of module names or 'all-linear')")
         self._check_variants(where)
@@ -549,8 +553,7 @@ class SparseDelta(Rule):
 
     def __post_init__(self) -> None:
         where = self._where()
-        object.__setattr__(self, "target", _as_target(self.target, "target", where))
-        object.__setattr__(self, "exclude", _as_target(self.exclude, "exclude", where))
+        self._check_targets(where)
         if self.masks is not None:
             if not isinstance(self.masks, dict) or not self.masks:
                 raise SpecError(f"{where}: `masks` must be a non-empty dict {{parameter name: bool tensor}}")
@@ -587,8 +590,7 @@ class _DenseDelta(Rule):
 
     def __post_init__(self) -> None:
         where = self._where()
-        object.__setattr__(self, "target", _as_target(self.target, "target", where))
-        object.__setattr__(self, "exclude", _as_target(self.exclude, "exclude", where))
+        self._check_targets(where)
 
 
 @register_rule
