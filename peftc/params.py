@@ -112,6 +112,13 @@ class ParamTable:
         table._entries = {name: dataclasses.replace(p) for name, p in self._entries.items()}
         return table
 
+    def insert(self, param: Param) -> None:
+        """Enter `param` as it is (a tensor another table or a bank of adapters owns); replaces one of that name."""
+        self._entries[param.name] = param
+
+    def pop(self, name: str) -> Param:
+        return self._entries.pop(name)
+
     def names(self, role: str | None = None) -> list[str]:
         return [p.name for p in self if role is None or p.role == role]
 

@@ -29,6 +29,9 @@ from .modules import live_tensor, make_containers, runnable
 _CAPTURE_LOCK = threading.RLock()
 
 
+_ACTIVE = object()  # `config=` default: the model's active adapter configuration
+
+
 def _is_guard_failure(e: Exception) -> bool:
     return isinstance(e, (AssertionError, RuntimeError)) and "Guard failed" in str(e)
 
@@ -109,6 +112,10 @@ class CompiledModel(HFModelMixin, nn.Module):
     Trainer and TRL read is peftc.hf.HFModelMixin's.
     """
 
+    # The active adapter configuration when it is not the compiled one's slots (peftc/adapters.py): part of every
+    # graph key, so a configuration selects the graphs compiled for it.
+    _adapter_config = None
+
     def __init__(self, model: nn.Module, spec: Spec | None, pipeline: Pipeline, args: tuple,
                  kwargs: dict[str, Any], *, dynamic: bool = True, verify: bool = True,
                  instruments: Sequence[Instrument] = (), params: ParamTable | None = None):
@@ -141,35 +148,43 @@ class CompiledModel(HFModelMixin, nn.Module):
         return list(self.params)
 
     # ---- calling -------------------------------------------------------------------------------------------
-    def _key(self, args: tuple, kwargs: dict[str, Any], entry: str | None = None):
+    def _key(self, args: tuple, kwargs: dict[str, Any], entry: str | None = None, config: Any = _ACTIVE):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         desc = tuple((x.dim(), x.dtype, x.device.type) if isinstance(x, torch.Tensor)
                      else (type(x).__name__, x if isinstance(x, (bool, int, float, str, type(None))) else id(x))
                      for x in leaves)
-        return self.training, str(spec), desc, autocast_state(args, kwargs), entry
+        return (self.training, str(spec), desc, autocast_state(args, kwargs), entry,
+                self._adapter_config if config is _ACTIVE else config)
 
     def _lower(self, args: tuple, kwargs: dict[str, Any], instruments: Sequence[Instrument] = (),
-               entry: str | None = None) -> GraphModule:
-        """Capture and compile one call signature; `entry` is a submodule to enter through (cm.base_model)."""
+               entry: str | None = None, config: Any = _ACTIVE) -> GraphModule:
+        """Capture and compile one call signature; `entry` is a submodule to enter through (cm.base_model),
+        `config` an adapter configuration (peftc/adapters.py; the active one by default)."""
         with _CAPTURE_LOCK:
-            return self._capture_and_compile(args, kwargs, instruments, entry)
+            return self._capture_and_compile(args, kwargs, instruments, entry, config)
 
     def _capture_and_compile(self, args: tuple, kwargs: dict[str, Any], instruments: Sequence[Instrument],
-                             entry: str | None) -> GraphModule:
+                             entry: str | None, config: Any = _ACTIVE) -> GraphModule:
+        config = self._adapter_config if config is _ACTIVE else config
+        pipeline, params = self.pipeline, self.params
+        if config is not None:
+            from ..adapters import config_stage
+
+            pipeline, params = config_stage(self, config)
         source = self._source
         was_training = source.training
         source.train(self.training)
         try:
-            gm = capture(source, args, kwargs, self.params, dynamic=self.dynamic, entry=entry)
+            gm = capture(source, args, kwargs, params, dynamic=self.dynamic, entry=entry)
         finally:
             source.train(was_training)
         if not instruments and self.verify:
             instruments = [Verify()]
-        ctx = PassContext(self.params, self._info, training=self.training)
-        stages = self.pipeline.run_stages(gm, ctx, instruments)
+        ctx = PassContext(params, self._info, training=self.training)
+        stages = pipeline.run_stages(gm, ctx, instruments)
         if self.counters is None:
             self.counters = ctx.counters
-        key = self._key(args, kwargs, entry)
+        key = self._key(args, kwargs, entry, config)
         self._graphs.setdefault(key, []).append(stages.training)
         self._method_graphs.setdefault(key, []).append(stages.method)
         return stages.training
@@ -183,12 +198,17 @@ class CompiledModel(HFModelMixin, nn.Module):
 
     @source_signature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if "adapter_names" in kwargs:  # a mixed batch: one adapter per sample (peftc/adapters.py)
+            from ..adapters import mixed_call
+
+            return mixed_call(self, kwargs.pop("adapter_names"), None, args, kwargs)
         return self._call(None, args, kwargs)
 
-    def _call(self, entry: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
-        """Run the graph of this call signature (entering through submodule `entry`, for cm.base_model)."""
+    def _call(self, entry: str | None, args: tuple, kwargs: dict[str, Any], config: Any = _ACTIVE) -> Any:
+        """Run the graph of this call signature (entering through submodule `entry`, for cm.base_model) for the
+        adapter configuration `config` (the active one by default)."""
         kwargs = call_kwargs(self._source if entry is None else get_attr_path(self._source, entry), kwargs)
-        key, tried = self._key(args, kwargs, entry), 0
+        key, tried = self._key(args, kwargs, entry, config), 0
         while True:
             graphs = list(self._graphs.get(key, []))
             for gm in graphs[tried:]:
@@ -203,7 +223,7 @@ class CompiledModel(HFModelMixin, nn.Module):
             with _CAPTURE_LOCK:
                 if len(self._graphs.get(key, [])) == tried:
                     check_capture(self)
-                    return self._run(self._lower(args, kwargs, entry=entry), args, kwargs)
+                    return self._run(self._lower(args, kwargs, entry=entry, config=config), args, kwargs)
 
     def _run(self, gm: GraphModule, args: tuple, kwargs: dict[str, Any]) -> Any:
         # The graph as it runs: tensors read from this module's tree, each repeated block a module call
@@ -252,12 +272,49 @@ class CompiledModel(HFModelMixin, nn.Module):
 
         return save_pretrained(self, directory, format)
 
-    def load_adapter(self, directory) -> None:
+    def load_adapter(self, directory, name: str | None = None) -> None:
         """Load a saved adapter (HF PEFT's format or peftc's layout) into this model: strict, and nothing changes
-        when it does not fit (AdapterError naming the first bad key)."""
+        when it does not fit (AdapterError naming the first bad key). Without `name` its weights replace the
+        adapter in the compiled slots; with `name` it is one more loaded adapter, inactive and frozen until
+        `set_adapter(name)` (several adapters: peftc/adapters.py, docs/adapters.md)."""
+        if name is not None:
+            from ..adapters import load_named_adapter
+
+            return load_named_adapter(self, directory, name)
         from ..peft_format import load_adapter
 
         load_adapter(self, directory)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The loaded adapters; the compiled one is "default", as HF PEFT names it."""
+        from ..adapters import adapter_names
+
+        return adapter_names(self)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        from ..adapters import active_adapters
+
+        return active_adapters(self)
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Activate one adapter or several (their outputs summed, as HF PEFT does); only active adapters train.
+        A switch selects tensors or a graph compiled for that configuration, never a per-call branch."""
+        from ..adapters import set_adapter
+
+        set_adapter(self, names)
+
+    def delete_adapter(self, name: str) -> None:
+        from ..adapters import delete_adapter
+
+        delete_adapter(self, name)
+
+    def disable_adapters(self):
+        """`with cm.disable_adapters(): ...` runs the base model (every adapter off) inside the block."""
+        from ..adapters import disable_adapters
+
+        return disable_adapters(self)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory, args: tuple = (), kwargs: dict[str, Any] | None = None,
@@ -342,7 +399,9 @@ class CompiledModel(HFModelMixin, nn.Module):
         return PassReport(self.diff_ir.records)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [live_tensor(self, p) for p in self.params if p.trainable]
+        from ..adapters import extra_trainable
+
+        return [live_tensor(self, p) for p in self.params if p.trainable] + extra_trainable(self)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; total counts the base model plus adapters."""

@@ -1,0 +1,371 @@
+"""Several adapters in one compiled model: a bank of named adapters, served by binding or by a graph per configuration.
+
+Storage. Each loaded adapter owns its tensors (nn.Parameters keyed by *slot*: the HF PEFT name without
+`base_model.model.`, e.g. `model.layers.0.self_attn.q_proj.lora_A.weight`), registered on the CompiledModel under
+`peftc_adapters.<adapter>.<slot>` so `parameters()`, `.to()` and optimizers see every adapter. The compiled
+adapter is "default", as HF PEFT names it. The bank exists from the first multi-adapter call; until then nothing
+here runs.
+
+Switching, decided when the active set changes and never per call:
+- *bind*: one active adapter whose structure (slot names, shapes, dtypes, LoRA scalings, rule options) equals the
+  compiled adapter's is bound into the slots: its tensors are registered at the slot names, entered in the
+  parameter table and set in every captured graph. The graphs compiled for the default adapter then compute with
+  it: no capture, and a call costs what it cost with one adapter.
+- *a graph per configuration*: anything else (several active adapters, an adapter of another rank, alpha or
+  targets, adapters disabled, a mixed batch) is a configuration key in the CompiledModel's graph cache (the last
+  part of `_key`). Its graphs are captured once, through the compiled pipeline with the adapter passes replaced by
+  `insert-adapters` (each active adapter's LoRA, summed), `insert-mixed-lora` (gather + batched matmul) or nothing
+  (disabled), and read the bank's tensors at `peftc_adapters.<adapter>.<slot>` directly; switching back to a seen
+  configuration selects its graphs again.
+
+Only active adapters train: set_adapter sets requires_grad on exactly the active adapters' trainable tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import AdapterError
+from .params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
+from .passes.insert_adapters import BANK, InsertAdapters, bank_name
+from .passes.insert_mixed_lora import MIXED_INDEX, InsertMixedLora
+from .pipeline import Pipeline
+from .spec import LoRA, ModulesToSave, Spec
+
+DEFAULT = "default"  # the adapter a spec compiles, as HF PEFT names it
+BASE = "__base__"  # a mixed batch's sample that uses no adapter (HF PEFT's name)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+# LoRA options whose difference changes only the tensors' shapes or the scalings, both compared on their own.
+_SHAPE_FIELDS = {"target", "exclude", "r", "alpha", "use_rslora", "rank_pattern", "alpha_pattern"}
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    spec: Spec | None
+    tensors: dict[str, nn.Parameter]  # slot ==> its own tensor
+    trains: dict[str, bool]  # slot ==> whether it trains while the adapter is active
+    methods: dict[str, str]  # slot ==> the method that owns it ("lora", "ia3", ...)
+
+    def lora_rule(self) -> LoRA | None:
+        """The adapter's one LoRA rule, when its spec is exactly one LoRA rule (what several-adapter graphs read)."""
+        rules = list(self.spec.rules) if self.spec is not None else []
+        if len(rules) == 1 and isinstance(rules[0], LoRA) and set(self.methods.values()) == {"lora"}:
+            return rules[0]
+        return None
+
+    def structure(self) -> tuple:
+        """What a graph compiled for this adapter depends on, besides the tensors' values."""
+        shapes = tuple(sorted((k, tuple(t.shape), t.dtype) for k, t in self.tensors.items()))
+        rules = []
+        for rule in (self.spec.rules if self.spec is not None else ()):
+            skip = _SHAPE_FIELDS if isinstance(rule, LoRA) else {"target", "exclude"}
+            rules.append((type(rule).__name__, tuple((f.name, getattr(rule, f.name)) for f in dataclasses.fields(rule)
+                                                     if f.name not in skip)))
+        return shapes, self.scalings(), tuple(rules)
+
+    def scalings(self) -> tuple:
+        """B's slot ==> its LoRA scaling, from the adapter's LoRA rules (one rule covers every slot here)."""
+        loras = [r for r in (self.spec.rules if self.spec is not None else ()) if isinstance(r, LoRA)]
+        if len(loras) != 1:
+            return tuple(r for r in loras)  # several LoRA rules: compared as rules (the compiled spec only)
+        out = []
+        for slot in sorted(self.tensors):
+            if ".lora_B." in slot:
+                module, _, tail = slot.rpartition(".lora_B.")
+                key = tail.rsplit(".", 1)[0] if tail.count(".") else None
+                out.append((slot, loras[0].scaling_for(module, key)))
+        return tuple(out)
+
+
+class AdapterBank:
+    """The loaded adapters of one CompiledModel, which of them are active, and which one sits in the slots."""
+
+    def __init__(self, cm) -> None:
+        slots = [p for p in cm.params if p.role == ADAPTER]
+        default = LoadedAdapter(DEFAULT, cm.spec, {p.name: _live(cm, p) for p in slots},
+                                {p.name: p.trainable for p in slots}, {p.name: p.method for p in slots})
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self.slot_structure = default.structure()
+        self.active: tuple[str, ...] = (DEFAULT,)
+        self.bound = DEFAULT
+        self.disabled = False
+        self.index = torch.zeros(0, dtype=torch.long)  # a mixed batch's per-sample adapter index, set per call
+        self.lock = threading.Lock()  # mixed-batch calls write `index`; one at a time
+        self.add(cm, default)
+
+    def add(self, cm, adapter: LoadedAdapter) -> None:
+        self.adapters[adapter.name] = adapter
+        for slot, t in adapter.tensors.items():
+            set_attr_path(cm, bank_name(adapter.name, slot), t)
+
+    def bindable(self, name: str) -> bool:
+        return self.adapters[name].structure() == self.slot_structure
+
+
+def bank(cm) -> AdapterBank:
+    """cm's adapter bank, created on first use from the compiled adapter."""
+    found = cm.__dict__.get("_adapter_bank")
+    if found is None:
+        found = cm.__dict__["_adapter_bank"] = AdapterBank(cm)
+    return found
+
+
+def _live(cm, p: Param) -> nn.Parameter:
+    from .lower.modules import live_tensor
+
+    return live_tensor(cm, p)
+
+
+def adapter_names(cm) -> list[str]:
+    found = cm.__dict__.get("_adapter_bank")
+    return [DEFAULT] if found is None else list(found.adapters)
+
+
+def active_adapters(cm) -> list[str]:
+    found = cm.__dict__.get("_adapter_bank")
+    return [DEFAULT] if found is None else list(found.active)
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+def load_named_adapter(cm, directory, name: str) -> None:
+    """Load a saved adapter (HF PEFT's format or peftc's) as a new adapter `name`, inactive and frozen (as HF
+    PEFT's load_adapter leaves it); nothing changes when it does not fit."""
+    from .peft_format import peftc_state_dict, read_adapter
+
+    _check_name(name)
+    b = bank(cm)
+    if name in b.adapters:
+        raise AdapterError(f"an adapter named `{name}` is loaded already; delete_adapter({name!r}) first, or load "
+                           f"under another name (loaded: {', '.join(b.adapters)})")
+    spec, tensors, fmt = read_adapter(directory)
+    state = peftc_state_dict(cm, tensors) if fmt == "peft" else tensors
+    register_adapter(cm, name, spec, state)
+
+
+def register_adapter(cm, name: str, spec: Spec | None, state: dict[str, torch.Tensor]) -> None:
+    """Enter `state` (peftc / HF PEFT names without `base_model.model.`) as the inactive, frozen adapter `name`."""
+    from .adapter_check import check_adapter_state_dict
+
+    b = bank(cm)
+    default = b.adapters.get(b.bound) or next(iter(b.adapters.values()))
+    like = next(iter(default.tensors.values()), None)
+    if set(state) == set(default.tensors):  # the compiled structure: checked key by key against the slots
+        check_adapter_state_dict(state, default.tensors)
+    owners = _owners(spec, state)
+    tensors = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise AdapterError(f"adapter `{name}`: `{key}` must be a floating-point tensor")
+        ref = default.tensors.get(key, like)
+        dtype = ref.dtype if ref is not None else value.dtype
+        device = ref.device if ref is not None else value.device
+        tensors[key] = nn.Parameter(value.detach().to(device=device, dtype=dtype).clone(), requires_grad=False)
+    trains = {k: not (owners[k] == "lora" and ".lora_A." in k and _freeze_a(spec)) for k in tensors}
+    b.add(cm, LoadedAdapter(name, spec, tensors, trains, owners))
+
+
+def _owners(spec: Spec | None, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    def owner(key: str) -> str:
+        if any(m in key for m in (".lora_A.", ".lora_B.", ".lora_magnitude_vector")):
+            return "lora"
+        if key.endswith(".ia3_l"):
+            return "ia3"
+        return next((r.kind for r in (spec.rules if spec is not None else ()) if not isinstance(r, ModulesToSave)),
+                    "adapter")
+    return {k: owner(k) for k in state}
+
+
+def _freeze_a(spec: Spec | None) -> bool:
+    return any(isinstance(r, LoRA) and r.freeze_a for r in (spec.rules if spec is not None else ()))
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == BASE:
+        raise AdapterError(f"adapter name {name!r}: use letters, digits, '_' and '-' (no dots, not {BASE!r})")
+
+
+def _known(b: AdapterBank, names: Sequence[str], where: str) -> None:
+    for n in names:
+        if n not in b.adapters:
+            raise AdapterError(f"{where}: no adapter named `{n}`; loaded: {', '.join(b.adapters)}")
+
+
+# ---- switching ---------------------------------------------------------------------------------------------
+def set_adapter(cm, names: str | Sequence[str]) -> None:
+    """Make `names` the active adapters (summed, in this order) and the only trainable ones."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    b = bank(cm)
+    if not names or len(set(names)) != len(names):
+        raise AdapterError(f"set_adapter: give one adapter name or a list of distinct names, got {list(names)}")
+    _known(b, names, "set_adapter")
+    for adapter in b.adapters.values():
+        on = adapter.name in names
+        for slot, t in adapter.tensors.items():
+            t.requires_grad_(on and adapter.trains[slot])
+    if b.bindable(names[0]):
+        _bind(cm, b, names[0])
+    else:
+        _sync_slots(cm)
+    b.active = names
+    _reconfigure(cm, b)
+
+
+def _reconfigure(cm, b: AdapterBank) -> None:
+    if b.disabled:
+        config = ("disabled",)
+    elif len(b.active) == 1 and b.active[0] == b.bound:
+        config = None  # the compiled graphs, reading the slots
+    else:
+        config = ("active", b.active)
+    cm.__dict__["_adapter_config"] = config
+
+
+def _bind(cm, b: AdapterBank, name: str) -> None:
+    """Register adapter `name`'s tensors at the slot names: in cm's module tree (what the runnables read), in the
+    parameter table and in every graph compiled for the slots (what merge and export read)."""
+    adapter = b.adapters[name]
+    slot_graphs = [gm for graphs in (cm._graphs, cm._method_graphs) for key, gms in graphs.items()
+                   if key[-1] is None for gm in gms]
+    for p in cm.params:
+        if p.role != ADAPTER:
+            continue
+        t = adapter.tensors[p.name]
+        p.tensor = t
+        set_attr_path(cm, p.name, t)
+        for gm in slot_graphs:
+            set_attr_path(gm, p.name, t)
+    b.bound = name
+    _sync_slots(cm)
+
+
+def _sync_slots(cm) -> None:
+    for p in cm.params:
+        if p.role == ADAPTER:
+            p.trainable = p.tensor.requires_grad
+
+
+@contextmanager
+def disable_adapters(cm) -> Iterator[None]:
+    """The base model inside the block (every adapter off, as HF PEFT's disable_adapter), then as before."""
+    b = bank(cm)
+    was = b.disabled
+    b.disabled = True
+    _reconfigure(cm, b)
+    try:
+        yield
+    finally:
+        b.disabled = was
+        _reconfigure(cm, b)
+
+
+def delete_adapter(cm, name: str) -> None:
+    """Remove adapter `name`, its tensors and the graphs compiled for configurations that use it. Deleting an
+    active adapter leaves the others active (or, when none is left, the first remaining adapter), as HF PEFT does."""
+    b = bank(cm)
+    _known(b, [name], "delete_adapter")
+    if len(b.adapters) == 1:
+        raise AdapterError(f"delete_adapter: `{name}` is the only adapter; a compiled model keeps at least one")
+    adapter = b.adapters.pop(name)
+    for slot in adapter.tensors:
+        _unregister(cm, bank_name(name, slot))
+    for graphs in (cm._graphs, cm._method_graphs):
+        for key in [k for k in graphs if k[-1] is not None and len(k[-1]) > 1 and name in k[-1][1]]:
+            del graphs[key]
+    active = tuple(n for n in b.active if n != name) or (next(iter(b.adapters)),)
+    if b.bound == name:
+        fit = next((n for n in (*active, *b.adapters) if b.bindable(n)), None)
+        if fit is not None:
+            _bind(cm, b, fit)
+        else:
+            b.bound = None  # the slots hold tensors of no loaded adapter; every configuration has its own graph
+    set_adapter(cm, active)
+
+
+def _unregister(cm, dotted: str) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    mod = get_attr_path(cm, parent)
+    mod._parameters.pop(leaf, None)
+
+
+def extra_trainable(cm) -> list[nn.Parameter]:
+    """Active adapters' trainable tensors that are not in the slots (several active, or not bindable)."""
+    found = cm.__dict__.get("_adapter_bank")
+    if found is None:
+        return []
+    in_slots = {id(p.tensor) for p in cm.params if p.role == ADAPTER}
+    return [t for n in found.active for t in found.adapters[n].tensors.values()
+            if t.requires_grad and id(t) not in in_slots]
+
+
+# ---- graphs for a configuration ------------------------------------------------------------------------------
+def config_stage(cm, config: tuple) -> tuple[Pipeline, ParamTable]:
+    """The pipeline and parameter table that capture a graph for `config`: the compiled pipeline without its
+    adapter passes, plus insert-adapters / insert-mixed-lora on the bank's tensors (nothing for "disabled")."""
+    b = bank(cm)
+    kind, names = config[0], (config[1] if len(config) > 1 else ())
+    table = ParamTable()
+    for p in cm.params:
+        if p.role != ADAPTER:
+            table.insert(dataclasses.replace(p))
+    rules = []
+    for n in names:
+        adapter = b.adapters[n]
+        rule = adapter.lora_rule()
+        if rule is None:
+            raise AdapterError(f"adapter `{n}`: several active adapters, mixed batches and adapters of another "
+                               f"structure than the compiled one need a spec of one LoRA rule; `{n}` has "
+                               f"{adapter.spec!r}. Activate one adapter of the compiled structure at a time")
+        rules.append(rule)
+        for slot, t in adapter.tensors.items():
+            table.insert(Param(bank_name(n, slot), t, ADAPTER, t.requires_grad, adapter.methods[slot],
+                               "load-adapter"))
+    passes = [p for p in cm.pipeline.method.passes if p.rule_type is None]
+    if kind == "active":
+        passes.append(InsertAdapters(tuple(names), tuple(rules)))
+    elif kind == "mixed":
+        table.insert(Param(MIXED_INDEX, b.index, BUFFER, False))
+        passes.append(InsertMixedLora(tuple(names), tuple(rules)))
+    return Pipeline((*passes, *cm.pipeline.training.passes)), table
+
+
+def mixed_call(cm, adapter_names: Sequence[str], entry: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """HF PEFT's `adapter_names=`: sample k through adapter adapter_names[k] ("__base__": none), in one graph."""
+    b = bank(cm)
+    if cm.training:
+        raise AdapterError("adapter_names= (a mixed batch) is for inference: call cm.eval() first (HF PEFT raises "
+                           "the same)")
+    names = list(adapter_names) if not isinstance(adapter_names, str) else None
+    if names is None or not names:
+        raise AdapterError(f"adapter_names must be a list with one adapter name per sample, got {adapter_names!r}")
+    distinct = tuple(sorted({n for n in names if n != BASE}))
+    _known(b, distinct, "adapter_names")
+    batch = _batch_size(args, kwargs)
+    if batch is not None and batch != len(names):
+        raise AdapterError(f"adapter_names has {len(names)} names for a batch of {batch}; give one per sample")
+    for n in distinct:
+        rule = b.adapters[n].lora_rule()
+        if rule is not None and (rule.use_dora or rule.slices or rule.lora_bias):
+            raise AdapterError(f"adapter_names: adapter `{n}` uses DoRA, slices or lora_bias, which a mixed batch "
+                               f"does not support (HF PEFT supports none of them either)")
+    position = {n: i for i, n in enumerate(distinct)}
+    like = next((t for a in b.adapters.values() for t in a.tensors.values()), b.index)
+    index = torch.tensor([position.get(n, len(distinct)) for n in names], dtype=torch.long, device=like.device)
+    with b.lock:
+        b.index.set_(index)
+        return cm._call(entry, args, kwargs, config=("mixed", distinct))
+
+
+def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return value.shape[0]
+    return None
