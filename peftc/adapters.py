@@ -158,14 +158,15 @@ def register_adapter(cm, name: str, spec: Spec | None, state: dict[str, torch.Te
     b = bank(cm)
     default = b.adapters.get(b.bound) or next(iter(b.adapters.values()))
     like = next(iter(default.tensors.values()), None)
-    if set(state) == set(default.tensors):  # the compiled structure: checked key by key against the slots
-        check_adapter_state_dict(state, default.tensors)
+    refs = {k: default.tensors.get(k, like) for k in state}
+    # Values are checked as load_adapter_state_dict checks them; whether they fit the model, when first used.
+    check_adapter_state_dict(state, {k: torch.empty(getattr(v, "shape", ()), dtype=r.dtype if r is not None
+                                                    else torch.float32) for (k, v), r in zip(state.items(),
+                                                                                             refs.values())})
     owners = _owners(spec, state)
     tensors = {}
     for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise AdapterError(f"adapter `{name}`: `{key}` must be a floating-point tensor")
-        ref = default.tensors.get(key, like)
+        ref = refs[key]
         dtype = ref.dtype if ref is not None else value.dtype
         device = ref.device if ref is not None else value.device
         tensors[key] = nn.Parameter(value.detach().to(device=device, dtype=dtype).clone(), requires_grad=False)
