@@ -370,3 +370,87 @@ def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             return value.shape[0]
     return None
+
+
+# ---- ONNX ------------------------------------------------------------------------------------------------------
+@contextmanager
+def serving_slots(cm, name: str | None = None) -> Iterator[None]:
+    """Inside the block, cm is served by the compiled graphs with adapter `name` (the bound one by default) in the
+    slots, as exports read it; afterwards the bank is as it was. No bank: cm as it is."""
+    b = cm.__dict__.get("_adapter_bank")
+    if b is None:
+        if name not in (None, DEFAULT):
+            raise AdapterError(f"no adapter named `{name}`; loaded: {DEFAULT}")
+        yield
+        return
+    name = b.bound if name is None else name
+    if name is None:
+        raise AdapterError("the compiled adapter slots hold no loaded adapter (it was deleted); set_adapter(...) "
+                           "an adapter of the compiled structure first, or name one")
+    _known(b, [name], "export")
+    if not b.bindable(name):
+        raise AdapterError(f"adapter `{name}` has another structure (rank, alpha, targets or options) than the "
+                           f"compiled adapter, so the compiled graphs cannot serve it")
+    was = b.bound
+    _bind(cm, b, name)
+    cm.__dict__["_adapter_config"] = None
+    try:
+        yield
+    finally:
+        if was is not None:
+            _bind(cm, b, was)
+        _reconfigure(cm, b)
+
+
+def onnx_adapter_tensors(cm, name: str) -> dict[str, Any]:
+    """Adapter `name` as feeds of the adapters-as-inputs ONNX model (`lora_A`, and `lora_B` times its scaling).
+
+    An adapter of the compiled structure is the compiled adapter's feeds with its tensors in the slots. A LoRA
+    adapter of a smaller rank, other alpha or fewer targets fits the same inputs: A's extra rows and B's extra
+    columns are zeros (they add nothing), and a site it leaves alone gets zeros (onnxruntime's default).
+    """
+    from .lower.onnx import _to_numpy, adapter_tensors
+
+    b = bank(cm)
+    _known(b, [name], "export_onnx_adapter")
+    if b.bindable(name):
+        with serving_slots(cm, name):
+            return adapter_tensors(cm)
+    adapter = b.adapters[name]
+    rule = adapter.lora_rule()
+    if rule is None or rule.use_dora or rule.lora_bias or rule.slices:
+        raise AdapterError(f"adapter `{name}`: an ONNX adapter file of another structure than the compiled adapter "
+                           f"needs plain LoRA (one rule, no DoRA, lora_bias or slices)")
+    inputs = {p.name: p.tensor for p in cm.params if p.role == ADAPTER}
+    out = {}
+    for slot, t in adapter.tensors.items():
+        if slot not in inputs:
+            raise AdapterError(f"adapter `{name}` has `{slot}`, which is not an adapter input of the compiled model "
+                               f"(it adapts a module the compiled spec does not)")
+        value = t.detach()
+        if ".lora_B." in slot:
+            value = value * rule.scaling_for(slot.rpartition(".lora_B.")[0], None)
+        full = inputs[slot].shape
+        if any(n > m for n, m in zip(value.shape, full)):
+            raise AdapterError(f"adapter `{name}`: `{slot}` has shape {tuple(value.shape)}, larger than the compiled "
+                               f"input {tuple(full)}; compile with a rank at least the largest adapter's")
+        padded = torch.zeros(full, dtype=inputs[slot].dtype)
+        padded[tuple(slice(0, n) for n in value.shape)] = value
+        out[slot] = _to_numpy(padded)
+    for slot, t in inputs.items():
+        out.setdefault(slot, _to_numpy(torch.zeros_like(t.detach())))
+    return out
+
+
+def export_onnx_adapter(cm, path, name: str, onnx_model=None) -> int:
+    """CompiledModel.export_onnx_adapter(path, name=...): adapter `name` as an `.onnx_adapter` file."""
+    from .lower.onnx import _to_numpy, check_adapter, read_adapter_inputs, write_adapter
+
+    tensors = onnx_adapter_tensors(cm, name)
+    if onnx_model is not None:
+        check_adapter(tensors, read_adapter_inputs(onnx_model), str(onnx_model))
+    else:
+        expected = {p.name: (tuple(p.tensor.shape), _to_numpy(p.tensor[:0]).dtype) for p in cm.params
+                    if p.role == ADAPTER}
+        check_adapter(tensors, expected, "the compiled model")
+    return write_adapter(path, tensors)

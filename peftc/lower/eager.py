@@ -443,21 +443,30 @@ class CompiledModel(HFModelMixin, nn.Module):
         1e-4 * max(1, max|reference|) (fp32). The file appears only when everything succeeded.
         Returns an ExportReport (node counts, max difference, file size).
         """
+        from ..adapters import serving_slots
         from .onnx import export_compiled
 
         whole_weights(self, "cm.export_onnx()")
-        return export_compiled(self, path, merged=merged, adapters=adapters, dynamic=dynamic, opset=opset,
-                               verify=verify, progress=progress)
+        with serving_slots(self):  # several adapters loaded: the compiled graphs, with the adapter in the slots
+            return export_compiled(self, path, merged=merged, adapters=adapters, dynamic=dynamic, opset=opset,
+                                   verify=verify, progress=progress)
 
-    def export_onnx_adapter(self, path, onnx_model=None) -> int:
-        """Write the current adapter as an onnxruntime `.onnx_adapter` file (LoRA scaling folded into B).
+    def export_onnx_adapter(self, path, onnx_model=None, name: str | None = None) -> int:
+        """Write the current adapter (or loaded adapter `name`) as an onnxruntime `.onnx_adapter` file (LoRA
+        scaling folded into B; a LoRA adapter of smaller rank or fewer targets zero-padded to the inputs).
 
         With `onnx_model` (a file from export_onnx(merged=False, adapters="inputs")), names, shapes and dtypes are
         checked against its adapter inputs first; onnxruntime checks none of them. Returns the file size.
         """
+        if name is not None:
+            from ..adapters import export_onnx_adapter
+
+            return export_onnx_adapter(self, path, name, onnx_model)
+        from ..adapters import serving_slots
         from .onnx import export_compiled_adapter
 
-        return export_compiled_adapter(self, path, onnx_model)
+        with serving_slots(self):
+            return export_compiled_adapter(self, path, onnx_model)
 
 class MergedModel(CompiledModel):
     """What CompiledModel.merge() returns: the same pipeline plus merge-reparam and fold-params, on its own copy
