@@ -67,7 +67,8 @@ class LoadedAdapter:
         shapes = tuple(sorted((k, tuple(t.shape), t.dtype) for k, t in self.tensors.items()))
         rules = []
         for rule in (self.spec.rules if self.spec is not None else ()):
-            skip = _SHAPE_FIELDS if isinstance(rule, LoRA) else {"target", "exclude"}
+            # selectors are compared as the tensors they made (shapes); IA3's feed-forward choice is in its shapes
+            skip = _SHAPE_FIELDS if isinstance(rule, LoRA) else {"target", "exclude", "feedforward"}
             rules.append((type(rule).__name__, tuple((f.name, getattr(rule, f.name)) for f in dataclasses.fields(rule)
                                                      if f.name not in skip)))
         return shapes, self.scalings(), tuple(rules)
@@ -279,7 +280,7 @@ def delete_adapter(cm, name: str) -> None:
     for slot in adapter.tensors:
         _unregister(cm, bank_name(name, slot))
     for graphs in (cm._graphs, cm._method_graphs):
-        for key in [k for k in graphs if k[-1] is not None and len(k[-1]) > 1 and name in k[-1][1]]:
+        for key in [k for k in graphs if isinstance(k[-1], tuple) and len(k[-1]) > 1 and name in k[-1][1]]:
             del graphs[key]
     active = tuple(n for n in b.active if n != name) or (next(iter(b.adapters)),)
     if b.bound == name:
@@ -370,6 +371,17 @@ def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             return value.shape[0]
     return None
+
+
+def require_slots(cm, what: str) -> None:
+    """Raise unless the compiled graphs (the adapter in the slots) serve cm now: what merges and exports fold."""
+    config = cm.__dict__.get("_adapter_config")
+    if config is not None:
+        b = bank(cm)
+        now = "adapters disabled" if config[0] == "disabled" else f"active adapters {list(b.active)}"
+        raise AdapterError(f"{what} folds the one adapter in the compiled slots, but cm computes with {now}; "
+                           f"set_adapter(name) one adapter of the compiled structure first (loaded: "
+                           f"{', '.join(b.adapters)})")
 
 
 # ---- ONNX ------------------------------------------------------------------------------------------------------

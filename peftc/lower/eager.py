@@ -333,11 +333,13 @@ class CompiledModel(HFModelMixin, nn.Module):
         original model, and its parameters carry the base model's names (plus those of the adapters left).
         Half-precision weights are merged in fp32 and cast once.
         """
+        from ..adapters import require_slots
         from ..merge import KEPT_AS_CONSTANTS, unmerged_tags
         from ..passes.fold_params import FoldParams
         from ..passes.merge_reparam import MergeReparam, select_adapters
 
         whole_weights(self, "cm.merge()")
+        require_slots(self, "cm.merge()")
         chosen = select_adapters(self.params, adapters)
         table = self.params.copy()
         for p in table:
@@ -443,10 +445,12 @@ class CompiledModel(HFModelMixin, nn.Module):
         1e-4 * max(1, max|reference|) (fp32). The file appears only when everything succeeded.
         Returns an ExportReport (node counts, max difference, file size).
         """
-        from ..adapters import serving_slots
+        from ..adapters import require_slots, serving_slots
         from .onnx import export_compiled
 
         whole_weights(self, "cm.export_onnx()")
+        if adapters != "inputs":
+            require_slots(self, "cm.export_onnx()")  # the adapter is baked in: it must be what cm computes
         with serving_slots(self):  # several adapters loaded: the compiled graphs, with the adapter in the slots
             return export_compiled(self, path, merged=merged, adapters=adapters, dynamic=dynamic, opset=opset,
                                    verify=verify, progress=progress)
