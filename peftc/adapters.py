@@ -24,6 +24,7 @@ Only active adapters train: set_adapter sets requires_grad on exactly the active
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import threading
 from contextlib import contextmanager
@@ -466,3 +467,48 @@ def export_onnx_adapter(cm, path, name: str, onnx_model=None) -> int:
                     if p.role == ADAPTER}
         check_adapter(tensors, expected, "the compiled model")
     return write_adapter(path, tensors)
+
+
+# ---- combining ---------------------------------------------------------------------------------------------------
+def add_weighted_adapter(cm, adapters: Sequence[str], weights: Sequence[float], combination_type: str = "svd", *,
+                         name: str, **options: Any) -> None:
+    """HF PEFT's add_weighted_adapter: a new adapter `name` combined from loaded LoRA adapters (peftc/combine.py
+    does the math on their tensors and PEFT configs), loaded inactive and frozen like any other."""
+    from .combine import combine_lora
+    from .peft_format import spec_from_peft
+
+    _check_name(name)
+    b = bank(cm)
+    adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+    _known(b, adapters, "add_weighted_adapter")
+    if name in b.adapters:
+        raise AdapterError(f"add_weighted_adapter: an adapter named `{name}` is loaded already; pick another name")
+    states, configs = [], []
+    for n in adapters:
+        adapter = b.adapters[n]
+        rule = adapter.lora_rule()
+        if rule is None:
+            raise AdapterError(f"add_weighted_adapter: adapter `{n}` is not a LoRA adapter of one rule ({adapter.spec!r})")
+        states.append({k: t.detach() for k, t in adapter.tensors.items()})
+        configs.append(peft_lora_config(cm, adapter, rule))
+    order = [m for m, _ in cm._source.named_modules()]
+    state, config = combine_lora(states, configs, list(weights), combination_type, module_order=order, **options)
+    register_adapter(cm, name, spec_from_peft({**config, "peft_type": "LORA"}, saved=state), state)
+
+
+def peft_lora_config(cm, adapter: LoadedAdapter, rule: LoRA) -> dict:
+    """The PEFT LoraConfig dict that puts exactly `adapter`'s tensors on the model: its modules by path, each
+    module's rank and alpha as patterns where they differ from r and lora_alpha."""
+    modules = sorted({k.rpartition(".lora_A.")[0] for k in adapter.tensors if ".lora_A." in k})
+    ranks = {m: adapter.tensors[f"{m}.lora_A.weight"].shape[0] for m in modules}
+    root = math.sqrt if rule.use_rslora else float
+    alphas = {m: rule.scaling_for(m, None) * root(ranks[m]) for m in modules}
+    if rule.slices:
+        raise AdapterError(f"add_weighted_adapter: adapter `{adapter.name}` has per-slice adapters, which PEFT has no "
+                           f"config for")
+    r, alpha = rule.r, rule.alpha
+    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rule.use_rslora,
+            "target_modules": modules, "lora_dropout": rule.dropout,
+            "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
+            "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if not math.isclose(v, alpha)},
+            "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in modules)}

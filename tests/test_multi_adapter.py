@@ -206,3 +206,39 @@ def test_errors_name_the_problem(tmp_path):
     cm.train()
     with pytest.raises(AdapterError, match="inference"):
         cm(input_ids=ids(), adapter_names=["x", "y"])
+
+
+def test_ia3_adapters_switch_and_disable_as_in_peft(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    config = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    dirs = {}
+    for n, seed in (("default", 1), ("x", 2)):
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**config))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "ia3_l" in name:
+                    p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
+        pm.save_pretrained(str(tmp_path / n))
+        dirs[n] = str(tmp_path / n)
+    hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), dirs["default"]).eval()
+    hf.load_adapter(dirs["x"], adapter_name="x")
+    cm = peftc.compile(copy.deepcopy(base), dirs["default"], kwargs=dict(input_ids=ids())).eval()
+    cm.load_adapter(dirs["x"], name="x")
+    x = ids()
+
+    def agree():
+        with torch.no_grad():
+            got, want = cm(input_ids=x).logits, hf(input_ids=x).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        return got
+
+    first = agree()
+    hf.set_adapter("x")
+    cm.set_adapter("x")
+    assert not torch.allclose(agree(), first)
+    with hf.disable_adapter(), cm.disable_adapters():
+        agree()
+    with pytest.raises(AdapterError, match="one LoRA rule"):
+        cm.set_adapter(["default", "x"])

@@ -310,6 +310,14 @@ class CompiledModel(HFModelMixin, nn.Module):
 
         delete_adapter(self, name)
 
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], combination_type: str = "svd",
+                             *, name: str, **options: Any) -> None:
+        """HF PEFT's add_weighted_adapter: loaded LoRA adapters combined into a new adapter `name` (linear, cat, svd,
+        ties, dare_linear, ...; options svd_rank, svd_clamp, density, ... as HF PEFT's). docs/adapters.md."""
+        from ..adapters import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, combination_type, name=name, **options)
+
     def disable_adapters(self):
         """`with cm.disable_adapters(): ...` runs the base model (every adapter off) inside the block."""
         from ..adapters import disable_adapters
