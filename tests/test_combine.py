@@ -14,15 +14,15 @@ from peftc.combine import COMBINATION_TYPES, CombineError, combine_lora
 from peftc.errors import SpecError
 from peftc.peft_format import _plain
 
-from conftest import ids, tiny_llama
+from conftest import ids, tiny_gpt2, tiny_llama
 
 PREFIX = "base_model.model."
 
 
-def hf_model(adapters: dict[str, dict], seed=0):
-    """A tiny Llama with one LoRA adapter per (name, LoraConfig kwargs), every A and B random; and its base copy."""
+def hf_model(adapters: dict[str, dict], seed=0, make=tiny_llama):
+    """A tiny model with one LoRA adapter per (name, LoraConfig kwargs), every A and B random; and its base copy."""
     torch.manual_seed(seed)
-    base = tiny_llama()
+    base = make()
     fresh = copy.deepcopy(base)
     names = list(adapters)
     model = peft.get_peft_model(base, peft.LoraConfig(**adapters[names[0]]), adapter_name=names[0])
@@ -159,6 +159,26 @@ def test_dare_draws_hf_s_masks_from_the_same_generator_state(combination_type):
                 torch.testing.assert_close(delta(sd, m), delta(theirs, m), atol=1e-4, rtol=1e-4)
         else:
             torch.testing.assert_close(sd[k], theirs[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("combination_type,kwargs", [
+    ("cat", {}), ("ties", dict(density=0.5)), ("dare_linear_svd", dict(density=0.5)), ("ties_svd", dict(density=0.3))])
+def test_gpt2_conv1d_adapters_combine_in_hf_s_transposed_layout(combination_type, kwargs):
+    cfg = dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    model, _ = hf_model({"x": dict(r=4, lora_alpha=8, **cfg), "y": dict(r=4, lora_alpha=2, **cfg)}, make=tiny_gpt2)
+    torch.manual_seed(1)
+    sd, config = ours(model, ["x", "y"], [0.8, 0.6], combination_type, **kwargs)
+    _seed_after_injection(model, 1)
+    theirs, their_config = hf_combined(model, ["x", "y"], [0.8, 0.6], combination_type, **kwargs)
+    assert_same_config(config, their_config)
+    assert list(sd) == list(theirs)
+    for k in [k for k in theirs if k.endswith(".lora_A.weight")]:
+        m = k.removesuffix(".lora_A.weight")
+        if combination_type.endswith("svd"):
+            torch.testing.assert_close(delta(sd, m), delta(theirs, m), atol=1e-4, rtol=1e-4)
+        else:
+            torch.testing.assert_close(sd[k], theirs[k], atol=1e-5, rtol=0)
+            torch.testing.assert_close(sd[m + ".lora_B.weight"], theirs[m + ".lora_B.weight"], atol=1e-5, rtol=0)
 
 
 def test_dare_linear_keeps_about_density_and_rescales_by_its_inverse():
