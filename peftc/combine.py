@@ -221,7 +221,7 @@ def _union_targets(configs: list[dict], factors: list[dict]) -> Any:
     for c, f in zip(configs, factors):
         t = c.get("target_modules")
         if isinstance(t, str) and t.lower() == "all-linear":
-            t = {m.rsplit(".", 1)[-1] for m in f}  # what HF PEFT resolves "all-linear" to: the adapted leaf names
+            t = set(f)  # HF PEFT resolves "all-linear" to the full paths of the modules it adapts
         targets.append(t)
     if all(isinstance(t, str) for t in targets):
         return "|".join(f"({t})" for t in targets)

@@ -229,6 +229,23 @@ def test_embeddings_and_rank_patterns_combine_as_hf_does():
         torch.testing.assert_close(sd[b_key] @ sd[k], theirs[b_key] @ theirs[k], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("second", [dict(target_modules=["q_proj", "v_proj"]), dict(target_modules="all-linear")])
+def test_the_combined_config_selects_modules_as_hf_s_does(second):
+    """The first adapter's layers_to_transform holds for the combined adapter; "all-linear" unites as its paths."""
+    model, _ = hf_model({"x": dict(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[0]),
+                         "y": dict(r=4, **second)})
+    configs = [hf_config(model, "x"), {**hf_config(model, "y"), **second}]  # as written, not as HF resolved it
+    sd, config = combine_lora([hf_adapter(model, "x"), hf_adapter(model, "y")], configs, [1.0, 1.0], "linear",
+                              module_order=model_order(model))
+    theirs, their_config = hf_combined(model, ["x", "y"], [1.0, 1.0], "linear")
+    if second["target_modules"] != "all-linear":  # all-linear's full paths are taken whatever their layer
+        assert not any(".layers.1." in k for k in theirs)
+    assert list(sd) == list(theirs)
+    for k in theirs:
+        torch.testing.assert_close(sd[k], theirs[k], atol=1e-5, rtol=0)
+    assert_same_config(config, their_config)
+
+
 def test_rslora_adapters_combine_to_scaling_one():
     """peft 0.21 keeps use_rslora from the first adapter and so scales the combined adapter by √r once more."""
     cfg = dict(r=4, lora_alpha=8, use_rslora=True, **QV)
