@@ -18,7 +18,7 @@ from the first adapter, so the combined adapter would be scaled by √r again (f
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -45,6 +45,14 @@ _FACTORS = ((".lora_A.weight", ".lora_B.weight", False), (".lora_embedding_A", "
 
 class CombineError(SpecError):
     """Adapters cannot be combined as asked (add_weighted_adapter)."""
+
+
+class _Source(NamedTuple):
+    """One adapter's factors on one module, with its combination weight and its scaling there."""
+    a: torch.Tensor
+    b: torch.Tensor
+    weight: float
+    scaling: float
 
 
 def combine_lora(adapters: list[dict[str, torch.Tensor]], configs: list[dict], weights: list[float],
@@ -93,14 +101,14 @@ def combine_lora(adapters: list[dict[str, torch.Tensor]], configs: list[dict], w
     for module in modules:
         present = [(i, *factors[i][module]) for i in range(n) if module in factors[i]]
         _check_shapes(module, present)
-        scaled = [(a, b, emb, weights[i], _scaling(configs[i], module, a)) for i, a, b, emb in present]
+        sources = [_Source(a, b, weights[i], _scaling(configs[i], module, a)) for i, a, b, _ in present]
         transposed = present[0][3] or bool(configs[present[0][0]].get("fan_in_fan_out"))
         if combination_type == "cat":
-            a, b = _cat(scaled)
+            a, b = _cat(sources)
         elif combination_type in LINEAR_FAMILY:
-            a, b = _linear_family(scaled, combination_type, density, majority_sign_method)
+            a, b = _linear_family(sources, combination_type, density, majority_sign_method)
         else:
-            a, b = _svd_family(scaled, _merge_of(combination_type), new_rank, transposed, density,
+            a, b = _svd_family(sources, _merge_of(combination_type), new_rank, transposed, density,
                                majority_sign_method, svd_clamp, svd_full_matrices, svd_driver)
         a_key, b_key = (_FACTORS[1] if present[0][3] else _FACTORS[0])[:2]
         out[module + a_key], out[module + b_key] = _pad_rank(a, b, new_rank)
@@ -244,31 +252,30 @@ def _ordered_modules(factors: list[dict], module_order: Sequence[str] | None) ->
 
 
 # ---- the combinations --------------------------------------------------------------------------------------------
-def _cat(scaled: list) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.cat([a * w * s for a, _, _, w, s in scaled], dim=0),
-            torch.cat([b for _, b, _, _, _ in scaled], dim=1))
+def _cat(sources: list[_Source]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.cat([src.a * src.weight * src.scaling for src in sources], dim=0),
+            torch.cat([src.b for src in sources], dim=1))
 
 
-def _linear_family(scaled: list, how: str, density, sign_method) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_family(sources: list[_Source], how: str, density, sign_method) -> tuple[torch.Tensor, torch.Tensor]:
     # √|w s| on each side so that B A carries w s; the sign goes on A only, or it would cancel.
-    roots = [math.sqrt(abs(w * s)) for _, _, _, w, s in scaled]
-    signs = [1 if w * s >= 0 else -1 for _, _, _, w, s in scaled]
-    dtype, device = scaled[0][0].dtype, scaled[0][0].device
-    a = _merge([t[0] for t in scaled], torch.tensor([r * g for r, g in zip(roots, signs)]).to(device), how,
+    roots = [math.sqrt(abs(src.weight * src.scaling)) for src in sources]
+    signs = [1 if src.weight * src.scaling >= 0 else -1 for src in sources]
+    dtype, device = sources[0].a.dtype, sources[0].a.device
+    a = _merge([src.a for src in sources], torch.tensor([r * g for r, g in zip(roots, signs)]).to(device), how,
                density, sign_method)
-    b = _merge([t[1] for t in scaled], torch.tensor(roots).to(device), how, density, sign_method)
+    b = _merge([src.b for src in sources], torch.tensor(roots).to(device), how, density, sign_method)
     return a.to(dtype), b.to(dtype)
 
 
-def _svd_family(scaled: list, how: str, new_rank: int, transposed: bool, density, sign_method, clamp,
+def _svd_family(sources: list[_Source], how: str, new_rank: int, transposed: bool, density, sign_method, clamp,
                 full_matrices, driver) -> tuple[torch.Tensor, torch.Tensor]:
-    a0, b0 = scaled[0][0], scaled[0][1]
+    a0, b0 = sources[0].a, sources[0].b
     if driver is not None and a0.device.type != "cuda":
         raise CombineError(f"add_weighted_adapter: svd_driver={driver!r} is a cuSOLVER option; the adapters are on "
                            f"{a0.device.type}. Drop svd_driver or move the adapters to CUDA")
-    deltas = [_delta_weight(a, b, s, transposed) for a, b, _, _, s in scaled]
-    delta = _merge(deltas, torch.tensor([w for _, _, _, w, _ in scaled]).to(deltas[0].device), how, density,
-                   sign_method)
+    deltas = [_delta_weight(src.a, src.b, src.scaling, transposed) for src in sources]
+    delta = _merge(deltas, torch.tensor([src.weight for src in sources]).to(a0.device), how, density, sign_method)
     if transposed:
         delta = delta.T
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
