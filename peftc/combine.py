@@ -8,7 +8,7 @@ With w_i the weights and s_i each adapter's scaling on a module:
   pruning rescaled by 1/density, then a sum or TIES' sign election) or magnitude pruning then a sum.
 - cat, any ranks:  A = [w_1 s_1 A_1; w_2 s_2 A_2; ...],  B = [B_1 | B_2 | ...],  so B A = Σ w_i s_i B_i A_i exactly.
 - svd family (svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd):
-      ΔW = merge_i(w_i · s_i B_i A_i),  ΔW ≈ U_k S_k V_kᵀ,  B = U_k S_k,  A = V_kᵀ   (k = svd_rank or the max rank)
+      ΔW = merge_i(w_i · s_i B_i A_i) ≈ U_k S_k V_kᵀ,  B = U_k S_k,  A = V_kᵀ   (k = svd_rank or the max rank)
 
 The combined adapter's config is the first adapter's with r = lora_alpha = the new rank, so its scaling is 1: every
 source scaling is already inside the weights. Unlike peft 0.21 it also sets `use_rslora` to False; peft 0.21 keeps it
