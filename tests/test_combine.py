@@ -311,3 +311,50 @@ def test_bad_inputs_say_what_is_wrong_and_the_fix():
             "m.q.lora_B.weight": torch.randn(8, 4)}], [cfg, cfg], [1.0, 1.0])
     _raises("all must be regex strings or all lists", [sd, sd], [cfg, {**cfg, "target_modules": ".*q"}], [1.0, 1.0])
     _raises(r"weights\[1\] = nan", [sd, sd], [cfg, cfg], [1.0, float("nan")])
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.point = torch.nn.Conv2d(8, 6, 1)
+        self.head = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.point(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("combination_type,kwargs", [
+    ("linear", {}), ("cat", {}), ("svd", dict(svd_rank=3)), ("dare_linear_svd", dict(density=0.5))])
+def test_conv2d_adapters_combine_as_hf_s(combination_type, kwargs):
+    cfg = dict(target_modules=["conv", "point", "head"])
+    model, fresh = hf_model({"x": dict(r=2, lora_alpha=4, **cfg), "y": dict(r=2, lora_alpha=2, **cfg)},
+                            make=_ConvNet)
+    torch.manual_seed(2)
+    sd, config = ours(model, ["x", "y"], [0.5, -1.5], combination_type, **kwargs)
+    _seed_after_injection(model, 2)
+    theirs, their_config = hf_combined(model, ["x", "y"], [0.5, -1.5], combination_type, **kwargs)
+    assert_same_config(config, their_config)
+    assert list(sd) == list(theirs) and all(sd[k].shape == theirs[k].shape for k in sd)
+    for k in [k for k in theirs if k.endswith(".lora_A.weight")]:
+        b = k.replace("lora_A", "lora_B")
+        if combination_type.endswith("svd"):
+            torch.testing.assert_close(sd[b].flatten(1) @ sd[k].flatten(1), theirs[b].flatten(1) @ theirs[k].flatten(1),
+                                       atol=1e-4, rtol=1e-4)
+        else:
+            torch.testing.assert_close(sd[k], theirs[k], atol=1e-5, rtol=0)
+            torch.testing.assert_close(sd[b], theirs[b], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("combination_type", ["linear", "svd"])
+def test_bfloat16_adapters_combine_as_hf_s_and_stay_bfloat16(combination_type):
+    model, _ = hf_model(SAME_RANK)
+    model.to(torch.bfloat16)
+    sd, _ = ours(model, ["x", "y"], [0.7, -1.3], combination_type)
+    theirs, _ = hf_combined(model, ["x", "y"], [0.7, -1.3], combination_type)
+    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    for k in [k for k in theirs if k.endswith(".lora_A.weight")]:
+        m = k.removesuffix(".lora_A.weight")
+        if combination_type == "linear":
+            torch.testing.assert_close(sd[k], theirs[k], atol=0, rtol=0)
+        torch.testing.assert_close(delta(sd, m).float(), delta(theirs, m).float(), atol=2e-2, rtol=2e-2)
