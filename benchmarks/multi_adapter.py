@@ -70,8 +70,9 @@ def peftc_name(name: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model and 5 repetitions")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 5 with --quick, else 30)")
     args = parser.parse_args(argv)
-    reps = 5 if args.quick else 30
+    reps = args.reps or (5 if args.quick else 30)
     torch.set_num_threads(1 if args.quick else 2)
     base, _ = tiny_llama(hidden=64, layers=2, vocab=128) if args.quick else llama_bench()
     vocab = base.config.vocab_size

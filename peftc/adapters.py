@@ -210,6 +210,8 @@ def set_adapter(cm, names: str | Sequence[str]) -> None:
     if not names or len(set(names)) != len(names):
         raise AdapterError(f"set_adapter: give one adapter name or a list of distinct names, got {list(names)}")
     _known(b, names, "set_adapter")
+    if not (len(names) == 1 and b.bindable(names[0])):
+        _lora_rules(b, names)  # a graph of its own: refused now, not at the next call
     for adapter in b.adapters.values():
         on = adapter.name in names
         for slot, t in adapter.tensors.items():
@@ -319,15 +321,9 @@ def config_stage(cm, config: tuple) -> tuple[Pipeline, ParamTable]:
     for p in cm.params:
         if p.role != ADAPTER:
             table.insert(dataclasses.replace(p))
-    rules = []
+    rules = _lora_rules(b, names)
     for n in names:
         adapter = b.adapters[n]
-        rule = adapter.lora_rule()
-        if rule is None:
-            raise AdapterError(f"adapter `{n}`: several active adapters, mixed batches and adapters of another "
-                               f"structure than the compiled one need a spec of one LoRA rule; `{n}` has "
-                               f"{adapter.spec!r}. Activate one adapter of the compiled structure at a time")
-        rules.append(rule)
         for slot, t in adapter.tensors.items():
             table.insert(Param(bank_name(n, slot), t, ADAPTER, t.requires_grad, adapter.methods[slot],
                                "load-adapter"))
@@ -338,6 +334,18 @@ def config_stage(cm, config: tuple) -> tuple[Pipeline, ParamTable]:
         table.insert(Param(MIXED_INDEX, b.index, BUFFER, False))
         passes.append(InsertMixedLora(tuple(names), tuple(rules)))
     return Pipeline((*passes, *cm.pipeline.training.passes)), table
+
+
+def _lora_rules(b: AdapterBank, names: Sequence[str]) -> list[LoRA]:
+    rules = []
+    for n in names:
+        rule = b.adapters[n].lora_rule()
+        if rule is None:
+            raise AdapterError(f"adapter `{n}`: several active adapters, mixed batches and adapters of another "
+                               f"structure than the compiled one need a spec of one LoRA rule; `{n}` has "
+                               f"{b.adapters[n].spec!r}. Activate one adapter of the compiled structure at a time")
+        rules.append(rule)
+    return rules
 
 
 def mixed_call(cm, adapter_names: Sequence[str], entry: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
