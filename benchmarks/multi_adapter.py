@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
             cm8.set_adapter("default")
             return torch.cat(out)
 
-        mixed_fns = {"peftc mixed batch (1 call)": lambda: cm8(input_ids=x, adapter_names=[peftc_name(n) for n in MIXED]).logits,
+        ours = [peftc_name(n) for n in MIXED]
+        mixed_fns = {"peftc mixed batch (1 call)": lambda: cm8(input_ids=x, adapter_names=ours).logits,
                      "HF PEFT adapter_names= (1 call)": lambda: many(input_ids=x, adapter_names=MIXED).logits,
                      "peftc, 4 separate calls": separate}
         outs = {k: f() for k, f in mixed_fns.items()}

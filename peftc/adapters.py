@@ -36,7 +36,7 @@ from torch import nn
 
 from .errors import AdapterError
 from .params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
-from .passes.insert_adapters import BANK, InsertAdapters, bank_name
+from .passes.insert_adapters import InsertAdapters, bank_name
 from .passes.insert_mixed_lora import MIXED_INDEX, InsertMixedLora
 from .pipeline import Pipeline
 from .spec import LoRA, ModulesToSave, Spec
@@ -496,7 +496,8 @@ def add_weighted_adapter(cm, adapters: Sequence[str], weights: Sequence[float], 
         adapter = b.adapters[n]
         rule = adapter.lora_rule()
         if rule is None:
-            raise AdapterError(f"add_weighted_adapter: adapter `{n}` is not a LoRA adapter of one rule ({adapter.spec!r})")
+            raise AdapterError(f"add_weighted_adapter: adapter `{n}` is not a LoRA adapter of one rule "
+                               f"({adapter.spec!r})")
         states.append({k: t.detach() for k, t in adapter.tensors.items()})
         configs.append(peft_lora_config(cm, adapter, rule))
     order = [m for m, _ in cm._source.named_modules()]
