@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from peftc import lora_embedding
 from peftc.errors import SpecError
 from peftc.match import ConvSite, MatmulSite, conv_sites, matmul_sites, select
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
@@ -79,15 +80,20 @@ class InsertLora(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         sites: list[MatmulSite | ConvSite] = matmul_sites(gm, ctx.params, ctx.info)
-        if self.rule.target != "all-linear":  # HF's "all-linear" leaves convolutions alone
+        if self.rule.target != "all-linear":  # HF's "all-linear" leaves convolutions and embeddings alone
             sites += conv_sites(gm, ctx.params, ctx.info)
+            sites += lora_embedding.embedding_sites(gm, ctx.params, ctx.info)
         sites = select(sites, self.rule.target, self.rule.exclude, ctx.info, where=repr(self.rule))
         modified = False
         for site in sites:
             if adapted(site.node, "lora", self.rule, site.module):
                 continue
-            self._check(site)
-            self._insert(gm, ctx, site)
+            if isinstance(site, lora_embedding.EmbeddingSite):
+                lora_embedding.check_rule(self.rule, site)
+                lora_embedding.insert(self.name, self.rule, gm, ctx, site)
+            else:
+                self._check(site)
+                self._insert(gm, ctx, site)
             mark_adapted(site.node, "lora", self.rule)
             ctx.count("insert-lora.inserted")
             modified = True

@@ -448,12 +448,13 @@ def _with_modules_to_save(cm, config: dict, tensors: dict[str, torch.Tensor], pr
 def _lora(cm, rule: LoRA) -> tuple[dict, dict]:
     if rule.slices:
         raise NotPeftExpressible("per-slice LoRA (`slices`) has no PEFT format")
-    adapted = _adapted(cm, "lora", ".lora_A")
-    convs = {m for m in adapted if cm._info.module_types.get(m, "") in ("Conv1d", "Conv2d", "Conv3d")}
+    adapted = _adapted(cm, "lora", ".lora_A") | _adapted(cm, "lora", ".lora_embedding_A")
+    convs = {m for m in adapted if cm._info.module_types.get(m, "") in ("Conv1d", "Conv2d", "Conv3d", "Embedding")}
     odd = sorted(m for m in adapted if m not in cm._info.linear_modules and m not in convs)
     if odd:
-        raise NotPeftExpressible(f"LoRA on `{odd[0]}`, which is not an nn.Linear, Conv1D or convolution module "
-                                 f"(a weight read functionally), has no PEFT format: PEFT swaps modules")
+        raise NotPeftExpressible(f"LoRA on `{odd[0]}`, which is not an nn.Linear, Conv1D, convolution or "
+                                 f"nn.Embedding module (a weight read functionally), has no PEFT format: PEFT swaps "
+                                 f"modules")
     config = {**_base_config(cm, "LORA", cm.spec.task_type), "r": rule.r, "lora_alpha": rule.alpha,
               "lora_dropout": rule.dropout, "use_rslora": rule.use_rslora, "use_dora": rule.use_dora,
               "rank_pattern": dict(rule.rank_pattern or {}), "alpha_pattern": dict(rule.alpha_pattern or {}),
@@ -679,8 +680,14 @@ def peftc_state_dict(cm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
             module, _, leaf = name.partition(".ln_tuning_layers.")
             alias, method = f"{module}.{leaf}", "norm_tuning"
         elif any(m in name for m in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_l")) \
-                or name.endswith(".ia3_l"):
+                or name.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B")):
             out[name] = value
+            continue
+        elif name.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers: the base embedding, as it was
+            alias = name.replace(".base_layer.", ".")
+            if alias not in base_of or not torch.equal(value, _base_tensor(cm, base_of[alias]).to(value.dtype)):
+                raise AdapterError(f"adapter `{key}` is a changed (or unknown) base embedding weight; peftc loads "
+                                   f"adapters onto the base as it is (load the changed base into the model first)")
             continue
         else:  # a modules_to_save copy, saved under the base parameter's name
             alias, method = name, "modules_to_save"
