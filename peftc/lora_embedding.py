@@ -82,7 +82,9 @@ def insert(pass_name: str, rule, gm: GraphModule, ctx, site: EmbeddingSite) -> N
     dtype = adapter_dtype(weight.dtype)
     r, scaling = rule.rank_for(site.module), rule.scaling_for(site.module)
     a_name, b_name = f"{site.adapter_prefix}.lora_embedding_A", f"{site.adapter_prefix}.lora_embedding_B"
-    ctx.params.add(gm, a_name, lambda: torch.zeros(r, site.num_embeddings, dtype=dtype, device=weight.device),
+    # HF's lora.Embedding: A = 0, B ~ N(0, 1) for every truthy init_lora_weights; False leaves both N(0, 1)
+    a_init = torch.randn if rule.init is False else torch.zeros
+    ctx.params.add(gm, a_name, lambda: a_init(r, site.num_embeddings, dtype=dtype, device=weight.device),
                    method="lora", added_by=pass_name)
     ctx.params.add(gm, b_name, lambda: torch.randn(site.embedding_dim, r, dtype=dtype, device=weight.device),
                    method="lora", added_by=pass_name)

@@ -239,10 +239,8 @@ def spec_from_peft(source: Any, *, saved: dict[str, torch.Tensor] | None = None)
     keys = sorted(saved) if saved is not None else None
     rules: list[Rule] = []
     if peft_type == "LORA":
-        if config.get("init_lora_weights", True) not in (True, False):
-            raise SpecError(f"{where}: init_lora_weights={config['init_lora_weights']!r} changes the base weights "
-                            f"or the init; peftc reads init_lora_weights=true")
         rules.append(LoRA(target=_module_target(config, keys, ".lora_A.", where), r=config.get("r", 8),
+                          init=config.get("init_lora_weights", True),
                           alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout") or 0.0,
                           use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
                           exclude=_exclude_from_peft(config.get("exclude_modules"), mts),
@@ -458,7 +456,7 @@ def _lora(cm, rule: LoRA) -> tuple[dict, dict]:
     config = {**_base_config(cm, "LORA", cm.spec.task_type), "r": rule.r, "lora_alpha": rule.alpha,
               "lora_dropout": rule.dropout, "use_rslora": rule.use_rslora, "use_dora": rule.use_dora,
               "rank_pattern": dict(rule.rank_pattern or {}), "alpha_pattern": dict(rule.alpha_pattern or {}),
-              "bias": "none", "init_lora_weights": True,
+              "bias": "none", "init_lora_weights": rule.init,
               "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in adapted)}
     tensors = {MODEL_PREFIX + p.name: p.tensor.detach() for p in cm.params if p.role == ADAPTER and p.method == "lora"}
     _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
