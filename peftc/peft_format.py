@@ -582,21 +582,30 @@ def peft_adapter(cm) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
 
-def save_pretrained(cm, directory: str | Path, format: str | None = None) -> str:
+def save_pretrained(cm, directory: str | Path, format: str | None = None,
+                    path_initial_model_for_weight_conversion: str | Path | None = None) -> str:
     """Write the adapter to `directory` in HF PEFT's format, or peftc's layout when PEFT has none (or
-    format="peftc"). format="peft" raises SpecError when PEFT has no format for the spec. Returns the format."""
+    format="peftc"). format="peft" raises SpecError when PEFT has no format for the spec. Returns the format.
+
+    `path_initial_model_for_weight_conversion` (HF's): the directory this PiSSA/OLoRA adapter was saved to at init;
+    the adapter is then written as the plain LoRA of rank 2r that the original base needs (see _converted)."""
     from safetensors.torch import save_file
 
     if format not in (None, "peft", "peftc"):
         raise SpecError(f"save_pretrained: format must be 'peft', 'peftc' or None (PEFT when it can), not {format!r}")
     directory = Path(directory)
+    if path_initial_model_for_weight_conversion is not None and format == "peftc":
+        raise SpecError("save_pretrained: path_initial_model_for_weight_conversion writes HF PEFT's format; drop "
+                        "format='peftc'")
     if format != "peftc":
         try:
             config, tensors = peft_adapter(cm)
         except NotPeftExpressible as e:
-            if format == "peft":
+            if format == "peft" or path_initial_model_for_weight_conversion is not None:
                 raise NotPeftExpressible(f"save_pretrained(format='peft'): {e}; save with format='peftc'") from None
         else:
+            if path_initial_model_for_weight_conversion is not None:
+                config, tensors = _converted(config, tensors, path_initial_model_for_weight_conversion)
             directory.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -609,6 +618,38 @@ def save_pretrained(cm, directory: str | Path, format: str | None = None) -> str
     save_file(tensors, str(directory / PEFTC_WEIGHTS), metadata={"format": "pt"})
     (directory / PEFTC_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
     return "peftc"
+
+
+def _converted(config: dict, tensors: dict, initial: str | Path) -> tuple[dict, dict]:
+    """A PiSSA/OLoRA adapter ==> the LoRA the original base W needs, as HF PEFT's subtract_mutated_init computes it:
+    W_res + s·BA = W + s·(BA - B0A0) = W + s·[B, -B0][A; A0], so r and alpha double (alpha·√2 with rsLoRA) and
+    init_lora_weights becomes true. Like HF, only lora_A/lora_B tensors are written."""
+    from safetensors.torch import load_file
+
+    from .lora_init import mutates_base
+
+    if config.get("peft_type") != "LORA" or not mutates_base(config.get("init_lora_weights")):
+        raise SpecError(f"save_pretrained: path_initial_model_for_weight_conversion converts a PiSSA/OLoRA LoRA "
+                        f"adapter; this one has init_lora_weights={config.get('init_lora_weights')!r}")
+    weights = Path(initial) / ADAPTER_WEIGHTS
+    if not weights.exists():
+        raise SpecError(f"save_pretrained: {weights} does not exist; save the adapter there right after compiling "
+                        f"(before training) and pass that directory")
+    init = load_file(str(weights))
+    out = {}
+    for key, value in tensors.items():
+        is_a, is_b = ".lora_A." in key, ".lora_B." in key
+        if not (is_a or is_b):
+            continue
+        if key not in init or init[key].shape != value.shape:
+            raise AdapterError(f"save_pretrained: the initial adapter in {initial} has no `{key}` of shape "
+                               f"{tuple(value.shape)}; it is not this adapter's initial state")
+        out[key] = torch.cat([value, init[key]], 0) if is_a else torch.cat([value, -init[key]], 1)
+    double = 2 ** 0.5 if config.get("use_rslora") else 2
+    config = {**config, "init_lora_weights": True, "r": config["r"] * 2, "lora_alpha": config["lora_alpha"] * double,
+              "rank_pattern": {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
+              "alpha_pattern": {k: 2 * v for k, v in (config.get("alpha_pattern") or {}).items()}}
+    return config, out
 
 
 _MASK = "peftc.masks."  # SparseDelta masks ride in the weights file: `peftc.masks.<kind>.<entry>.<parameter>`

@@ -134,3 +134,29 @@ def test_bad_inits_are_refused():
     torch.manual_seed(0)
     with pytest.raises(SpecError, match="olora"):
         peftc.compile(tiny_gpt2(), peftc.LoRA(target=["c_attn"], r=2, init="olora"), kwargs=dict(input_ids=ids()))
+
+
+def test_pissa_converted_on_save_is_hf_s_lora_of_the_original_base(llama, tmp_path):
+    x, x2 = ids(), ids(seed=4)
+    cm = peftc.compile(copy.deepcopy(llama), peftc.LoRA(target=TARGET, r=4, alpha=8, init="pissa"),
+                       kwargs=dict(input_ids=x))
+    pm = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(target_modules=TARGET, r=4, lora_alpha=8,
+                                                                   init_lora_weights="pissa")).eval()
+    cm.save_pretrained(tmp_path / "init")
+    pm.save_pretrained(str(tmp_path / "hf_init"))
+    ours, theirs = adapters(cm), hf_adapters(pm)
+    nudge(ours)
+    with torch.no_grad():
+        for name, t in theirs.items():
+            t.copy_(ours[name])
+    cm.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=tmp_path / "init")
+    pm.save_pretrained(str(tmp_path / "hf_lora"), path_initial_model_for_weight_conversion=str(tmp_path / "hf_init"))
+    from safetensors.torch import load_file
+
+    mine, hf = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("lora", "hf_lora"))
+    assert sorted(mine) == sorted(hf)
+    for key in mine:
+        close(mine[key], hf[key])
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(llama), str(tmp_path / "lora")).eval()  # the original base
+    assert back.peft_config["default"].init_lora_weights is True and back.peft_config["default"].r == 8
+    close(logits(back(input_ids=x2)), logits(cm(input_ids=x2)))
