@@ -54,13 +54,13 @@ def embedding_sites(gm: GraphModule, table, info) -> list[EmbeddingSite]:
         if node.op != "call_function" or node.target != aten.embedding.default or "peftc.pass" in node.meta:
             continue
         w = node.args[0]
-        if not isinstance(w, Node) or w.op != "get_attr" or w.target not in table or table[w.target].role != BASE:
+        delta = w.meta.get("peftc.delta") if isinstance(w, Node) else None
+        name = delta["param"] if delta else w.target if isinstance(w, Node) and w.op == "get_attr" else None
+        if name not in table or table[name].role != BASE or table[name].tensor.dim() != 2:
             continue
-        shape = table[w.target].tensor.shape
-        if len(shape) != 2:
-            continue
-        module, prefix = _module_path(node, w.target, info)
-        sites.append(EmbeddingSite(node, w.target, module, prefix, shape[0], shape[1]))
+        shape = table[name].tensor.shape
+        module, prefix = _module_path(node, name, info)
+        sites.append(EmbeddingSite(node, name, module, prefix, shape[0], shape[1]))
     return sites
 
 
