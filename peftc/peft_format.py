@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import torch
 
 from .capture import ModelInfo
+from .delta import aliases_of
 from .errors import AdapterError, SpecError
 from .match import all_linear_modules
 from .params import ADAPTER
@@ -44,7 +45,7 @@ _METADATA = {"peft_type", "auto_mapping", "base_model_name_or_path", "revision",
 _SUPPORTED = {
     "LORA": {"target_modules", "exclude_modules", "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern",
              "alpha_pattern", "lora_dropout", "modules_to_save", "layers_to_transform", "layers_pattern",
-             "fan_in_fan_out", "init_lora_weights"},
+             "fan_in_fan_out", "init_lora_weights", "trainable_token_indices"},
     "IA3": {"target_modules", "exclude_modules", "feedforward_modules", "modules_to_save", "fan_in_fan_out",
             "init_ia3_weights"},
     "PREFIX_TUNING": {"num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "token_dim",
@@ -52,6 +53,7 @@ _SUPPORTED = {
     "PROMPT_TUNING": {"num_virtual_tokens", "prompt_tuning_init", "token_dim", "num_layers", "num_attention_heads",
                       "num_transformer_submodules", "modules_to_save"},
     "LN_TUNING": {"target_modules", "exclude_modules", "modules_to_save"},
+    "TRAINABLE_TOKENS": {"target_modules", "token_indices", "init_weights"},
 }
 # Non-empty PEFT defaults that change nothing (any key not listed is accepted only when empty: None, False, [], {}).
 _INERT_DEFAULTS = {"bias": "none", "megatron_core": "megatron.core", "qalora_group_size": 16}
@@ -273,15 +275,30 @@ def spec_from_peft(source: Any, *, saved: dict[str, torch.Tensor] | None = None)
             raise SpecError(f"{where}: num_transformer_submodules={config['num_transformer_submodules']} "
                             f"(encoder-decoder prompts) is not supported")
         rules.append(PromptTuning(length=_required(config, "num_virtual_tokens", where)))
+    elif peft_type == "TRAINABLE_TOKENS":
+        rules.append(_trainable_tokens_rule(config.get("token_indices"), config.get("target_modules"), where))
     else:  # LN_TUNING
         target = config.get("target_modules")
         if target is None and keys is not None:
             target = sorted({_owner_before(k, ".ln_tuning_layers.") for k in keys})
         rules.append(NormTuning(target=_target_from_peft(target),
                                 exclude=_exclude_from_peft(config.get("exclude_modules"), mts)))
+    tokens = config.get("trainable_token_indices") if peft_type == "LORA" else None
+    if isinstance(tokens, dict):
+        rules += [_trainable_tokens_rule(idx, [module], where) for module, idx in tokens.items()]
+    elif tokens:
+        rules.append(_trainable_tokens_rule(tokens, None, where))
     if mts:
         rules.append(ModulesToSave(target=_endswith_from_peft(mts)))
     return Spec(*rules, task_type=task_type)
+
+
+def _trainable_tokens_rule(indices: Any, target: Any, where: str) -> Rule:
+    from .passes.insert_trainable_tokens import TrainableTokens
+
+    if not indices:
+        raise SpecError(f"{where}: trainable tokens need `token_indices`")
+    return TrainableTokens(indices=list(indices), target=_target_from_peft(target))
 
 
 def _required(config: dict, key: str, where: str) -> Any:
@@ -460,7 +477,34 @@ def _lora(cm, rule: LoRA) -> tuple[dict, dict]:
               "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in adapted)}
     tensors = {MODEL_PREFIX + p.name: p.tensor.detach() for p in cm.params if p.role == ADAPTER and p.method == "lora"}
     _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
+    tokens = _token_rows(cm)
+    if tokens:  # HF's LoraConfig.trainable_token_indices {module: indices}, rows under `token_adapter.`
+        config["trainable_token_indices"] = {}
+        for rows, weight in tokens.items():
+            module = rows.removesuffix(".trainable_tokens_delta")
+            config["trainable_token_indices"][module] = cm.params[module + ".trainable_tokens_index"].tensor.tolist()
+            tensors[f"{MODEL_PREFIX}{module}.token_adapter.trainable_tokens_delta"] = \
+                cm.params[rows].tensor.detach().to(_base_tensor(cm, weight).dtype)
     return _choose_targets(cm, config, rule.target, rule.exclude, adapted, "modules"), tensors
+
+
+def _trainable_tokens(cm, rule) -> tuple[dict, dict]:
+    """HF's TRAINABLE_TOKENS adapter: `<module>.trainable_tokens_delta` (the rows), and HF's copy for a tied
+    output layer."""
+    tokens = _token_rows(cm)
+    if len(tokens) != 1:
+        raise NotPeftExpressible(f"a TRAINABLE_TOKENS adapter holds one embedding; this one has {len(tokens)}")
+    rows, weight = next(iter(tokens.items()))
+    module = rows.removesuffix(".trainable_tokens_delta")
+    value = cm.params[rows].tensor.detach().to(_base_tensor(cm, weight).dtype)
+    config = {**_base_config(cm, "TRAINABLE_TOKENS", cm.spec.task_type), "target_modules": module,
+              "token_indices": cm.params[module + ".trainable_tokens_index"].tensor.tolist(), "init_weights": True}
+    tensors = {f"{MODEL_PREFIX}{module}.trainable_tokens_delta": value}
+    for alias in aliases_of(cm._info, weight):
+        owner_module = alias.removesuffix(".weight")
+        if owner_module != module and cm._info.module_types.get(owner_module) == "Linear":
+            tensors[f"{MODEL_PREFIX}{owner_module}.trainable_tokens_delta"] = value
+    return config, tensors
 
 
 def _ia3(cm, rule: IA3) -> tuple[dict, dict]:
@@ -571,11 +615,15 @@ def peft_adapter(cm) -> tuple[dict, dict[str, torch.Tensor]]:
     NotPeftExpressible saying why when the compiled spec has no PEFT format."""
     if cm.spec is None:
         raise NotPeftExpressible("the model was compiled from a pipeline, not a spec; compile it with a spec to save")
+    from .passes.insert_trainable_tokens import TrainableTokens
+
     methods = [r for r in cm.spec.rules if not isinstance(r, ModulesToSave)]
+    if any(isinstance(r, LoRA) for r in methods):  # LoRA carries trainable tokens (trainable_token_indices)
+        methods = [r for r in methods if not isinstance(r, TrainableTokens)]
     if len(methods) != 1:
         raise NotPeftExpressible(f"a PEFT adapter holds one method; this spec has {len(methods)} "
                                  f"({', '.join(type(r).__name__ for r in methods)})")
-    writer = _WRITERS.get(type(methods[0]))
+    writer = _trainable_tokens if isinstance(methods[0], TrainableTokens) else _WRITERS.get(type(methods[0]))
     if writer is None:
         raise NotPeftExpressible(f"PEFT has no format for {type(methods[0]).__name__}")
     config, tensors = writer(cm, methods[0])
@@ -722,6 +770,15 @@ def peftc_state_dict(cm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
                 or name.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B")):
             out[name] = value
             continue
+        elif name.endswith(".trainable_tokens_delta"):
+            name = name.replace(".token_adapter.", ".")
+            if name in cm.params:  # the rows; which rows is the config's (the compiled spec's) token_indices
+                out[name] = value
+                index = name.removesuffix("delta") + "index"
+                out[index] = cm.params[index].tensor.detach().clone()
+            elif not _tied_token_copy(cm, name):
+                raise AdapterError(f"adapter `{key}` names no trainable-tokens embedding of the model")
+            continue
         elif name.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers: the base embedding, as it was
             alias = name.replace(".base_layer.", ".")
             if alias not in base_of or not torch.equal(value, _base_tensor(cm, base_of[alias]).to(value.dtype)):
@@ -738,6 +795,20 @@ def peftc_state_dict(cm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
         dtype = cm.params[delta].tensor.dtype if delta in cm.params else base.dtype
         out[delta] = value.to(dtype) - base.to(dtype)
     return out
+
+
+def _token_rows(cm) -> dict[str, str]:
+    """{rows tensor name: the table name of the embedding weight it replaces rows of}."""
+    return {p.name: p.name.removesuffix("trainable_tokens_delta") + "weight" for p in cm.params
+            if p.role == ADAPTER and p.method == "trainable_tokens" and p.name.endswith(".trainable_tokens_delta")}
+
+
+def _tied_token_copy(cm, name: str) -> bool:
+    """`lm_head.trainable_tokens_delta`: HF's copy for an output layer tied to a trainable-tokens embedding."""
+    weight = name.removesuffix("trainable_tokens_delta") + "weight"
+    return any(weight in cm._info.aliases.get(w, ()) or w in next((v for v in cm._info.aliases.values()
+                                                                     if weight in v), ())
+               for w in _token_rows(cm).values())
 
 
 def _prompt_embeddings(cm, value: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -71,3 +71,26 @@ def test_bad_indices_are_refused():
     torch.manual_seed(0)
     with pytest.raises(SpecError, match="out of range"):
         peftc.compile(tiny_llama(), peftc.TrainableTokens(indices=[64]), kwargs=dict(input_ids=ids()))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_lora_with_trainable_token_indices_round_trips_hf_s_lora_config(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    x = torch.tensor([[1, 5, 2, 7, 30, 3, 4, 5]] * 2)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=["q_proj"], r=2,
+                                                                   trainable_token_indices=INDICES)).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs = logits(pm(input_ids=x))
+    pm.save_pretrained(str(tmp_path / "theirs"))
+    cm = peftc.compile(copy.deepcopy(model), tmp_path / "theirs", kwargs=dict(input_ids=x))
+    assert [type(r).__name__ for r in cm.spec.rules] == ["LoRA", "TrainableTokens"]
+    assert cm.parameter_counts()[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    close(logits(cm(input_ids=x)), theirs)
+    assert cm.save_pretrained(tmp_path / "ours") == "peft"
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "ours")).eval()
+    close(logits(back(input_ids=x)), theirs)
