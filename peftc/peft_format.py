@@ -251,7 +251,8 @@ def spec_from_peft(source: Any, *, saved: dict[str, torch.Tensor] | None = None)
     elif peft_type == "IA3":
         ff = config.get("feedforward_modules")
         if ff is None and saved is not None:  # feed-forward vectors are saved [1, in], output ones [out, 1]
-            ff = [_owner_before(k, ".ia3_l") for k, v in saved.items() if k.endswith(".ia3_l") and v.shape[0] == 1]
+            ff = [_owner_before(k, ".ia3_l") for k, v in saved.items()
+                  if k.endswith(".ia3_l") and v.dim() == 2 and v.shape[0] == 1]
         if isinstance(ff, str):
             feedforward = f"^(?:{ff})"
         else:
@@ -509,9 +510,11 @@ def _trainable_tokens(cm, rule) -> tuple[dict, dict]:
 
 def _ia3(cm, rule: IA3) -> tuple[dict, dict]:
     adapted = _adapted(cm, "ia3", ".ia3_l")
-    odd = sorted(m for m in adapted if m not in cm._info.linear_modules)
+    odd = sorted(m for m in adapted if m not in cm._info.linear_modules
+                 and cm._info.module_types.get(m) not in ("Conv2d", "Conv3d"))
     if odd:
-        raise NotPeftExpressible(f"IA3 on `{odd[0]}`, which is not an nn.Linear or Conv1D module, has no PEFT format")
+        raise NotPeftExpressible(f"IA3 on `{odd[0]}`, which is not an nn.Linear, Conv1D, Conv2d or Conv3d module, has "
+                                 f"no PEFT format")
     feedforward = {n.meta["peftc.ia3"]["vector"].rsplit(".ia3_l", 1)[0] for gms in cm._graphs.values() for gm in gms
                    for n in gm.graph.nodes if n.meta.get("peftc.ia3", {}).get("feedforward")}
     config = {**_base_config(cm, "IA3", cm.spec.task_type), "init_ia3_weights": True,
