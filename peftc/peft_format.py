@@ -282,8 +282,13 @@ def spec_from_peft(source: Any, *, saved: dict[str, torch.Tensor] | None = None)
         target = config.get("target_modules")
         if target is None and keys is not None:
             target = sorted({_owner_before(k, ".ln_tuning_layers.") for k in keys})
-        rules.append(NormTuning(target=_target_from_peft(target),
-                                exclude=_exclude_from_peft(config.get("exclude_modules"), mts)))
+        from .passes.insert_ln_tuning import LNTuning
+
+        # HF's LN tuning copies whatever modules it targets; with no target (PEFT's per-architecture norm names)
+        # peftc's NormTuning selects every norm.
+        rule_type = NormTuning if target is None else LNTuning
+        rules.append(rule_type(target=_target_from_peft(target),
+                               exclude=_exclude_from_peft(config.get("exclude_modules"), mts)))
     tokens = config.get("trainable_token_indices") if peft_type == "LORA" else None
     if isinstance(tokens, dict):
         rules += [_trainable_tokens_rule(idx, [module], where) for module, idx in tokens.items()]
@@ -542,13 +547,12 @@ def _ia3(cm, rule: IA3) -> tuple[dict, dict]:
                              f"exactly the feed-forward modules {sorted(feedforward)}")
 
 
-def _norm_tuning(cm, rule: NormTuning) -> tuple[dict, dict]:
-    adapted = {_delta_owner(p.name, "norm_tuning") for p in cm.params if p.role == ADAPTER
-               and p.method == "norm_tuning"}
+def _norm_tuning(cm, rule: NormTuning, method: str = "norm_tuning") -> tuple[dict, dict]:
+    adapted = {_delta_owner(p.name, method) for p in cm.params if p.role == ADAPTER and p.method == method}
     config = _base_config(cm, "LN_TUNING", cm.spec.task_type)
     tensors = {}
     for m in sorted(adapted):
-        for alias, value in _trained_module(cm, m, "norm_tuning").items():
+        for alias, value in _trained_module(cm, m, method).items():
             tensors[f"{MODEL_PREFIX}{m}.ln_tuning_layers{alias[len(m):]}"] = value
     _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
     return _choose_targets(cm, config, rule.target, rule.exclude, adapted, "norm modules"), tensors
@@ -626,7 +630,11 @@ def peft_adapter(cm) -> tuple[dict, dict[str, torch.Tensor]]:
     if len(methods) != 1:
         raise NotPeftExpressible(f"a PEFT adapter holds one method; this spec has {len(methods)} "
                                  f"({', '.join(type(r).__name__ for r in methods)})")
-    writer = _trainable_tokens if isinstance(methods[0], TrainableTokens) else _WRITERS.get(type(methods[0]))
+    from .passes.insert_ln_tuning import LNTuning
+
+    writer = _trainable_tokens if isinstance(methods[0], TrainableTokens) else \
+        (lambda cm, rule: _norm_tuning(cm, rule, "ln_tuning")) if isinstance(methods[0], LNTuning) else \
+        _WRITERS.get(type(methods[0]))
     if writer is None:
         raise NotPeftExpressible(f"PEFT has no format for {type(methods[0]).__name__}")
     config, tensors = writer(cm, methods[0])
@@ -768,7 +776,8 @@ def peftc_state_dict(cm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
         name = key.removeprefix(MODEL_PREFIX).removeprefix("base_model.")
         if ".ln_tuning_layers." in name:
             module, _, leaf = name.partition(".ln_tuning_layers.")
-            alias, method = f"{module}.{leaf}", "norm_tuning"
+            alias = f"{module}.{leaf}"
+            method = "ln_tuning" if _delta_name(alias, "ln_tuning") in cm.params else "norm_tuning"
         elif any(m in name for m in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_l")) \
                 or name.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B")):
             out[name] = value
