@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from peftc import lora_embedding, lora_init
+from peftc import lora_embedding, lora_init, lora_mha
 from peftc.errors import SpecError
 from peftc.match import ConvSite, MatmulSite, conv_sites, matmul_sites, select
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
@@ -70,7 +70,9 @@ class InsertLora(Pass):
         if self.rule.target != "all-linear":  # HF's "all-linear" leaves convolutions and embeddings alone
             sites += conv_sites(gm, ctx.params, ctx.info)
             sites += lora_embedding.embedding_sites(gm, ctx.params, ctx.info)
-        sites = select(sites, self.rule.target, self.rule.exclude, ctx.info, where=repr(self.rule))
+        sites = lora_mha.as_hf(sites, ctx.info)
+        sites = lora_mha.with_out_proj(select(sites, self.rule.target, self.rule.exclude, ctx.info,
+                                              where=repr(self.rule)), sites, ctx.info)
         modified = False
         for site in sites:
             if adapted(site.node, "lora", self.rule, site.module):
@@ -139,7 +141,7 @@ class InsertLora(Pass):
         x: Node = site.x
         if dtype != weight.dtype:
             x = b.call(aten.to.dtype, x, dtype, name=f"{stem}_lora_x")
-        dropped = self.rule.dropout > 0 and ctx.training
+        dropped = self.rule.dropout > 0 and ctx.training and not lora_mha.undropped(site, ctx.info)
         if dropped:
             x = b.call(aten.dropout.default, x, float(self.rule.dropout), True, name=f"{stem}_lora_dropout")
         bias_name = f"{site.adapter_prefix}.lora_B.bias" if self.rule.lora_bias else None

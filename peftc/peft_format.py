@@ -470,7 +470,11 @@ def _lora(cm, rule: LoRA) -> tuple[dict, dict]:
     if rule.slices:
         raise NotPeftExpressible("per-slice LoRA (`slices`) has no PEFT format")
     adapted = _adapted(cm, "lora", ".lora_A") | _adapted(cm, "lora", ".lora_embedding_A")
-    convs = {m for m in adapted if cm._info.module_types.get(m, "") in ("Conv1d", "Conv2d", "Conv3d", "Embedding")}
+    # an MultiheadAttention's out-projection comes with the MHA (`<mha>.base_layer.out_proj`, HF's key)
+    adapted = {m for m in adapted if not (m.endswith(".base_layer.out_proj") and
+                                          cm._info.module_types.get(m.rsplit(".", 2)[0]) == "MultiheadAttention")}
+    convs = {m for m in adapted if cm._info.module_types.get(m, "") in ("Conv1d", "Conv2d", "Conv3d", "Embedding",
+                                                                         "MultiheadAttention")}
     odd = sorted(m for m in adapted if m not in cm._info.linear_modules and m not in convs)
     if odd:
         raise NotPeftExpressible(f"LoRA on `{odd[0]}`, which is not an nn.Linear, Conv1D, convolution or "
