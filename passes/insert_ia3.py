@@ -9,7 +9,7 @@ import torch
 from torch.fx import GraphModule
 
 from peftc.errors import SpecError
-from peftc.match import MatmulSite, matmul_sites, select
+from peftc.match import ConvSite, MatmulSite, conv_sites, matmul_sites, select
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
 from peftc.rewrite import NodeBuilder, adapted, mark_adapted, replace_uses
 from peftc.spec import IA3
@@ -37,6 +37,8 @@ class InsertIA3(Pass):
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         where = repr(self.rule)
         all_sites = matmul_sites(gm, ctx.params, ctx.info)
+        if self.rule.target != "all-linear":  # HF's IA3 takes Conv2d/Conv3d too (l: [1, C, 1, 1(, 1)])
+            all_sites += conv_sites(gm, ctx.params, ctx.info)
         sites = select(all_sites, self.rule.target, self.rule.exclude, ctx.info, where=where)
         feedforward: set[str] = set()
         if self.rule.feedforward is not None:
@@ -55,7 +57,11 @@ class InsertIA3(Pass):
             modified = True
         return PassResult(gm, modified)
 
-    def _insert(self, gm: GraphModule, ctx: PassContext, site: MatmulSite, is_ff: bool) -> None:
+    def _insert(self, gm: GraphModule, ctx: PassContext, site: MatmulSite | ConvSite, is_ff: bool) -> None:
+        conv = isinstance(site, ConvSite)
+        if conv and len(site.kernel) not in (2, 3):
+            raise SpecError(f"{self.rule!r}: `{site.module}` is a {len(site.kernel)}-d convolution; HF PEFT's IA3 "
+                            f"takes Linear, Conv1D, Conv2d and Conv3d. Exclude `{site.module}`")
         if site.form == "einsum":
             inputs, output = site.equation.split("->")
             contracted, kept = site.weight_subscripts
@@ -65,14 +71,19 @@ class InsertIA3(Pass):
                                 f"feature index last; IA3 scales the last dimension. Exclude `{site.module}`")
         weight = ctx.params[site.weight].tensor
         dtype = adapter_dtype(weight.dtype)
-        shape = (1, site.in_features) if is_ff else (site.out_features, 1)
+        if conv:
+            shape = (1, site.in_features if is_ff else site.out_features, *[1] * len(site.kernel))
+        else:
+            shape = (1, site.in_features) if is_ff else (site.out_features, 1)
         name = f"{site.adapter_prefix}.ia3_l"  # beside a bare parameter (`w1` -> `w1_adapter.ia3_l`), as for LoRA
         ctx.params.add(gm, name, lambda: torch.ones(shape, dtype=dtype, device=weight.device), method="ia3",
                        added_by=self.name)
         stem = site.module.replace(".", "_")
         y = site.node
         b = NodeBuilder(gm, y if is_ff else y.next, self.name, "ia3", like=y)
-        scale = b.call(aten.view.default, b.attr(name), [-1], name=f"{stem}_ia3_scale")
+        # a channel scale broadcasts over a convolution's spatial dims ([N,] C, *spatial)
+        flat = [-1, *[1] * len(site.kernel)] if conv else [-1]
+        scale = b.call(aten.view.default, b.attr(name), flat, name=f"{stem}_ia3_scale")
         if is_ff:
             x = site.x
             if dtype != weight.dtype:
@@ -90,7 +101,7 @@ class InsertIA3(Pass):
         replace_uses(y, out)
 
     @staticmethod
-    def _tag(site: MatmulSite, vector: str, feedforward: bool) -> dict:
+    def _tag(site: MatmulSite | ConvSite, vector: str, feedforward: bool) -> dict:
         """What a merge needs to fold l into W (peftc/merge.py): which weight, its layout, which side l scales."""
         return {"weight": site.weight, "vector": vector, "feedforward": feedforward, "form": site.form,
-                "weight_in_out": site.weight_in_out}
+                "weight_in_out": getattr(site, "weight_in_out", False), "conv_groups": getattr(site, "groups", None)}

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from torch import nn
 from torch.fx import GraphModule, Node
 
+from peftc import lora_embedding, lora_init, lora_mha
 from peftc.errors import SpecError
 from peftc.match import ConvSite, MatmulSite, conv_sites, matmul_sites, select
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
@@ -22,18 +22,6 @@ aten = torch.ops.aten
 def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """Adapters on half-precision bases train in float32, as HF PEFT's autocast_adapter_dtype does."""
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
-
-
-def lora_init_a(r: int, in_features: int, like: torch.Tensor) -> torch.Tensor:
-    a = torch.empty(r, in_features, dtype=adapter_dtype(like.dtype), device=like.device)
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # HF PEFT's default init of lora_A
-    return a
-
-
-def lora_init_conv_a(r: int, in_channels: int, kernel: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    a = torch.empty(r, in_channels, *kernel, dtype=adapter_dtype(like.dtype), device=like.device)
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # HF PEFT's lora_A is an nn.Conv with this init
-    return a
 
 
 def dora_magnitude(weight: torch.Tensor, dtype: torch.dtype, in_out: bool) -> torch.Tensor:
@@ -79,15 +67,22 @@ class InsertLora(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         sites: list[MatmulSite | ConvSite] = matmul_sites(gm, ctx.params, ctx.info)
-        if self.rule.target != "all-linear":  # HF's "all-linear" leaves convolutions alone
+        if self.rule.target != "all-linear":  # HF's "all-linear" leaves convolutions and embeddings alone
             sites += conv_sites(gm, ctx.params, ctx.info)
-        sites = select(sites, self.rule.target, self.rule.exclude, ctx.info, where=repr(self.rule))
+            sites += lora_embedding.embedding_sites(gm, ctx.params, ctx.info)
+        sites = lora_mha.as_hf(sites, ctx.info)
+        sites = lora_mha.with_out_proj(select(sites, self.rule.target, self.rule.exclude, ctx.info,
+                                              where=repr(self.rule)), sites, ctx.info)
         modified = False
         for site in sites:
             if adapted(site.node, "lora", self.rule, site.module):
                 continue
-            self._check(site)
-            self._insert(gm, ctx, site)
+            if isinstance(site, lora_embedding.EmbeddingSite):
+                lora_embedding.check_rule(self.rule, site)
+                lora_embedding.insert(self.name, self.rule, gm, ctx, site)
+            else:
+                self._check(site)
+                self._insert(gm, ctx, site)
             mark_adapted(site.node, "lora", self.rule)
             ctx.count("insert-lora.inserted")
             modified = True
@@ -95,6 +90,11 @@ class InsertLora(Pass):
 
     def _check(self, site: MatmulSite | ConvSite) -> None:
         rule, where = self.rule, f"{self.rule!r} on `{site.module}`"
+        if lora_init.mutates_base(rule.init) and (isinstance(site, ConvSite) or site.form == "einsum" or rule.slices
+                                                  or (rule.init == "olora" and site.weight_in_out)):
+            raise SpecError(f"{where}: init={rule.init!r} decomposes a 2-d weight read by linear/addmm/mm/matmul "
+                            f"(OLoRA: stored (out, in), as HF reads it), without slices; this site is a "
+                            f"{site.form}{' with slices' if rule.slices else ''}; exclude it or use init=True")
         if isinstance(site, ConvSite):
             if rule.slices:
                 raise SpecError(f"{where}: `slices` apply to matmuls, not convolutions; exclude this module")
@@ -116,12 +116,20 @@ class InsertLora(Pass):
         """Register `<module>.lora_A<key>.weight` (frozen with LoRA-FA) and `<module>.lora_B<key>.weight`."""
         a_name, b_name = f"{site.adapter_prefix}.lora_A{key}.weight", f"{site.adapter_prefix}.lora_B{key}.weight"
         conv = isinstance(site, ConvSite)
-        a_init = (lambda: lora_init_conv_a(r, site.in_features, site.kernel, weight)) if conv \
-            else (lambda: lora_init_a(r, site.in_features, weight))
+        a_shape = (r, site.in_features, *site.kernel) if conv else (r, site.in_features)
         b_shape = (out_features, r // site.groups, *[1] * len(site.kernel)) if conv else (out_features, r)
-        ctx.params.add(gm, a_name, a_init, method="lora", added_by=self.name, trainable=not self.rule.freeze_a)
-        ctx.params.add(gm, b_name, lambda: torch.zeros(b_shape, dtype=dtype, device=weight.device),
-                       method="lora", added_by=self.name)
+        init = self.rule.init
+        if lora_init.mutates_base(init) and a_name not in ctx.params:  # PiSSA / OLoRA: W becomes its residual
+            in_out = site.weight_in_out
+            a0, b0, residual = lora_init.decompose(init, weight.t() if in_out else weight, r,
+                                                   self.rule.scaling_for(site.module))
+            factors = functools.cache(lambda: (a0.to(dtype), b0.to(dtype)))
+            lora_init.replace_base(gm, ctx, site.weight, residual.t() if in_out else residual)
+        else:
+            factors = functools.cache(lambda: lora_init.random_factors(init, a_shape, b_shape, weight, dtype, r))
+        ctx.params.add(gm, a_name, lambda: factors()[0], method="lora", added_by=self.name,
+                       trainable=not self.rule.freeze_a)
+        ctx.params.add(gm, b_name, lambda: factors()[1], method="lora", added_by=self.name)
         return a_name, b_name
 
     def _insert(self, gm: GraphModule, ctx: PassContext, site: MatmulSite | ConvSite) -> None:
@@ -133,7 +141,7 @@ class InsertLora(Pass):
         x: Node = site.x
         if dtype != weight.dtype:
             x = b.call(aten.to.dtype, x, dtype, name=f"{stem}_lora_x")
-        dropped = self.rule.dropout > 0 and ctx.training
+        dropped = self.rule.dropout > 0 and ctx.training and not lora_mha.undropped(site, ctx.info)
         if dropped:
             x = b.call(aten.dropout.default, x, float(self.rule.dropout), True, name=f"{stem}_lora_dropout")
         bias_name = f"{site.adapter_prefix}.lora_B.bias" if self.rule.lora_bias else None

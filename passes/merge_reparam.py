@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
+from peftc import lora_embedding
 from peftc.errors import SpecError
 from peftc.merge import merge_tagged
 from peftc.method import merge_methods
@@ -217,4 +218,5 @@ class MergeReparam(Pass):
         hits += merge_tagged(gm, scope, self.name)
         # And every method written with peftc.Method that states a merge (peftc/method.py).
         hits += merge_methods(gm, scope, self.name)
+        hits += lora_embedding.merge(gm, scope, self.name)
         return PassResult(gm, hits > 0)

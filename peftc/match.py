@@ -138,7 +138,8 @@ def _module_path(node: Node, weight: str, info: ModelInfo) -> tuple[str, str]:
     """
     stack = node.meta.get("nn_module_stack") or {}
     innermost = list(stack.values())[-1][0] if stack else ""
-    names = info.aliases.get(weight, (weight,))
+    # export may read a tied weight under a later alias (lm_head.weight) than the key aliases has
+    names = info.aliases.get(weight) or next((v for v in info.aliases.values() if weight in v), (weight,))
     chosen = next((n for n in names if n.rpartition(".")[0] == innermost), names[0])
     owner, _, leaf = chosen.rpartition(".")
     return (owner, owner) if leaf == "weight" and owner else (chosen, chosen + "_adapter")

@@ -147,9 +147,22 @@ class _Merge:
         return call(aten.mul.Tensor, w, call(aten.view.default, scale, shape))
 
     def ia3(self, w: Node) -> Node:
+        if self.site.form == "conv":
+            return self._ia3_conv(w)
         along_rows = self.tag["feedforward"] == self.in_out  # l scales W's stored rows, else its columns
         vec = self.b.call(aten.view.default, self.b.attr(self.tag["vector"]), [-1, 1] if along_rows else [1, -1])
         return self.b.call(aten.mul.Tensor, w, vec)
+
+    def _ia3_conv(self, w: Node) -> Node:
+        """HF PEFT's conv IA3 merge: W [out, in/g, *k] scaled per output filter, or per input channel of its group."""
+        call, k = self.b.call, len(self.shape) - 2
+        vec = call(aten.view.default, self.b.attr(self.tag["vector"]), [-1])
+        if not self.tag["feedforward"]:
+            return call(aten.mul.Tensor, w, call(aten.view.default, vec, [-1, 1, *[1] * k]))
+        groups, (out, per_group) = self.tag["conv_groups"], self.shape[:2]
+        grid = call(aten.expand.default, call(aten.view.default, vec, [groups, 1, per_group]),
+                    [groups, out // groups, per_group])
+        return call(aten.mul.Tensor, w, call(aten.reshape.default, grid, [out, per_group, *[1] * k]))
 
     def lora_bias(self, bias: Node) -> Node:
         """HF PEFT's lora_bias merge: b' = b + s·b_B."""

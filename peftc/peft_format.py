@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import torch
 
 from .capture import ModelInfo
+from .delta import aliases_of
 from .errors import AdapterError, SpecError
 from .match import all_linear_modules
 from .params import ADAPTER
@@ -44,7 +45,7 @@ _METADATA = {"peft_type", "auto_mapping", "base_model_name_or_path", "revision",
 _SUPPORTED = {
     "LORA": {"target_modules", "exclude_modules", "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern",
              "alpha_pattern", "lora_dropout", "modules_to_save", "layers_to_transform", "layers_pattern",
-             "fan_in_fan_out", "init_lora_weights"},
+             "fan_in_fan_out", "init_lora_weights", "trainable_token_indices"},
     "IA3": {"target_modules", "exclude_modules", "feedforward_modules", "modules_to_save", "fan_in_fan_out",
             "init_ia3_weights"},
     "PREFIX_TUNING": {"num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "token_dim",
@@ -52,6 +53,7 @@ _SUPPORTED = {
     "PROMPT_TUNING": {"num_virtual_tokens", "prompt_tuning_init", "token_dim", "num_layers", "num_attention_heads",
                       "num_transformer_submodules", "modules_to_save"},
     "LN_TUNING": {"target_modules", "exclude_modules", "modules_to_save"},
+    "TRAINABLE_TOKENS": {"target_modules", "token_indices", "init_weights"},
 }
 # Non-empty PEFT defaults that change nothing (any key not listed is accepted only when empty: None, False, [], {}).
 _INERT_DEFAULTS = {"bias": "none", "megatron_core": "megatron.core", "qalora_group_size": 16}
@@ -239,10 +241,8 @@ def spec_from_peft(source: Any, *, saved: dict[str, torch.Tensor] | None = None)
     keys = sorted(saved) if saved is not None else None
     rules: list[Rule] = []
     if peft_type == "LORA":
-        if config.get("init_lora_weights", True) not in (True, False):
-            raise SpecError(f"{where}: init_lora_weights={config['init_lora_weights']!r} changes the base weights "
-                            f"or the init; peftc reads init_lora_weights=true")
         rules.append(LoRA(target=_module_target(config, keys, ".lora_A.", where), r=config.get("r", 8),
+                          init=config.get("init_lora_weights", True),
                           alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout") or 0.0,
                           use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
                           exclude=_exclude_from_peft(config.get("exclude_modules"), mts),
@@ -251,7 +251,8 @@ def spec_from_peft(source: Any, *, saved: dict[str, torch.Tensor] | None = None)
     elif peft_type == "IA3":
         ff = config.get("feedforward_modules")
         if ff is None and saved is not None:  # feed-forward vectors are saved [1, in], output ones [out, 1]
-            ff = [_owner_before(k, ".ia3_l") for k, v in saved.items() if k.endswith(".ia3_l") and v.shape[0] == 1]
+            ff = [_owner_before(k, ".ia3_l") for k, v in saved.items()
+                  if k.endswith(".ia3_l") and v.dim() == 2 and v.shape[0] == 1]
         if isinstance(ff, str):
             feedforward = f"^(?:{ff})"
         else:
@@ -275,15 +276,35 @@ def spec_from_peft(source: Any, *, saved: dict[str, torch.Tensor] | None = None)
             raise SpecError(f"{where}: num_transformer_submodules={config['num_transformer_submodules']} "
                             f"(encoder-decoder prompts) is not supported")
         rules.append(PromptTuning(length=_required(config, "num_virtual_tokens", where)))
+    elif peft_type == "TRAINABLE_TOKENS":
+        rules.append(_trainable_tokens_rule(config.get("token_indices"), config.get("target_modules"), where))
     else:  # LN_TUNING
         target = config.get("target_modules")
         if target is None and keys is not None:
             target = sorted({_owner_before(k, ".ln_tuning_layers.") for k in keys})
-        rules.append(NormTuning(target=_target_from_peft(target),
-                                exclude=_exclude_from_peft(config.get("exclude_modules"), mts)))
+        from .passes.insert_ln_tuning import LNTuning
+
+        # HF's LN tuning copies whatever modules it targets; with no target (PEFT's per-architecture norm names)
+        # peftc's NormTuning selects every norm.
+        rule_type = NormTuning if target is None else LNTuning
+        rules.append(rule_type(target=_target_from_peft(target),
+                               exclude=_exclude_from_peft(config.get("exclude_modules"), mts)))
+    tokens = config.get("trainable_token_indices") if peft_type == "LORA" else None
+    if isinstance(tokens, dict):
+        rules += [_trainable_tokens_rule(idx, [module], where) for module, idx in tokens.items()]
+    elif tokens:
+        rules.append(_trainable_tokens_rule(tokens, None, where))
     if mts:
         rules.append(ModulesToSave(target=_endswith_from_peft(mts)))
     return Spec(*rules, task_type=task_type)
+
+
+def _trainable_tokens_rule(indices: Any, target: Any, where: str) -> Rule:
+    from .passes.insert_trainable_tokens import TrainableTokens
+
+    if not indices:
+        raise SpecError(f"{where}: trainable tokens need `token_indices`")
+    return TrainableTokens(indices=list(indices), target=_target_from_peft(target))
 
 
 def _required(config: dict, key: str, where: str) -> Any:
@@ -448,27 +469,61 @@ def _with_modules_to_save(cm, config: dict, tensors: dict[str, torch.Tensor], pr
 def _lora(cm, rule: LoRA) -> tuple[dict, dict]:
     if rule.slices:
         raise NotPeftExpressible("per-slice LoRA (`slices`) has no PEFT format")
-    adapted = _adapted(cm, "lora", ".lora_A")
-    convs = {m for m in adapted if cm._info.module_types.get(m, "") in ("Conv1d", "Conv2d", "Conv3d")}
+    adapted = _adapted(cm, "lora", ".lora_A") | _adapted(cm, "lora", ".lora_embedding_A")
+    # an MultiheadAttention's out-projection comes with the MHA (`<mha>.base_layer.out_proj`, HF's key)
+    adapted = {m for m in adapted if not (m.endswith(".base_layer.out_proj") and
+                                          cm._info.module_types.get(m.rsplit(".", 2)[0]) == "MultiheadAttention")}
+    convs = {m for m in adapted if cm._info.module_types.get(m, "") in ("Conv1d", "Conv2d", "Conv3d", "Embedding",
+                                                                         "MultiheadAttention")}
     odd = sorted(m for m in adapted if m not in cm._info.linear_modules and m not in convs)
     if odd:
-        raise NotPeftExpressible(f"LoRA on `{odd[0]}`, which is not an nn.Linear, Conv1D or convolution module "
-                                 f"(a weight read functionally), has no PEFT format: PEFT swaps modules")
+        raise NotPeftExpressible(f"LoRA on `{odd[0]}`, which is not an nn.Linear, Conv1D, convolution or "
+                                 f"nn.Embedding module (a weight read functionally), has no PEFT format: PEFT swaps "
+                                 f"modules")
     config = {**_base_config(cm, "LORA", cm.spec.task_type), "r": rule.r, "lora_alpha": rule.alpha,
               "lora_dropout": rule.dropout, "use_rslora": rule.use_rslora, "use_dora": rule.use_dora,
               "rank_pattern": dict(rule.rank_pattern or {}), "alpha_pattern": dict(rule.alpha_pattern or {}),
-              "bias": "none", "init_lora_weights": True,
+              "bias": "none", "init_lora_weights": rule.init,
               "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in adapted)}
     tensors = {MODEL_PREFIX + p.name: p.tensor.detach() for p in cm.params if p.role == ADAPTER and p.method == "lora"}
     _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
+    tokens = _token_rows(cm)
+    if tokens:  # HF's LoraConfig.trainable_token_indices {module: indices}, rows under `token_adapter.`
+        config["trainable_token_indices"] = {}
+        for rows, weight in tokens.items():
+            module = rows.removesuffix(".trainable_tokens_delta")
+            config["trainable_token_indices"][module] = cm.params[module + ".trainable_tokens_index"].tensor.tolist()
+            tensors[f"{MODEL_PREFIX}{module}.token_adapter.trainable_tokens_delta"] = \
+                cm.params[rows].tensor.detach().to(_base_tensor(cm, weight).dtype)
     return _choose_targets(cm, config, rule.target, rule.exclude, adapted, "modules"), tensors
+
+
+def _trainable_tokens(cm, rule) -> tuple[dict, dict]:
+    """HF's TRAINABLE_TOKENS adapter: `<module>.trainable_tokens_delta` (the rows), and HF's copy for a tied
+    output layer."""
+    tokens = _token_rows(cm)
+    if len(tokens) != 1:
+        raise NotPeftExpressible(f"a TRAINABLE_TOKENS adapter holds one embedding; this one has {len(tokens)}")
+    rows, weight = next(iter(tokens.items()))
+    module = rows.removesuffix(".trainable_tokens_delta")
+    value = cm.params[rows].tensor.detach().to(_base_tensor(cm, weight).dtype)
+    config = {**_base_config(cm, "TRAINABLE_TOKENS", cm.spec.task_type), "target_modules": module,
+              "token_indices": cm.params[module + ".trainable_tokens_index"].tensor.tolist(), "init_weights": True}
+    tensors = {f"{MODEL_PREFIX}{module}.trainable_tokens_delta": value}
+    for alias in aliases_of(cm._info, weight):
+        owner_module = alias.removesuffix(".weight")
+        if owner_module != module and cm._info.module_types.get(owner_module) == "Linear":
+            tensors[f"{MODEL_PREFIX}{owner_module}.trainable_tokens_delta"] = value
+    return config, tensors
 
 
 def _ia3(cm, rule: IA3) -> tuple[dict, dict]:
     adapted = _adapted(cm, "ia3", ".ia3_l")
-    odd = sorted(m for m in adapted if m not in cm._info.linear_modules)
+    odd = sorted(m for m in adapted if m not in cm._info.linear_modules
+                 and cm._info.module_types.get(m) not in ("Conv2d", "Conv3d"))
     if odd:
-        raise NotPeftExpressible(f"IA3 on `{odd[0]}`, which is not an nn.Linear or Conv1D module, has no PEFT format")
+        raise NotPeftExpressible(f"IA3 on `{odd[0]}`, which is not an nn.Linear, Conv1D, Conv2d or Conv3d module, has "
+                                 f"no PEFT format")
     feedforward = {n.meta["peftc.ia3"]["vector"].rsplit(".ia3_l", 1)[0] for gms in cm._graphs.values() for gm in gms
                    for n in gm.graph.nodes if n.meta.get("peftc.ia3", {}).get("feedforward")}
     config = {**_base_config(cm, "IA3", cm.spec.task_type), "init_ia3_weights": True,
@@ -496,13 +551,12 @@ def _ia3(cm, rule: IA3) -> tuple[dict, dict]:
                              f"exactly the feed-forward modules {sorted(feedforward)}")
 
 
-def _norm_tuning(cm, rule: NormTuning) -> tuple[dict, dict]:
-    adapted = {_delta_owner(p.name, "norm_tuning") for p in cm.params if p.role == ADAPTER
-               and p.method == "norm_tuning"}
+def _norm_tuning(cm, rule: NormTuning, method: str = "norm_tuning") -> tuple[dict, dict]:
+    adapted = {_delta_owner(p.name, method) for p in cm.params if p.role == ADAPTER and p.method == method}
     config = _base_config(cm, "LN_TUNING", cm.spec.task_type)
     tensors = {}
     for m in sorted(adapted):
-        for alias, value in _trained_module(cm, m, "norm_tuning").items():
+        for alias, value in _trained_module(cm, m, method).items():
             tensors[f"{MODEL_PREFIX}{m}.ln_tuning_layers{alias[len(m):]}"] = value
     _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
     return _choose_targets(cm, config, rule.target, rule.exclude, adapted, "norm modules"), tensors
@@ -572,32 +626,49 @@ def peft_adapter(cm) -> tuple[dict, dict[str, torch.Tensor]]:
     NotPeftExpressible saying why when the compiled spec has no PEFT format."""
     if cm.spec is None:
         raise NotPeftExpressible("the model was compiled from a pipeline, not a spec; compile it with a spec to save")
+    from .passes.insert_trainable_tokens import TrainableTokens
+
     methods = [r for r in cm.spec.rules if not isinstance(r, ModulesToSave)]
+    if any(isinstance(r, LoRA) for r in methods):  # LoRA carries trainable tokens (trainable_token_indices)
+        methods = [r for r in methods if not isinstance(r, TrainableTokens)]
     if len(methods) != 1:
         raise NotPeftExpressible(f"a PEFT adapter holds one method; this spec has {len(methods)} "
                                  f"({', '.join(type(r).__name__ for r in methods)})")
-    writer = _WRITERS.get(type(methods[0]))
+    from .passes.insert_ln_tuning import LNTuning
+
+    writer = _trainable_tokens if isinstance(methods[0], TrainableTokens) else \
+        (lambda cm, rule: _norm_tuning(cm, rule, "ln_tuning")) if isinstance(methods[0], LNTuning) else \
+        _WRITERS.get(type(methods[0]))
     if writer is None:
         raise NotPeftExpressible(f"PEFT has no format for {type(methods[0]).__name__}")
     config, tensors = writer(cm, methods[0])
     return config, {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
 
-def save_pretrained(cm, directory: str | Path, format: str | None = None) -> str:
+def save_pretrained(cm, directory: str | Path, format: str | None = None,
+                    path_initial_model_for_weight_conversion: str | Path | None = None) -> str:
     """Write the adapter to `directory` in HF PEFT's format, or peftc's layout when PEFT has none (or
-    format="peftc"). format="peft" raises SpecError when PEFT has no format for the spec. Returns the format."""
+    format="peftc"). format="peft" raises SpecError when PEFT has no format for the spec. Returns the format.
+
+    `path_initial_model_for_weight_conversion` (HF's): the directory this PiSSA/OLoRA adapter was saved to at init;
+    the adapter is then written as the plain LoRA of rank 2r that the original base needs (see _converted)."""
     from safetensors.torch import save_file
 
     if format not in (None, "peft", "peftc"):
         raise SpecError(f"save_pretrained: format must be 'peft', 'peftc' or None (PEFT when it can), not {format!r}")
     directory = Path(directory)
+    if path_initial_model_for_weight_conversion is not None and format == "peftc":
+        raise SpecError("save_pretrained: path_initial_model_for_weight_conversion writes HF PEFT's format; drop "
+                        "format='peftc'")
     if format != "peftc":
         try:
             config, tensors = peft_adapter(cm)
         except NotPeftExpressible as e:
-            if format == "peft":
+            if format == "peft" or path_initial_model_for_weight_conversion is not None:
                 raise NotPeftExpressible(f"save_pretrained(format='peft'): {e}; save with format='peftc'") from None
         else:
+            if path_initial_model_for_weight_conversion is not None:
+                config, tensors = _converted(config, tensors, path_initial_model_for_weight_conversion)
             directory.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -610,6 +681,38 @@ def save_pretrained(cm, directory: str | Path, format: str | None = None) -> str
     save_file(tensors, str(directory / PEFTC_WEIGHTS), metadata={"format": "pt"})
     (directory / PEFTC_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
     return "peftc"
+
+
+def _converted(config: dict, tensors: dict, initial: str | Path) -> tuple[dict, dict]:
+    """A PiSSA/OLoRA adapter ==> the LoRA the original base W needs, as HF PEFT's subtract_mutated_init computes it:
+    W_res + s·BA = W + s·(BA - B0A0) = W + s·[B, -B0][A; A0], so r and alpha double (alpha·√2 with rsLoRA) and
+    init_lora_weights becomes true. Like HF, only lora_A/lora_B tensors are written."""
+    from safetensors.torch import load_file
+
+    from .lora_init import mutates_base
+
+    if config.get("peft_type") != "LORA" or not mutates_base(config.get("init_lora_weights")):
+        raise SpecError(f"save_pretrained: path_initial_model_for_weight_conversion converts a PiSSA/OLoRA LoRA "
+                        f"adapter; this one has init_lora_weights={config.get('init_lora_weights')!r}")
+    weights = Path(initial) / ADAPTER_WEIGHTS
+    if not weights.exists():
+        raise SpecError(f"save_pretrained: {weights} does not exist; save the adapter there right after compiling "
+                        f"(before training) and pass that directory")
+    init = load_file(str(weights))
+    out = {}
+    for key, value in tensors.items():
+        is_a, is_b = ".lora_A." in key, ".lora_B." in key
+        if not (is_a or is_b):
+            continue
+        if key not in init or init[key].shape != value.shape:
+            raise AdapterError(f"save_pretrained: the initial adapter in {initial} has no `{key}` of shape "
+                               f"{tuple(value.shape)}; it is not this adapter's initial state")
+        out[key] = torch.cat([value, init[key]], 0) if is_a else torch.cat([value, -init[key]], 1)
+    double = 2 ** 0.5 if config.get("use_rslora") else 2
+    config = {**config, "init_lora_weights": True, "r": config["r"] * 2, "lora_alpha": config["lora_alpha"] * double,
+              "rank_pattern": {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
+              "alpha_pattern": {k: 2 * v for k, v in (config.get("alpha_pattern") or {}).items()}}
+    return config, out
 
 
 _MASK = "peftc.masks."  # SparseDelta masks ride in the weights file: `peftc.masks.<kind>.<entry>.<parameter>`
@@ -677,10 +780,26 @@ def peftc_state_dict(cm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
         name = key.removeprefix(MODEL_PREFIX).removeprefix("base_model.")
         if ".ln_tuning_layers." in name:
             module, _, leaf = name.partition(".ln_tuning_layers.")
-            alias, method = f"{module}.{leaf}", "norm_tuning"
+            alias = f"{module}.{leaf}"
+            method = "ln_tuning" if _delta_name(alias, "ln_tuning") in cm.params else "norm_tuning"
         elif any(m in name for m in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_l")) \
-                or name.endswith(".ia3_l"):
+                or name.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B")):
             out[name] = value
+            continue
+        elif name.endswith(".trainable_tokens_delta"):
+            name = name.replace(".token_adapter.", ".")
+            if name in cm.params:  # the rows; which rows is the config's (the compiled spec's) token_indices
+                out[name] = value
+                index = name.removesuffix("delta") + "index"
+                out[index] = cm.params[index].tensor.detach().clone()
+            elif not _tied_token_copy(cm, name):
+                raise AdapterError(f"adapter `{key}` names no trainable-tokens embedding of the model")
+            continue
+        elif name.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers: the base embedding, as it was
+            alias = name.replace(".base_layer.", ".")
+            if alias not in base_of or not torch.equal(value, _base_tensor(cm, base_of[alias]).to(value.dtype)):
+                raise AdapterError(f"adapter `{key}` is a changed (or unknown) base embedding weight; peftc loads "
+                                   f"adapters onto the base as it is (load the changed base into the model first)")
             continue
         else:  # a modules_to_save copy, saved under the base parameter's name
             alias, method = name, "modules_to_save"
@@ -692,6 +811,20 @@ def peftc_state_dict(cm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
         dtype = cm.params[delta].tensor.dtype if delta in cm.params else base.dtype
         out[delta] = value.to(dtype) - base.to(dtype)
     return out
+
+
+def _token_rows(cm) -> dict[str, str]:
+    """{rows tensor name: the table name of the embedding weight it replaces rows of}."""
+    return {p.name: p.name.removesuffix("trainable_tokens_delta") + "weight" for p in cm.params
+            if p.role == ADAPTER and p.method == "trainable_tokens" and p.name.endswith(".trainable_tokens_delta")}
+
+
+def _tied_token_copy(cm, name: str) -> bool:
+    """`lm_head.trainable_tokens_delta`: HF's copy for an output layer tied to a trainable-tokens embedding."""
+    weight = name.removesuffix("trainable_tokens_delta") + "weight"
+    return any(weight in cm._info.aliases.get(w, ()) or w in next((v for v in cm._info.aliases.values()
+                                                                     if weight in v), ())
+               for w in _token_rows(cm).values())
 
 
 def _prompt_embeddings(cm, value: torch.Tensor) -> dict[str, torch.Tensor]:

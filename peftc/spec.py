@@ -152,7 +152,7 @@ class LoRA(Rule):
 
     kind: ClassVar[str] = "lora"
     hf_names: ClassVar[dict[str, str]] = {**Rule.hf_names, "lora_alpha": "alpha", "lora_dropout": "dropout",
-                                          "rank": "r"}
+                                          "rank": "r", "init_lora_weights": "init"}
 
     target: Target = "all-linear"
     r: int = 8
@@ -172,9 +172,14 @@ class LoRA(Rule):
     slices: dict[str, tuple[int, int]] | None = None
     # HF PEFT's lora_bias: B gets a trainable bias `<module>.lora_B.bias` (zeros), scaled with B, merged into W's bias.
     lora_bias: bool = False
+    # HF PEFT's init_lora_weights: True, False, "gaussian", "pissa", "pissa_niter_<k>", "olora" (peftc/lora_init.py).
+    init: bool | str = True
 
     def __post_init__(self) -> None:
         where = self._where()
+        from .lora_init import check as check_init
+
+        check_init(self.init)
         if not isinstance(self.lora_bias, bool) or (self.lora_bias and (self.use_dora or self.slices)):
             raise SpecError(f"{where}: `lora_bias` must be true or false, and does not combine with use_dora or "
                             f"slices; got lora_bias={self.lora_bias!r}")

@@ -316,7 +316,7 @@ def test_from_peft_refuses_unsupported_types_and_keys():
     with pytest.raises(peftc.SpecError, match="`lora_bias`.*supported keys: .*lora_alpha"):
         peftc.Spec.from_peft(peft.LoraConfig(target_modules=["q_proj"], lora_bias=True))
     with pytest.raises(peftc.SpecError, match="init_lora_weights"):
-        peftc.Spec.from_peft(peft.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"))
+        peftc.Spec.from_peft(peft.LoraConfig(target_modules=["q_proj"], init_lora_weights="orthogonal"))
     with pytest.raises(peftc.SpecError, match="target_modules is not set"):
         peftc.Spec.from_peft({"peft_type": "LORA", "r": 4})
 

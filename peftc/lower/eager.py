@@ -263,14 +263,16 @@ class CompiledModel(HFModelMixin, nn.Module):
         for key, value in state_dict.items():
             copy_full_into(ours[key], value)  # a sharded (FSDP2) adapter takes the full tensor
 
-    def save_pretrained(self, directory, format: str | None = None) -> str:
+    def save_pretrained(self, directory, format: str | None = None,
+                        path_initial_model_for_weight_conversion=None) -> str:
         """Save the adapter to `directory` in HF PEFT's format (adapter_config.json + adapter_model.safetensors),
         which `peft.PeftModel.from_pretrained(base, directory)` loads, or in peftc's layout (peftc_spec.json +
         peftc_adapter.safetensors) for specs PEFT has no format for. format="peft" / "peftc" insists on one.
-        Returns the format written (docs/huggingface.md)."""
+        Returns the format written (docs/huggingface.md). `path_initial_model_for_weight_conversion` is HF's:
+        a PiSSA/OLoRA adapter is written as the rank-2r LoRA of the original base (docs/methods.md)."""
         from ..peft_format import save_pretrained
 
-        return save_pretrained(self, directory, format)
+        return save_pretrained(self, directory, format, path_initial_model_for_weight_conversion)
 
     def load_adapter(self, directory, name: str | None = None) -> None:
         """Load a saved adapter (HF PEFT's format or peftc's layout) into this model: strict, and nothing changes
