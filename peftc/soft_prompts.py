@@ -47,3 +47,31 @@ class PTuning(Rule):
         d = self.encoder_dropout
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
             raise SpecError(f"{where}: `encoder_dropout` must be in [0, 1), got {_shown(d)}")
+
+
+@register_rule
+@dataclass(frozen=True)
+class AdaptionPrompt(Rule):
+    """Adaption prompts (HF PEFT's `adaption_prompt`, LLaMA-Adapter): on the top `adapter_layers` attentions,
+    `adapter_len` learned tokens whose keys and values the attention's own K/V projections compute, attended to by
+    every query apart from the model's own keys (their own softmax, no mask), scaled by a zero-init gate.
+
+    `target` selects attention by module path (LoRA's selector forms); None: every attention. Of those selected,
+    the last `adapter_layers` in graph order get prompts.
+    """
+
+    kind: ClassVar[str] = "adaption_prompt"
+
+    adapter_len: int = 10
+    adapter_layers: int = 1
+    target: object = None
+
+    def __post_init__(self) -> None:
+        from .spec import _as_target
+
+        where = self._where()
+        _positive_int(self.adapter_len, "adapter_len", where)
+        _positive_int(self.adapter_layers, "adapter_layers", where)
+        if self.target == "all-linear":
+            raise SpecError(f"{where}: `target` selects attention modules; leave it unset for every attention")
+        object.__setattr__(self, "target", _as_target(self.target, "target", where))
