@@ -76,26 +76,29 @@ class InsertPTuning(InsertPromptTuning):
                            method="p_tuning", added_by=self.name)
 
     def _prompt_table(self, b: NodeBuilder) -> Node:
-        rule = self.rule
+        training, h = self._sizes
         tracer = GraphAppendingTracer(b.graph)
-        names = [n for n in encoder_params(rule, 1)]
-        p = {k: Proxy(b.attr(f"{ENCODER}.{k}"), tracer) for k in names}
+        p = {k: Proxy(b.attr(f"{ENCODER}.{k}"), tracer) for k in encoder_params(self.rule, 1)}
         before = set(b.graph.nodes)
         with b.graph.inserting_before(b.anchor):
-            x = p["embedding.weight"]
-            if rule.encoder == "LSTM":
-                training, h = self._sizes
-                flat = [p[k] for k in names if k.startswith("lstm_head.")]
-                zeros = x.new_zeros((2 * rule.encoder_num_layers, 1, h))
-                x = torch.lstm(x.unsqueeze(0), (zeros, zeros), flat, True, rule.encoder_num_layers,
-                               float(rule.encoder_dropout), training, True, True)[0][0]
-                x = F.linear(F.relu(F.linear(x, p["mlp_head.0.weight"], p["mlp_head.0.bias"])),
-                             p["mlp_head.2.weight"], p["mlp_head.2.bias"])
-            else:
-                for i in (0, 2, 4):
-                    x = F.linear(x, p[f"mlp_head.{i}.weight"], p[f"mlp_head.{i}.bias"])
-                    x = F.relu(x) if i < 4 else x
+            prompt = encode(self.rule, p, h, training)
         for node in b.graph.nodes:
             if node not in before:
                 b._tag(node)
-        return x.node
+        return prompt.node
+
+
+def encode(rule: PTuning, p: dict, h: int, training: bool = False):
+    """HF PEFT's PromptEncoder.forward on the table (tensors, or the graph's proxies): the [length, hidden] prompt."""
+    x = p["embedding.weight"]
+    if rule.encoder == "LSTM":
+        flat = [p[k] for k in p if k.startswith("lstm_head.")]
+        zeros = x.new_zeros((2 * rule.encoder_num_layers, 1, h))
+        x = torch.lstm(x.unsqueeze(0), (zeros, zeros), flat, True, rule.encoder_num_layers,
+                       float(rule.encoder_dropout), training, True, True)[0][0]
+        return F.linear(F.relu(F.linear(x, p["mlp_head.0.weight"], p["mlp_head.0.bias"])),
+                        p["mlp_head.2.weight"], p["mlp_head.2.bias"])
+    for i in (0, 2, 4):
+        x = F.linear(x, p[f"mlp_head.{i}.weight"], p[f"mlp_head.{i}.bias"])
+        x = F.relu(x) if i < 4 else x
+    return x

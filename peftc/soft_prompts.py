@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .errors import SpecError
-from .spec import Rule, _positive_int, _shown, register_rule
+from .spec import Rule, Target, _as_target, _positive_int, _shown, register_rule
 
 ENCODERS = ("MLP", "LSTM")
 
@@ -64,11 +64,9 @@ class AdaptionPrompt(Rule):
 
     adapter_len: int = 10
     adapter_layers: int = 1
-    target: object = None
+    target: Target = None
 
     def __post_init__(self) -> None:
-        from .spec import _as_target
-
         where = self._where()
         _positive_int(self.adapter_len, "adapter_len", where)
         _positive_int(self.adapter_layers, "adapter_layers", where)

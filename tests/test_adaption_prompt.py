@@ -96,3 +96,21 @@ def test_too_many_layers_is_a_spec_error():
     with pytest.raises(peftc.SpecError, match="adapter_layers=3"):
         peftc.compile(tiny_llama(), peftc.AdaptionPrompt(adapter_len=2, adapter_layers=3),
                       kwargs=dict(input_ids=ids()))
+
+
+def test_peft_format_both_ways(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    kwargs = batch()
+    cm = peftc.compile(base, peftc.AdaptionPrompt(adapter_len=4, adapter_layers=2), kwargs=kwargs)
+    torch.manual_seed(1)
+    cm.load_adapter_state_dict({k: torch.randn_like(v) for k, v in cm.adapter_state_dict().items()})
+    assert cm.save_pretrained(tmp_path / "ours") == "peft"
+    hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        y = cm(**kwargs).logits
+        torch.testing.assert_close(hf(**kwargs).logits, y, atol=1e-5, rtol=1e-5)
+        hf.save_pretrained(str(tmp_path / "theirs"))
+        again = peftc.compile(base, tmp_path / "theirs", kwargs=kwargs)
+        assert again.spec.rules == (peftc.AdaptionPrompt(adapter_len=4, adapter_layers=2, target="self_attn"),)
+        torch.testing.assert_close(again(**kwargs).logits, y, atol=1e-5, rtol=1e-5)

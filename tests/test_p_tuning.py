@@ -73,3 +73,20 @@ def test_llama_matches_hf_p_tuning(encoder, options):
 @pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
 def test_bert_sequence_classification_matches_hf_p_tuning(encoder):
     check_parity(tiny_bert, "SEQ_CLS", bert_batch(), encoder)
+
+
+def test_peft_format_saves_the_encoded_prompt_and_loads_it_as_prompt_tuning(tmp_path):
+    """HF PEFT saves a P-tuning adapter as its encoder's output and loads it (inference mode) as that prompt."""
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    kwargs = llama_batch()
+    cm = peftc.compile(base, peftc.PTuning(length=LENGTH, encoder="LSTM", encoder_hidden_size=8), kwargs=kwargs)
+    cm.eval()
+    assert cm.save_pretrained(tmp_path / "ours") == "peft"
+    hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        y = cm(**kwargs).logits
+        torch.testing.assert_close(hf_call(hf, **kwargs).logits, y, atol=1e-5, rtol=1e-5)
+        again = peftc.compile(base, tmp_path / "ours", kwargs=kwargs)
+        assert again.spec.rules == (peftc.PromptTuning(length=LENGTH),)
+        torch.testing.assert_close(again(**kwargs).logits, y, atol=1e-5, rtol=1e-5)
