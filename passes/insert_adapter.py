@@ -111,13 +111,14 @@ class InsertAdapter(Pass):
             if adapted(block.add, "adapter", rule, block.module):
                 continue
             block = dataclasses.replace(block, residual=replaced.get(block.residual, block.residual))
-            self._insert(gm, ctx, block, replaced)
-            mark_adapted(block.add, "adapter", rule)
+            out = self._insert(gm, ctx, block, replaced)
+            for node in (block.add, out):  # the add is gone when the adapter replaces the sub-block's end
+                mark_adapted(node, "adapter", rule)
             ctx.count(f"insert-adapter.{block.kind}")
             modified = True
         return PassResult(gm, modified)
 
-    def _insert(self, gm: GraphModule, ctx: PassContext, block: SubBlock, replaced: dict[Node, Node]) -> None:
+    def _insert(self, gm: GraphModule, ctx: PassContext, block: SubBlock, replaced: dict[Node, Node]) -> Node:
         rule, add, norm = self.rule, block.add, block.norm
         val = add.meta["val"]
         hidden, base_dtype = int(val.shape[-1]), val.dtype
@@ -183,6 +184,7 @@ class InsertAdapter(Pass):
             for node in (norm, add):
                 if node is not None and not node.users:
                     gm.graph.erase_node(node)
+        return out
 
     def _bottleneck(self, x: Proxy, p: dict, hidden: int, training: bool) -> Proxy:
         """dropout(up(act(down(x))) · scaling), times the gate with use_gating (AdapterHub's Adapter.forward)."""

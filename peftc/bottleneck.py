@@ -76,8 +76,8 @@ class Adapter(Rule):
 
     def __post_init__(self) -> None:
         where = self._where()
-        if self.config not in PRESETS and self.config not in ALIASES:
-            raise SpecError(f"{where}: unknown `config` {self.config!r}; use one of "
+        if not isinstance(self.config, str) or self.config not in PRESETS and self.config not in ALIASES:
+            raise SpecError(f"{where}: unknown `config` {_shown(self.config)}; use one of "
                             f"{', '.join([*PRESETS, *ALIASES])} (AdapterHub's names)")
         preset, extra = ALIASES.get(self.config, (self.config, {}))
         for key, default in {**_COMMON, **PRESETS[preset], **extra}.items():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftc
-from peftc.passes.insert_adapter import InsertAdapter
+from peftc.passes.insert_adapter import InsertAdapter, adapter_params
 from conftest import ids, tiny_bert, tiny_gpt2, tiny_llama
 
 ACT = {"relu": F.relu, "swish": F.silu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -140,6 +140,10 @@ def check_against_reference(make, rule, seed=0):
         y_ref, y = ref(**kwargs).logits, cm(**kwargs).logits
     assert (y_ref - y_base).abs().max() > 1e-3  # the adapters change the outputs
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    gm = cm.method_graph_for(**kwargs)  # running the pass again changes nothing
+    code = gm.code
+    assert not InsertAdapter(rule).run(gm, peftc.PassContext(cm.params, cm._info, training=False)).modified
+    assert gm.code == code
     return cm
 
 
@@ -176,8 +180,11 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items())[:60])
-@pytest.mark.parametrize("model", ["bert", "gpt2"])
+CASES = [("bert", o) for o in OPTIONS] + [("gpt2", OPTIONS[0]), ("gpt2", OPTIONS[2])]  # post- and pre-norm
+
+
+@pytest.mark.parametrize("model,options", CASES,
+                         ids=[f"{m}-" + "-".join(f"{k}={v}" for k, v in o.items())[:60] for m, o in CASES])
 def test_options_match_adapterhub_math(model, options):
     check_against_reference(MODELS[model], peftc.Adapter(**options))
 
@@ -193,19 +200,25 @@ def test_post_add_residual_on_a_post_norm_model_and_refused_on_a_pre_norm_one():
 
 def test_inits_are_adapterhubs():
     torch.manual_seed(0)
-    state = lambda config, **o: peftc.compile(tiny_llama(hidden_size=64, num_hidden_layers=1), peftc.Adapter(  # noqa
-        config=config, reduction_factor=1, **o), kwargs=dict(input_ids=ids())).adapter_state_dict()
+    cm = peftc.compile(tiny_llama(hidden_size=64, num_hidden_layers=1), peftc.Adapter(reduction_factor=1),
+                       kwargs=dict(input_ids=ids()))
     key = "model.layers.0.output_adapters.adapters.default."
-    bert, mam, houlsby = state("seq_bn"), state("par_bn"), state("seq_bn", init_weights="houlsby")
+    bert = cm.adapter_state_dict()
+
+    def made(config, **options):  # what the pass adds, without a capture
+        rule = peftc.Adapter(config=config, reduction_factor=1, **options)
+        return {k: init(torch.empty(shape)) for k, (shape, init) in adapter_params(rule, 64).items()}
+
+    mam, houlsby = made("par_bn"), made("seq_bn", init_weights="houlsby")
     for w in (bert[key + "adapter_down.0.weight"], bert[key + "adapter_up.weight"]):
         assert abs(w.std().item() - 0.02) < 0.003 and abs(w.mean().item()) < 0.003
-    assert not mam[key + "adapter_up.weight"].any() and not mam[key + "adapter_up.bias"].any()
-    bound = 1 / 64 ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 64
-    down = mam[key + "adapter_down.0.weight"]
-    assert down.abs().max() <= bound and down.abs().max() > 0.9 * bound
-    for w in (houlsby[key + "adapter_down.0.weight"], houlsby[key + "adapter_up.weight"]):
-        assert w.abs().max() <= 0.02 and w.std() > 0.005
     assert all(not v.any() for k, v in bert.items() if k.endswith("bias"))
+    assert not mam["adapter_up.weight"].any() and not mam["adapter_up.bias"].any()
+    bound = 1 / 64 ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 64
+    down = mam["adapter_down.0.weight"]
+    assert down.abs().max() <= bound and down.abs().max() > 0.9 * bound
+    for w in (houlsby["adapter_down.0.weight"], houlsby["adapter_up.weight"]):
+        assert w.abs().max() <= 0.02 and w.std() > 0.005
 
 
 def test_trains_only_the_adapters_with_dropout_in_training_graphs():
