@@ -113,3 +113,21 @@ def test_unipelt_gated_lora_prefix_and_gated_adapter():
     cm(**kwargs).loss.backward()
     assert {n for n, p in cm.named_parameters() if p.grad is not None} == trainable
     assert all(cm.get_parameter(n).grad.abs().sum() > 0 for n in trainable if n.endswith("gate.weight"))
+
+
+def test_bf16_base_trains_float32_adapter_prompt_encoder_and_adaption_prompt():
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.bfloat16)
+    x = ids()
+    kwargs = dict(input_ids=x, labels=x)
+    spec = peftc.Spec(peftc.PTuning(length=3), peftc.AdaptionPrompt(adapter_len=2, adapter_layers=1),
+                      peftc.Adapter(config="seq_bn"))
+    cm = peftc.compile(base, spec, kwargs=kwargs)
+    trainable = [p for p in cm.params if p.trainable]
+    assert {p.method for p in trainable} == {"p_tuning", "adaption_prompt", "adapter"}
+    assert {p.tensor.dtype for p in trainable} == {torch.float32}
+    cm.train()
+    loss = cm(**kwargs).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert {n for n, p in cm.named_parameters() if p.grad is not None} == {p.name for p in trainable}
