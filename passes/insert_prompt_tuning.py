@@ -71,11 +71,10 @@ class InsertPromptTuning(Pass):
         like = lookup.meta["val"] if lookup is not None else source.meta["val"]
         hidden = like.shape[-1]
         dtype = adapter_dtype(like.dtype)
-        ctx.params.add(gm, PROMPT, lambda: torch.randn(length, hidden, dtype=dtype, device=like.device),
-                       method="prompt_tuning", added_by=self.name)
+        self._add_params(gm, ctx, hidden, dtype, like.device)
 
         anchor = placeholders[-1].next
-        b = NodeBuilder(gm, anchor, self.name, "prompt_tuning")
+        b = NodeBuilder(gm, anchor, self.name, self.rule.kind)
         made: set[Node] = set()
         batch = self._track(made, b.call(aten.sym_size.int, source, 0, name="prompt_batch"))
         for ph in placeholders:
@@ -103,14 +102,14 @@ class InsertPromptTuning(Pass):
             made.add(new)
             ph.replace_all_uses_with(new, delete_user_cb=lambda u: u not in made and u.op != "call_module")
         if lookup is not None:
-            after = NodeBuilder(gm, lookup.next, self.name, "prompt_tuning", like=lookup)
+            after = NodeBuilder(gm, lookup.next, self.name, self.rule.kind, like=lookup)
             real = after.call(aten.slice.Tensor, lookup, 1, length, torch.iinfo(torch.int64).max,
                               name="embeds_real")
             with_prompt = after.call(aten.cat.default, [self._prompt(after, made, batch, like.dtype), real], 1,
                                      name="embeds_with_prompt")
             lookup.replace_all_uses_with(with_prompt, delete_user_cb=lambda u: u is not real)
         mark_adapted(source, "prompt_tuning", self.rule)
-        ctx.count("insert-prompt-tuning.inserted")
+        ctx.count(f"{self.name}.inserted")
         return PassResult(gm, True)
 
     @staticmethod
@@ -118,9 +117,17 @@ class InsertPromptTuning(Pass):
         made.add(node)
         return node
 
+    def _add_params(self, gm: GraphModule, ctx: PassContext, hidden: int, dtype: torch.dtype, device) -> None:
+        ctx.params.add(gm, PROMPT, lambda: torch.randn(self.rule.length, hidden, dtype=dtype, device=device),
+                       method="prompt_tuning", added_by=self.name)
+
+    def _prompt_table(self, b: NodeBuilder) -> Node:
+        """The [P, H] prompt the graph prepends (P-tuning computes it from its prompt encoder)."""
+        return b.attr(PROMPT)
+
     def _prompt(self, b: NodeBuilder, made: set[Node], batch: Node, dtype: torch.dtype) -> Node:
         """prompt_embeddings [P, H] ==> [batch, P, H] in the embeddings' dtype."""
-        prompt = b.attr(PROMPT)
+        prompt = self._prompt_table(b)
         if adapter_dtype(dtype) != dtype:  # the prompt trains in float32 on a half-precision model
             prompt = b.call(aten.to.dtype, prompt, dtype, name="prompt_cast")
         prompt = b.call(aten.unsqueeze.default, prompt, 0, name="prompt_unsqueeze")

@@ -7,6 +7,8 @@ from .errors import AdapterError, CaptureError, ExportError, GenerationError, Pa
 from .lower.eager import CompiledModel
 from .pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
 from .spec import IA3, BitFit, LoRA, ModulesToSave, NormTuning, Prefix, PromptTuning, Rule, SparseDelta, Spec
+from .bottleneck import Adapter
+from .soft_prompts import AdaptionPrompt, PTuning
 from .method import Method, Param, Site, register_method
 from .methods import LoHa, LoKr, VeRA  # noqa: E402  (written with the public API above)
 from .passes.insert_trainable_tokens import TrainableTokens
@@ -14,7 +16,8 @@ from .passes.insert_ln_tuning import LNTuning
 
 __all__ = [
     "compile", "Spec", "Rule", "LoRA", "Prefix", "PromptTuning", "IA3", "SparseDelta", "BitFit", "NormTuning",
-    "ModulesToSave", "TrainableTokens", "LNTuning", "Method", "Param", "Site", "register_method", "LoHa", "LoKr", "VeRA",
+    "ModulesToSave", "TrainableTokens", "LNTuning", "Adapter", "PTuning", "AdaptionPrompt", "Method", "Param", "Site",
+    "register_method", "LoHa", "LoKr", "VeRA",
     "fisher_masks", "CompiledModel", "Pipeline", "Pass", "PassContext", "PassResult", "register_pass",
     "PeftcError", "SpecError", "CaptureError", "PassError", "AdapterError", "ExportError",
     "GenerationError",

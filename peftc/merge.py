@@ -32,7 +32,7 @@ aten = torch.ops.aten
 
 # Methods whose tensors enter the model as activations, not as weights: a merge keeps them as frozen constants
 # (fold-params still folds a parameter-only projection in front of them), so they cost what they cost unmerged.
-KEPT_AS_CONSTANTS = frozenset({"prefix", "prompt_tuning"})
+KEPT_AS_CONSTANTS = frozenset({"prefix", "prompt_tuning", "p_tuning", "adaption_prompt"})
 
 LORA, IA3 = "peftc.lora", "peftc.ia3"
 

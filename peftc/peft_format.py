@@ -54,6 +54,10 @@ _SUPPORTED = {
                       "num_transformer_submodules", "modules_to_save"},
     "LN_TUNING": {"target_modules", "exclude_modules", "modules_to_save"},
     "TRAINABLE_TOKENS": {"target_modules", "token_indices", "init_weights"},
+    "P_TUNING": {"num_virtual_tokens", "encoder_reparameterization_type", "encoder_hidden_size",
+                 "encoder_num_layers", "encoder_dropout", "token_dim", "num_layers", "num_attention_heads",
+                 "num_transformer_submodules", "modules_to_save"},
+    "ADAPTION_PROMPT": {"target_modules", "adapter_len", "adapter_layers"},
 }
 # Non-empty PEFT defaults that change nothing (any key not listed is accepted only when empty: None, False, [], {}).
 _INERT_DEFAULTS = {"bias": "none", "megatron_core": "megatron.core", "qalora_group_size": 16}
@@ -267,6 +271,18 @@ def spec_from_peft(source: Any, *, saved: dict[str, torch.Tensor] | None = None)
         projection = bool(config.get("prefix_projection")) and keys is None  # PEFT saves the projected prefixes
         rules.append(Prefix(length=_required(config, "num_virtual_tokens", where), projection=projection,
                             encoder_hidden_size=config.get("encoder_hidden_size") if projection else None))
+    elif peft_type == "ADAPTION_PROMPT":
+        from .soft_prompts import AdaptionPrompt
+
+        rules.append(AdaptionPrompt(adapter_len=_required(config, "adapter_len", where),
+                                    adapter_layers=_required(config, "adapter_layers", where),
+                                    target=config.get("target_modules")))
+    elif peft_type == "P_TUNING":
+        # PEFT saves a P-tuning adapter as its encoder's output and loads it (inference mode) as the prompt
+        if (config.get("num_transformer_submodules") or 1) != 1:
+            raise SpecError(f"{where}: num_transformer_submodules={config['num_transformer_submodules']} "
+                            f"(encoder-decoder prompts) is not supported")
+        rules.append(PromptTuning(length=_required(config, "num_virtual_tokens", where)))
     elif peft_type == "PROMPT_TUNING":
         init = config.get("prompt_tuning_init", "RANDOM")
         if init != "RANDOM" and keys is None:
@@ -618,6 +634,50 @@ def _prompt(cm, rule: PromptTuning) -> tuple[dict, dict]:
     return config, tensors
 
 
+def _p_tuning(cm, rule) -> tuple[dict, dict]:
+    """PEFT's P-tuning file: the encoder's output as `prompt_embeddings` (what PEFT saves and loads)."""
+    from .passes.insert_p_tuning import ENCODER, encode, encoder_params
+
+    table = cm.params[f"{ENCODER}.embedding.weight"].tensor
+    hidden = table.shape[1]
+    p = {k: cm.params[f"{ENCODER}.{k}"].tensor.detach() for k in encoder_params(rule, hidden)}
+    with torch.no_grad():
+        prompt = encode(rule, p, rule.encoder_hidden_size or hidden)
+    config = {**_base_config(cm, "P_TUNING", _prompt_task_type(cm)), "num_virtual_tokens": rule.length,
+              "token_dim": hidden, "num_transformer_submodules": 1,
+              "encoder_reparameterization_type": rule.encoder, "encoder_hidden_size": rule.encoder_hidden_size or hidden,
+              "encoder_num_layers": rule.encoder_num_layers, "encoder_dropout": rule.encoder_dropout,
+              "num_layers": _hf_config_value(cm, "num_hidden_layers", "n_layer", "num_layers"),
+              "num_attention_heads": _hf_config_value(cm, "num_attention_heads", "n_head")}
+    tensors = {"prompt_embeddings": prompt}
+    _with_modules_to_save(cm, config, tensors, "base_model.")
+    return config, tensors
+
+
+def _adaption_prompt(cm, rule) -> tuple[dict, dict]:
+    names = [p.name for p in cm.params if p.role == ADAPTER and p.method == "adaption_prompt"]
+    modules = sorted({n.rsplit(".", 1)[0] for n in names})
+    leaves = {m.rsplit(".", 1)[-1] for m in modules}
+    if len(leaves) != 1:
+        raise NotPeftExpressible(f"PEFT's adaption prompts name one attention submodule; these are {sorted(leaves)}")
+    config = {**_base_config(cm, "ADAPTION_PROMPT", cm.spec.task_type or _prompt_task_type(cm)),
+              "adapter_len": rule.adapter_len, "adapter_layers": rule.adapter_layers, "target_modules": leaves.pop()}
+    return config, {MODEL_PREFIX + n: cm.params[n].tensor for n in names}
+
+
+def _ln_tuning(cm, rule) -> tuple[dict, dict]:
+    return _norm_tuning(cm, rule, "ln_tuning")
+
+
+def _writers() -> dict:
+    from .passes.insert_ln_tuning import LNTuning
+    from .passes.insert_trainable_tokens import TrainableTokens
+    from .soft_prompts import AdaptionPrompt, PTuning
+
+    return {**_WRITERS, PTuning: _p_tuning, AdaptionPrompt: _adaption_prompt, TrainableTokens: _trainable_tokens,
+            LNTuning: _ln_tuning}
+
+
 _WRITERS = {LoRA: _lora, IA3: _ia3, NormTuning: _norm_tuning, Prefix: _prefix, PromptTuning: _prompt}
 
 
@@ -634,11 +694,7 @@ def peft_adapter(cm) -> tuple[dict, dict[str, torch.Tensor]]:
     if len(methods) != 1:
         raise NotPeftExpressible(f"a PEFT adapter holds one method; this spec has {len(methods)} "
                                  f"({', '.join(type(r).__name__ for r in methods)})")
-    from .passes.insert_ln_tuning import LNTuning
-
-    writer = _trainable_tokens if isinstance(methods[0], TrainableTokens) else \
-        (lambda cm, rule: _norm_tuning(cm, rule, "ln_tuning")) if isinstance(methods[0], LNTuning) else \
-        _WRITERS.get(type(methods[0]))
+    writer = _writers().get(type(methods[0]))
     if writer is None:
         raise NotPeftExpressible(f"PEFT has no format for {type(methods[0]).__name__}")
     config, tensors = writer(cm, methods[0])
@@ -783,7 +839,8 @@ def peftc_state_dict(cm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
             alias = f"{module}.{leaf}"
             method = "ln_tuning" if _delta_name(alias, "ln_tuning") in cm.params else "norm_tuning"
         elif any(m in name for m in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_l")) \
-                or name.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B")):
+                or name.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B", ".adaption_prompt",
+                                  ".adaption_gate")):
             out[name] = value
             continue
         elif name.endswith(".trainable_tokens_delta"):
