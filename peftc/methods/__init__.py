@@ -2,6 +2,7 @@
 
 from .loha import LoHa
 from .lokr import LoKr
+from .oft import OFT
 from .vera import VeRA
 
-__all__ = ["LoHa", "LoKr", "VeRA"]
+__all__ = ["LoHa", "LoKr", "OFT", "VeRA"]

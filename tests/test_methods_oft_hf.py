@@ -1,0 +1,126 @@
+"""OFT and BOFT (peftc/methods/), against HF PEFT with identical weights: same trainable count, same keys, outputs
+and gradients, merge, and a merged graph with the plain capture's ops."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import peftc
+from conftest import ids, tiny_llama
+from test_methods_hf import TinyCNN, _ops, hf_key, plain_ops
+
+peft = pytest.importorskip("peft")
+
+
+def load_same_weights(cm, hf, scale=0.3):
+    """Random non-zero adapter weights into both models; returns HF's saved state (for key checks)."""
+    hf_state = peft.get_peft_model_state_dict(hf)
+    ours = cm.adapter_state_dict()
+    assert {hf_key(k, hf_state): tuple(v.shape) for k, v in ours.items()} == \
+        {k: tuple(v.shape) for k, v in hf_state.items()}
+    torch.manual_seed(1)
+    weights = {k: torch.randn_like(v) * scale for k, v in ours.items()}
+    cm.load_adapter_state_dict(weights)
+    peft.set_peft_model_state_dict(hf, {hf_key(k, hf_state): v for k, v in weights.items()})
+    return hf_state
+
+
+def check_weight_rewrite(base, rule, config, kwargs, out, prune_grads=False, hf_forward=True, scale=0.3):
+    """A rewrite_weight method: identity at init, HF's outputs/grads (when HF's unmerged forward is its own
+    merge: `hf_forward`), HF's merge, and merge = fold-params to the plain op count."""
+    base = base.eval()
+    cm = peftc.compile(base, rule, kwargs=kwargs, prune_grads=prune_grads)
+    hf = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    assert cm.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(out(cm(**kwargs)), out(base(**kwargs)), atol=1e-6, rtol=1e-6)
+    hf_state = load_same_weights(cm, hf, scale)
+
+    y_ours = out(cm(**kwargs))
+    assert (y_ours - out(base(**kwargs))).abs().max() > 1e-3  # the adapter changes the outputs
+    trained = [p.name for p in cm.params if p.trainable]
+    y_ours.square().mean().backward()
+    assert {n for n, p in cm.named_parameters() if p.grad is not None} == set(trained)
+    if hf_forward:
+        y_hf = out(hf(**kwargs))
+        torch.testing.assert_close(y_ours, y_hf, atol=1e-5, rtol=1e-5)
+        y_hf.square().mean().backward()
+        hf_params = dict(hf.named_parameters())
+        for name in trained:
+            theirs = hf_params[hf_key(name, hf_state).replace(".weight", ".default.weight")].grad
+            torch.testing.assert_close(cm.get_parameter(name).grad, theirs, atol=1e-5, rtol=1e-4)
+
+    merged = cm.merge()
+    with torch.no_grad():
+        y_merged = out(merged(**kwargs))
+        y_hf_merged = out(hf.merge_and_unload()(**kwargs))
+        torch.testing.assert_close(y_merged, y_hf_merged, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y_merged, y_ours.detach(), atol=1e-5, rtol=1e-5)
+    assert merged.counters["fold-params.folded"] > 0
+    assert _ops(merged.graph_module) == plain_ops(base, kwargs)
+    assert {n for n, _ in merged.named_parameters()} == {n for n, _ in base.named_parameters()}
+    return cm
+
+
+@pytest.mark.parametrize("options", [dict(oft_block_size=8), dict(r=2, oft_block_size=0, block_share=True),
+                                     dict(oft_block_size=4, use_cayley_neumann=False),
+                                     dict(oft_block_size=8, num_cayley_neumann_terms=3)])
+def test_oft_llama_matches_hf(options):
+    torch.manual_seed(0)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    check_weight_rewrite(tiny_llama(num_hidden_layers=1), peftc.OFT(target=targets, **options),
+                         peft.OFTConfig(target_modules=targets, **{"r": 0, **options}), {"input_ids": ids()},
+                         lambda o: o.logits, prune_grads="block_share" in options)
+
+
+def test_oft_block_size_is_adjusted_as_hf_adjusts_it():
+    """in = 32 (q_proj), 64 (down_proj): block size 7 becomes 8 in both (the nearest divisor; 6 would tie and
+    become 4, the lower one)."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="using 8"):
+        cm = check_weight_rewrite(tiny_llama(num_hidden_layers=1), peftc.OFT(target=["q_proj", "down_proj"],
+                                                                             oft_block_size=7),
+                                  peft.OFTConfig(target_modules=["q_proj", "down_proj"], r=0, oft_block_size=7),
+                                  {"input_ids": ids()}, lambda o: o.logits)
+    assert cm.params["model.layers.0.self_attn.q_proj.oft_R.weight"].tensor.shape == (4, 28)
+
+
+def test_oft_conv2d_matches_hf_merge():
+    """HF PEFT 0.21's unmerged Conv2d OFT forward unfolds and refolds x (F.fold sums overlapping patches), which is
+    not the identity at init and not its own merge; peftc computes what HF's merge computes, conv(x, W·BD(R)^T)."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    model.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)  # HF's OFT refuses dilation and groups
+    check_weight_rewrite(model, peftc.OFT(target=["c1", "c2", "head"], oft_block_size=4),
+                         peft.OFTConfig(target_modules=["c1", "c2", "head"], r=0, oft_block_size=4),
+                         {"x": torch.randn(2, 4, 6, 6)}, lambda o: o, hf_forward=False)
+
+
+def test_oft_rotation_is_orthogonal_with_exact_cayley():
+    torch.manual_seed(0)
+    cm = peftc.compile(tiny_llama(num_hidden_layers=1), peftc.OFT(target=["q_proj"], oft_block_size=8,
+                                                                  use_cayley_neumann=False),
+                       kwargs={"input_ids": ids()})
+    rule = cm.spec.rules[0]
+    name = "model.layers.0.self_attn.q_proj.oft_R.weight"
+    site = peftc.Site("matmul", "q", "w", (32, 32), 32, 32, False, torch.float32)
+    with torch.no_grad():
+        cm.get_parameter(name).normal_()
+        r = rule.rotations(site, {"oft_R.weight": cm.get_parameter(name)})
+    torch.testing.assert_close(r @ r.transpose(1, 2), torch.eye(8).expand(4, 8, 8), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("options, message", [(dict(r=4, oft_block_size=8), "exactly one of"),
+                                               (dict(coft=True), "coft"), (dict(module_dropout=0.1), "never applies"),
+                                               (dict(num_cayley_neumann_terms=0), "num_cayley_neumann_terms")])
+def test_oft_refuses_what_it_cannot_do(options, message):
+    with pytest.raises(peftc.SpecError, match=message):
+        peftc.OFT(target=["q_proj"], **options)
+
+
+def test_oft_refuses_grouped_convolutions():
+    with pytest.raises(peftc.PeftcError, match="grouped"):
+        peftc.compile(TinyCNN(), peftc.OFT(target=["c2"], oft_block_size=4), kwargs={"x": torch.randn(2, 4, 6, 6)})
