@@ -50,7 +50,9 @@ def check_weight_rewrite(base, rule, config, kwargs, out, prune_grads=False, hf_
         y_hf.square().mean().backward()
         hf_params = dict(hf.named_parameters())
         for name in trained:
-            theirs = hf_params[hf_key(name, hf_state).replace(".weight", ".default.weight")].grad
+            key = hf_key(name, hf_state)
+            live = key.replace(".weight", ".default.weight") if key.endswith(".weight") else key + ".default"
+            theirs = hf_params[live].grad
             torch.testing.assert_close(cm.get_parameter(name).grad, theirs, atol=1e-5, rtol=1e-4)
 
     merged = cm.merge()
@@ -124,3 +126,69 @@ def test_oft_refuses_what_it_cannot_do(options, message):
 def test_oft_refuses_grouped_convolutions():
     with pytest.raises(peftc.PeftcError, match="grouped"):
         peftc.compile(TinyCNN(), peftc.OFT(target=["c2"], oft_block_size=4), kwargs={"x": torch.randn(2, 4, 6, 6)})
+
+
+@pytest.fixture
+def hf_boft_butterfly(monkeypatch):
+    """HF PEFT's BOFT on CPU drops to one butterfly factor (its block-diagonal kernel is a CUDA extension); this
+    runs HF's own CUDA-path code with torch.block_diag standing in for the kernel, so factors > 1 are HF's too."""
+    from peft.tuners.boft import layer
+
+    class BlockDiag:
+        @staticmethod
+        def apply(r):
+            return torch.stack([torch.block_diag(*blocks) for blocks in r])
+
+    monkeypatch.setattr(layer, "get_fbd_cuda", lambda: True)
+    monkeypatch.setattr(layer, "FastBlockDiag", BlockDiag)
+
+
+@pytest.mark.parametrize("options", [dict(boft_block_size=4), dict(boft_block_num=4, boft_block_size=0),
+                                     dict(boft_block_size=4, boft_n_butterfly_factor=2),
+                                     dict(boft_block_size=2, boft_n_butterfly_factor=3)])
+def test_boft_llama_matches_hf(options, hf_boft_butterfly):
+    torch.manual_seed(0)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    check_weight_rewrite(tiny_llama(num_hidden_layers=1), peftc.BOFT(target=targets, **options),
+                         peft.BOFTConfig(target_modules=targets, **options), {"input_ids": ids()},
+                         lambda o: o.logits, prune_grads=len(options) > 1)
+
+
+def test_boft_butterfly_permutation_is_hf_peft_permutation():
+    from peft.tuners.boft.layer import BOFTLayer
+
+    from peftc.methods.boft import butterfly_gather
+
+    for n, blocks, size, factors in [(32, 8, 4, 3), (64, 16, 4, 4), (48, 12, 4, 2), (64, 4, 16, 2)]:
+        w = torch.arange(float(n))[None]
+        for i in range(factors):
+            perm = BOFTLayer.block_butterfly_perm(None, n, blocks // 2 ** i, size // 2, factors - 1)
+            chunk = n // (blocks // 2 ** i)
+            assert butterfly_gather(w, chunk, size // 2)[0].tolist() == w[0, perm].tolist()
+            assert butterfly_gather(butterfly_gather(w, chunk, size // 2), chunk, size // 2, inverse=True).equal(w)
+
+
+def test_boft_conv2d_matches_hf(hf_boft_butterfly):
+    torch.manual_seed(0)
+    model = TinyCNN()
+    model.c2 = torch.nn.Conv2d(8, 8, 3, padding=1, stride=2)
+    check_weight_rewrite(model, peftc.BOFT(target=["c1", "c2"], boft_block_size=2,
+                                           boft_n_butterfly_factor=2),
+                         peft.BOFTConfig(target_modules=["c1", "c2"], boft_block_size=2,
+                                         boft_n_butterfly_factor=2),
+                         {"x": torch.randn(2, 4, 6, 6)}, lambda o: o)
+
+
+@pytest.mark.parametrize("options, message", [(dict(boft_block_num=4), "exactly one of"),
+                                               (dict(boft_dropout=0.1), "boft_dropout"),
+                                               (dict(boft_n_butterfly_factor=0), "positive")])
+def test_boft_refuses_what_it_cannot_do(options, message):
+    with pytest.raises(peftc.SpecError, match=message):
+        peftc.BOFT(target=["q_proj"], **options)
+
+
+def test_boft_refuses_a_layout_hf_refuses():
+    with pytest.raises(peftc.SpecError, match="does not split"):
+        peftc.compile(tiny_llama(num_hidden_layers=1), peftc.BOFT(target=["q_proj"], boft_block_size=8,
+                                                                  boft_n_butterfly_factor=4),
+                      kwargs={"input_ids": ids()})

@@ -1,8 +1,9 @@
 """Built-in methods written with exactly the public API (peftc.Method), as a user would write them."""
 
+from .boft import BOFT
 from .loha import LoHa
 from .lokr import LoKr
 from .oft import OFT
 from .vera import VeRA
 
-__all__ = ["LoHa", "LoKr", "OFT", "VeRA"]
+__all__ = ["BOFT", "LoHa", "LoKr", "OFT", "VeRA"]
