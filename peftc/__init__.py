@@ -8,11 +8,11 @@ from .lower.eager import CompiledModel
 from .pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
 from .spec import IA3, BitFit, LoRA, ModulesToSave, NormTuning, Prefix, PromptTuning, Rule, SparseDelta, Spec
 from .method import Method, Param, Site, register_method
-from .methods import BOFT, LoHa, LoKr, OFT, VeRA  # noqa: E402  (written with the public API above)
+from .methods import BOFT, AdaLoRA, LoHa, LoKr, OFT, VeRA  # noqa: E402  (written with the public API above)
 
 __all__ = [
     "compile", "Spec", "Rule", "LoRA", "Prefix", "PromptTuning", "IA3", "SparseDelta", "BitFit", "NormTuning",
-    "ModulesToSave", "Method", "Param", "Site", "register_method", "LoHa", "LoKr", "VeRA", "OFT", "BOFT",
+    "ModulesToSave", "Method", "Param", "Site", "register_method", "LoHa", "LoKr", "VeRA", "OFT", "BOFT", "AdaLoRA",
     "fisher_masks", "CompiledModel", "Pipeline", "Pass", "PassContext", "PassResult", "register_pass",
     "PeftcError", "SpecError", "CaptureError", "PassError", "AdapterError", "ExportError",
     "GenerationError",

@@ -157,6 +157,9 @@ class Method(Rule):
 
     kind: ClassVar[str] = ""
     sites: ClassVar[tuple[str, ...]] = ("matmul",)
+    # HF PEFT's peft_type ("OFT"), for a method whose options (through hf_names) and tensor names are HF's: then
+    # save_pretrained writes HF PEFT's format and Spec.from_peft / load_adapter read it (peftc/peft_format.py).
+    peft_type: ClassVar[str | None] = None
 
     # None: every matmul but the output layer ("all-linear"), every norm, every attention (module sites: required)
     target: Target = None
@@ -200,6 +203,9 @@ class Method(Rule):
     # Instead of forward (weight sites): def rewrite_weight(self, site, w, p) -> W'; the site then computes
     # op(x, W'), and a merge is fold-params evaluating W' (OFT's rotated weight, BOFT's butterfly).
     rewrite_weight: ClassVar[Callable | None] = None
+    # def regularizer(self, sites) -> loss term: added to the model output's `loss` (when it has one) on every call,
+    # `sites` mapping each module path to its live tensors (AdaLoRA's orthogonality penalty).
+    regularizer: ClassVar[Callable | None] = None
 
 
 def _check_kind(cls: type) -> None:
@@ -476,6 +482,33 @@ def _insert(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site: Site,
     if isinstance(raw, _Output):  # the module's own reads of its output stay; what comes after reads the new one
         keep |= raw.inside
     y.replace_all_uses_with(out, delete_user_cb=lambda user: user not in keep)
+
+
+# ---- training-time hooks ------------------------------------------------------------------------------------------
+
+def site_params(cm, rule: Method) -> dict[str, dict[str, str]]:
+    """{module path: {tensor key: parameter name}} of the sites `rule` rewrote in cm (its per-site tensors)."""
+    out = {}
+    for node in cm.graph_module.graph.nodes:
+        tag = node.meta.get(TAG)
+        if tag is not None and tag["rule"] == rule:
+            out[tag["site"].module] = {k: n for k, n in tag["params"].items() if n != k}
+    return out
+
+
+def add_regularizers(cm, out):
+    """out.loss += rule.regularizer(sites) for every rule of cm's spec that has one, as HF PEFT's AdaLoRA adds its
+    orthogonality penalty in forward."""
+    rules = [r for r in (cm.spec.rules if cm.spec is not None else ()) if type(r).regularizer is not None]
+    if not rules or not isinstance(getattr(out, "loss", None), torch.Tensor):
+        return out
+    cache = cm.__dict__.setdefault("_peftc_regularized_sites", {})
+    for rule in rules:
+        if rule not in cache:
+            cache[rule] = site_params(cm, rule)
+        sites = {m: Tensors({k: cm.get_parameter(n) for k, n in names.items()}) for m, names in cache[rule].items()}
+        out.loss = out.loss + rule.regularizer(sites)
+    return out
 
 
 # ---- merging -------------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ and gradients, merge, and a merged graph with the plain capture's ops."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -67,9 +69,9 @@ def check_weight_rewrite(base, rule, config, kwargs, out, prune_grads=False, hf_
     return cm
 
 
-@pytest.mark.parametrize("options", [dict(oft_block_size=8), dict(r=2, oft_block_size=0, block_share=True),
-                                     dict(oft_block_size=4, use_cayley_neumann=False),
-                                     dict(oft_block_size=8, num_cayley_neumann_terms=3)])
+@pytest.mark.parametrize("options", [dict(oft_block_size=8),
+                                     dict(r=2, oft_block_size=0, block_share=True, num_cayley_neumann_terms=3),
+                                     dict(oft_block_size=4, use_cayley_neumann=False)])
 def test_oft_llama_matches_hf(options):
     torch.manual_seed(0)
     targets = ["q_proj", "v_proj", "down_proj"]
@@ -143,8 +145,8 @@ def hf_boft_butterfly(monkeypatch):
     monkeypatch.setattr(layer, "FastBlockDiag", BlockDiag)
 
 
-@pytest.mark.parametrize("options", [dict(boft_block_size=4), dict(boft_block_num=4, boft_block_size=0),
-                                     dict(boft_block_size=4, boft_n_butterfly_factor=2),
+@pytest.mark.parametrize("options", [dict(boft_block_size=4),
+                                     dict(boft_block_num=4, boft_block_size=0, boft_n_butterfly_factor=2),
                                      dict(boft_block_size=2, boft_n_butterfly_factor=3)])
 def test_boft_llama_matches_hf(options, hf_boft_butterfly):
     torch.manual_seed(0)
@@ -192,3 +194,41 @@ def test_boft_refuses_a_layout_hf_refuses():
         peftc.compile(tiny_llama(num_hidden_layers=1), peftc.BOFT(target=["q_proj"], boft_block_size=8,
                                                                   boft_n_butterfly_factor=4),
                       kwargs={"input_ids": ids()})
+
+
+FORMAT_CASES = {"oft": (peftc.OFT(target=["q_proj", "v_proj"], oft_block_size=8),
+                        peft.OFTConfig(target_modules=["q_proj", "v_proj"], r=0, oft_block_size=8)),
+                "boft": (peftc.BOFT(target="q_proj|down_proj", boft_block_size=4),
+                         peft.BOFTConfig(target_modules=r".*\.(q_proj|down_proj)", boft_block_size=4))}
+
+
+@pytest.mark.parametrize("case", list(FORMAT_CASES))
+def test_peft_format_both_ways(case, tmp_path):
+    """save_pretrained writes HF PEFT's format (PeftModel.from_pretrained reads it), and an adapter HF PEFT saved
+    compiles (Spec.from_peft + load_adapter) to HF's outputs."""
+    rule, config = FORMAT_CASES[case]
+    torch.manual_seed(0)
+    model = tiny_llama(num_hidden_layers=1).eval()
+    x, x2 = ids(), ids(seed=3)
+    cm = peftc.compile(copy.deepcopy(model), rule, kwargs={"input_ids": x})
+    hf = peft.get_peft_model(copy.deepcopy(model), config).eval()
+    load_same_weights(cm, hf)
+    with torch.no_grad():
+        ours = cm(input_ids=x2).logits
+        assert cm.save_pretrained(tmp_path / "ours") == "peft"
+        saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+        assert saved["peft_type"] == case.upper()
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "ours"))
+                                   .eval()(input_ids=x2).logits, ours, atol=1e-5, rtol=1e-5)
+        hf.save_pretrained(str(tmp_path / "hf"))
+        again = peftc.compile(copy.deepcopy(model), tmp_path / "hf", kwargs={"input_ids": x})
+        assert again.spec.rules[0] == dataclasses.replace(rule, target=again.spec.rules[0].target)
+        torch.testing.assert_close(again(input_ids=x2).logits, hf(input_ids=x2).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again(input_ids=x2).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_from_peft_refuses_what_the_method_does_not_read():
+    with pytest.raises(peftc.SpecError, match="coft"):
+        peftc.Spec.from_peft(peft.OFTConfig(target_modules=["q_proj"], coft=True))
+    with pytest.raises(peftc.SpecError, match="target_modules is not set"):
+        peftc.Spec.from_peft(peft.BOFTConfig())

@@ -183,7 +183,9 @@ class CompiledModel(HFModelMixin, nn.Module):
 
     @source_signature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(None, args, kwargs)
+        from ..method import add_regularizers
+
+        return add_regularizers(self, self._call(None, args, kwargs))
 
     def _call(self, entry: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
         """Run the graph of this call signature (entering through submodule `entry`, for cm.base_model)."""
@@ -303,6 +305,13 @@ class CompiledModel(HFModelMixin, nn.Module):
                             + (f" (and {len(unmerged) - 1} more)" if len(unmerged) > 1 else "")
                             + "; leave its module out of adapters=[...] or add a rule to MERGE_RULES")
         return merged
+
+    def update_and_allocate(self, global_step: int):
+        """AdaLoRA's rank-budget step, as HF PEFT's `model.base_model.update_and_allocate(step)`: call it after
+        loss.backward() and before zero_grad() (peftc/methods/adalora.py). Returns the RankAllocator."""
+        from ..methods.adalora import update_and_allocate
+
+        return update_and_allocate(self, global_step)
 
     def merge_and_unload(self) -> nn.Module:
         """A copy of the original model (its own class, e.g. LlamaForCausalLM) with every adapter merged into its

@@ -41,6 +41,7 @@ class BOFT(peftc.Method):
     """
 
     kind = "boft"
+    peft_type = "BOFT"
     sites = ("matmul", "conv")
 
     boft_block_size: int = 4

@@ -75,6 +75,7 @@ class OFT(peftc.Method):
     """
 
     kind = "oft"
+    peft_type = "OFT"
     sites = ("matmul", "conv")
 
     r: int = 0
