@@ -232,3 +232,17 @@ def test_from_peft_refuses_what_the_method_does_not_read():
         peftc.Spec.from_peft(peft.OFTConfig(target_modules=["q_proj"], coft=True))
     with pytest.raises(peftc.SpecError, match="target_modules is not set"):
         peftc.Spec.from_peft(peft.BOFTConfig())
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_oft_exports_to_onnx(merged, tmp_path):
+    """Merged: the plain graph; unmerged: the rotation's slices, pads and Neumann series lower as they are."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    cm = peftc.compile(tiny_llama(num_hidden_layers=1).eval(), peftc.OFT(target=["q_proj", "v_proj"],
+                                                                         oft_block_size=8),
+                       kwargs={"input_ids": ids()})
+    load_same_weights(cm, peft.get_peft_model(tiny_llama(num_hidden_layers=1),
+                                              peft.OFTConfig(target_modules=["q_proj", "v_proj"], r=0,
+                                                             oft_block_size=8)))
+    cm.export_onnx(tmp_path / "m.onnx", merged=merged)  # verify=True: checked against cm in onnxruntime
