@@ -499,7 +499,8 @@ def site_params(cm, rule: Method) -> dict[str, dict[str, str]]:
 def add_regularizers(cm, out):
     """out.loss += rule.regularizer(sites) for every rule of cm's spec that has one, as HF PEFT's AdaLoRA adds its
     orthogonality penalty in forward."""
-    rules = [r for r in (cm.spec.rules if cm.spec is not None else ()) if type(r).regularizer is not None]
+    rules = [r for r in (cm.spec.rules if cm.spec is not None else ())
+             if getattr(type(r), "regularizer", None) is not None]
     if not rules or not isinstance(getattr(out, "loss", None), torch.Tensor):
         return out
     cache = cm.__dict__.setdefault("_peftc_regularized_sites", {})
