@@ -160,6 +160,8 @@ class Method(Rule):
     # HF PEFT's peft_type ("OFT"), for a method whose options (through hf_names) and tensor names are HF's: then
     # save_pretrained writes HF PEFT's format and Spec.from_peft / load_adapter read it (peftc/peft_format.py).
     peft_type: ClassVar[str | None] = None
+    # PEFT config keys the method has no option for, and the one value it reads (None: HF ignores the key)
+    peft_defaults: ClassVar[dict[str, Any]] = {}
 
     # None: every matmul but the output layer ("all-linear"), every norm, every attention (module sites: required)
     target: Target = None

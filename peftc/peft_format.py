@@ -309,7 +309,9 @@ def _option_names(cls) -> dict[str, str]:
 
 def _method_from_peft(cls, config: dict, where: str) -> Spec:
     options = _option_names(cls)
-    _check_keys(config, config["peft_type"], where, {*options, *_SELECTION_KEYS})
+    inert = {k for k, v in cls.peft_defaults.items() if v is None or config.get(k) == v}
+    _check_keys({k: v for k, v in config.items() if k not in inert}, config["peft_type"], where,
+                {*options, *_SELECTION_KEYS})
     mts = _with_seq_cls_heads(config)
     rule = cls(target=_module_target(config, None, "", where),
                exclude=_exclude_from_peft(config.get("exclude_modules"), mts),

@@ -120,3 +120,28 @@ def test_update_and_allocate_matches_hf_rank_allocator():
 def test_adalora_refuses_bad_schedules(options, message):
     with pytest.raises(peftc.SpecError, match=message):
         peftc.AdaLoRA(target=TARGETS, **{**SCHEDULE, **options})
+
+
+def test_adalora_peft_format_both_ways(tmp_path):
+    """Saved after a rank allocation, in HF PEFT's format (full-size tensors, masked singular values zero): HF reads
+    it to the same outputs; an adapter HF saved (before allocation) compiles to HF's outputs."""
+    base, cm, hf, _ = twins()
+    x = ids(seed=4)
+    with pytest.raises(peftc.PeftcError, match="no sensitivity recorded"):
+        cm.update_and_allocate(4)
+    for step in (3, 4):  # a cubic-budget step, then the final allocation (total_step - tfinal) down to target_r
+        cm(input_ids=x, labels=x).loss.backward()
+        cm.update_and_allocate(step)
+    assert sum(sum(v) for v in cm.update_and_allocate(5).rank_pattern.values()) == 3 * SCHEDULE["target_r"]
+    with torch.no_grad():
+        ours = cm(input_ids=x).logits
+        assert cm.save_pretrained(tmp_path / "ours") == "peft"
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+        torch.testing.assert_close(loaded(input_ids=x).logits, ours, atol=1e-5, rtol=1e-5)
+        hf.save_pretrained(str(tmp_path / "hf"))
+        again = peftc.compile(copy.deepcopy(base), tmp_path / "hf", kwargs={"input_ids": x})
+        torch.testing.assert_close(again(input_ids=x).logits, hf(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+        assert again.spec.rules[0].total_step == SCHEDULE["total_step"]
+    with pytest.raises(peftc.SpecError, match="rank_pattern"):
+        peftc.Spec.from_peft(peft.AdaLoraConfig(target_modules=TARGETS, total_step=6,
+                                                rank_pattern={"q_proj.lora_E": [True, False]}))

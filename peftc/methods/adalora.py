@@ -26,6 +26,10 @@ class AdaLoRA(peftc.Method):
     """
 
     kind = "adalora"
+    # Saved with full-size tensors and no rank_pattern (masked triplets are zeros, so HF computes the same); a
+    # config with a rank_pattern (HF's resized tensors) is refused when read.
+    peft_type = "ADALORA"
+    peft_defaults = {"r": None, "init_lora_weights": True}
     sites = ("matmul", "conv")
 
     target_r: int = 8
@@ -138,6 +142,9 @@ class RankAllocator:
         return self.exp_avg_ipt[name] * self.exp_avg_unc[name]
 
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
+        if not self.exp_avg_ipt:
+            raise peftc.PeftcError("update_and_allocate: no sensitivity recorded before this allocation; call it at "
+                                   "every training step from step 0, as HF PEFT's schedule expects")
         triplets = {}
         for module in self.modules:
             a = self._score(f"{module}.lora_A").mean(dim=1, keepdim=True)
