@@ -25,6 +25,9 @@ to the parameter table under `<module>.<name>` (HF PEFT's key layout; `shared_pa
 own name), and inserts `forward`, traced on the graph's own nodes: the diff shows it op for op, verification and
 prune-grads see it like any other pass's nodes, and ONNX export lowers it. `merge` is traced to ATen once per site at merge time, and
 fold-params evaluates it into the base weight, so the merged graph is the plain capture's, op for op.
+
+Optional hooks: `rewrite_weight(site, w, p)` instead of forward (the site computes op(x, W'); merging is folding
+W'), `regularizer(sites)` (a term added to the output's loss), and `peft_type` (HF PEFT's format both ways).
 """
 
 from __future__ import annotations

@@ -82,3 +82,20 @@ def test_rewrite_weight_of_the_wrong_shape_is_a_pass_error():
 
     with pytest.raises(peftc.PassError, match="must return W' shaped like W"):
         peftc.compile(TwoLayers(), Wrong(target=["a"]), kwargs={"x": torch.randn(2, 6)})
+
+
+def test_rewrite_weight_on_a_bfloat16_base_computes_in_float32():
+    torch.manual_seed(0)
+    model = TwoLayers().to(torch.bfloat16).eval()
+    x = torch.randn(4, 6, dtype=torch.bfloat16)
+    cm = peftc.compile(model, ColumnGate(target=["a"]), kwargs={"x": x})
+    assert cm.params["a.gate"].tensor.dtype == torch.float32
+    g = torch.rand(6) + 0.5
+    cm.load_adapter_state_dict({"a.gate": g})
+    w = (model.a.weight.float() * g).to(torch.bfloat16)  # W' in float32, cast once
+    expected = model.b(torch.relu(torch.nn.functional.linear(x, w, model.a.bias)))
+    y = cm(x=x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
+    y.float().sum().backward()
+    assert cm.get_parameter("a.gate").grad.dtype == torch.float32
