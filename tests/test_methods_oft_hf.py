@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import peftc
-from conftest import ids, tiny_llama
+from conftest import ids, tiny_gpt2, tiny_llama
 from test_methods_hf import TinyCNN, _ops, hf_key, plain_ops
 
 peft = pytest.importorskip("peft")
@@ -246,3 +246,29 @@ def test_oft_exports_to_onnx(merged, tmp_path):
                                               peft.OFTConfig(target_modules=["q_proj", "v_proj"], r=0,
                                                              oft_block_size=8)))
     cm.export_onnx(tmp_path / "m.onnx", merged=merged)  # verify=True: checked against cm in onnxruntime
+
+
+def test_oft_on_gpt2_conv1d_rotates_the_input_side_of_its_in_out_weight():
+    """HF PEFT's OFT refuses Conv1D; peftc rewrites GPT-2's (in, out) weight in its own layout: the result equals
+    the model with W^T := (W^T BD(R)^T) written in, unmerged and merged."""
+    from peftc.methods.oft import cayley, rotate_input_side, skew_symmetric
+
+    torch.manual_seed(0)
+    model = tiny_gpt2(n_layer=1).eval()
+    x = ids()
+    cm = peftc.compile(copy.deepcopy(model), peftc.OFT(target=["c_attn", "c_fc"], oft_block_size=8),
+                       kwargs={"input_ids": x})
+    torch.manual_seed(1)
+    weights = {k: torch.randn_like(v) * 0.3 for k, v in cm.adapter_state_dict().items()}
+    cm.load_adapter_state_dict(weights)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in ("transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"):
+            conv1d = reference.get_submodule(name)
+            r = cayley(skew_symmetric(weights[f"{name}.oft_R.weight"], 8), True, 5)
+            conv1d.weight.copy_(rotate_input_side(conv1d.weight.T, r).T)
+        expected = reference(input_ids=x).logits
+        torch.testing.assert_close(cm(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5)
+        merged = cm.merge()
+        torch.testing.assert_close(merged(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5)
+    assert _ops(merged.graph_module) == plain_ops(model, {"input_ids": x})
