@@ -52,13 +52,14 @@ class AdaLoRA(peftc.Method):
             raise peftc.SpecError(f"{where}: `init_r` must be positive and `target_r` >= 0, got init_r="
                                   f"{self.init_r}, target_r={self.target_r}")
         if self.tinit >= self.total_step - self.tfinal:
-            raise peftc.SpecError(f"{where}: tinit={self.tinit}, tfinal={self.tfinal}, total_step={self.total_step} "
-                                  f"leave no budgeting phase; decrease tinit/tfinal or increase total_step")
+            raise peftc.SpecError(f"{where}: `tinit`={self.tinit}, `tfinal`={self.tfinal}, `total_step`="
+                                  f"{self.total_step} leave no budgeting phase; decrease tinit/tfinal or increase "
+                                  f"total_step")
         if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
             raise peftc.SpecError(f"{where}: `beta1` and `beta2` must be in (0, 1), got {self.beta1}, {self.beta2}")
         if self.orth_reg_weight < 0 or self.deltaT <= 0 or not 0 <= self.lora_dropout < 1:
-            raise peftc.SpecError(f"{where}: need orth_reg_weight >= 0, deltaT > 0 and 0 <= lora_dropout < 1; got "
-                                  f"{self.orth_reg_weight}, {self.deltaT}, {self.lora_dropout}")
+            raise peftc.SpecError(f"{where}: need `orth_reg_weight` >= 0, `deltaT` > 0 and 0 <= `lora_dropout` < 1; "
+                                  f"got {self.orth_reg_weight}, {self.deltaT}, {self.lora_dropout}")
 
     def params(self, site):
         fan_in = math.prod(site.weight_shape[1:])
