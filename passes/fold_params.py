@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,6 +21,8 @@ _IMPURE = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default
 
 def _pure(node: Node) -> bool:
     target = node.target
+    if target is operator.getitem:  # an element of a multi-output op (linalg_solve_ex), folded with it
+        return True
     if not isinstance(target, torch._ops.OpOverload):
         return False
     return target not in _IMPURE and not target._schema.is_mutable

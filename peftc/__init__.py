@@ -10,14 +10,14 @@ from .spec import IA3, BitFit, LoRA, ModulesToSave, NormTuning, Prefix, PromptTu
 from .bottleneck import Adapter
 from .soft_prompts import AdaptionPrompt, PTuning
 from .method import Method, Param, Site, register_method
-from .methods import LoHa, LoKr, VeRA  # noqa: E402  (written with the public API above)
+from .methods import BOFT, AdaLoRA, LoHa, LoKr, OFT, VeRA  # noqa: E402  (written with the public API above)
 from .passes.insert_trainable_tokens import TrainableTokens
 from .passes.insert_ln_tuning import LNTuning
 
 __all__ = [
     "compile", "Spec", "Rule", "LoRA", "Prefix", "PromptTuning", "IA3", "SparseDelta", "BitFit", "NormTuning",
     "ModulesToSave", "TrainableTokens", "LNTuning", "Adapter", "PTuning", "AdaptionPrompt", "Method", "Param", "Site",
-    "register_method", "LoHa", "LoKr", "VeRA",
+    "register_method", "LoHa", "LoKr", "VeRA", "OFT", "BOFT", "AdaLoRA",
     "fisher_masks", "CompiledModel", "Pipeline", "Pass", "PassContext", "PassResult", "register_pass",
     "PeftcError", "SpecError", "CaptureError", "PassError", "AdapterError", "ExportError",
     "GenerationError",

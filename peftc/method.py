@@ -25,6 +25,9 @@ to the parameter table under `<module>.<name>` (HF PEFT's key layout; `shared_pa
 own name), and inserts `forward`, traced on the graph's own nodes: the diff shows it op for op, verification and
 prune-grads see it like any other pass's nodes, and ONNX export lowers it. `merge` is traced to ATen once per site at merge time, and
 fold-params evaluates it into the base weight, so the merged graph is the plain capture's, op for op.
+
+Optional hooks: `rewrite_weight(site, w, p)` instead of forward (the site computes op(x, W'); merging is folding
+W'), `regularizer(sites)` (a term added to the output's loss), and `peft_type` (HF PEFT's format both ways).
 """
 
 from __future__ import annotations
@@ -157,6 +160,11 @@ class Method(Rule):
 
     kind: ClassVar[str] = ""
     sites: ClassVar[tuple[str, ...]] = ("matmul",)
+    # HF PEFT's peft_type ("OFT"), for a method whose options (through hf_names) and tensor names are HF's: then
+    # save_pretrained writes HF PEFT's format and Spec.from_peft / load_adapter read it (peftc/peft_format.py).
+    peft_type: ClassVar[str | None] = None
+    # PEFT config keys the method has no option for, and the one value it reads (None: HF ignores the key)
+    peft_defaults: ClassVar[dict[str, Any]] = {}
 
     # None: every matmul but the output layer ("all-linear"), every norm, every attention (module sites: required)
     target: Target = None
@@ -197,6 +205,12 @@ class Method(Rule):
         raise NotImplementedError(f"{type(self).__name__}.forward(site, x, y, p) must return the new output")
 
     merge: ClassVar[Callable | None] = None  # def merge(self, site, w, p) -> W', same shape as w
+    # Instead of forward (weight sites): def rewrite_weight(self, site, w, p) -> W'; the site then computes
+    # op(x, W'), and a merge is fold-params evaluating W' (OFT's rotated weight, BOFT's butterfly).
+    rewrite_weight: ClassVar[Callable | None] = None
+    # def regularizer(self, sites) -> loss term: added to the model output's `loss` (when it has one) on every call,
+    # `sites` mapping each module path to its live tensors (AdaLoRA's orthogonality penalty).
+    regularizer: ClassVar[Callable | None] = None
 
 
 def _check_kind(cls: type) -> None:
@@ -208,6 +222,9 @@ def _check_kind(cls: type) -> None:
     if bad or not cls.sites or mixed:
         raise SpecError(f"{cls.__name__}.sites = {cls.sites!r}: use 'matmul' and/or 'conv', or one of 'module', "
                         f"'norm', 'attention'")
+    if cls.rewrite_weight is not None and not set(cls.sites) <= set(WEIGHT_KINDS):
+        raise SpecError(f"{cls.__name__} defines rewrite_weight, which needs a weight: sites must be 'matmul' and/or "
+                        f"'conv', not {cls.sites!r}")
 
 
 def register_method(cls: type) -> type:
@@ -378,7 +395,8 @@ def insert_method(gm: GraphModule, ctx, rule: Method, pass_name: str) -> bool:
     for raw, site in zip(raws, sites):
         if adapted(raw.node, rule.kind, rule, raw.module):
             continue
-        _insert(gm, ctx, rule, pass_name, raw, site, shared)
+        (_insert_weight if type(rule).rewrite_weight is not None else _insert)(gm, ctx, rule, pass_name, raw, site,
+                                                                               shared)
         mark_adapted(raw.node, rule.kind, rule)
         ctx.count(f"{pass_name}.inserted")
         modified = True
@@ -402,7 +420,7 @@ def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
     return adapter_dtype(dtype)
 
 
-def _insert(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site: Site, shared: dict[str, str]) -> None:
+def _add_params(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site: Site, shared: dict[str, str]) -> dict:
     device = _device(ctx, raw)
     names = dict(shared)
     for key, param in rule.params(site).items():
@@ -410,6 +428,29 @@ def _insert(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site: Site,
         ctx.params.add(gm, name, lambda p=param, w=where: p.make(site.dtype, device, w), method=rule.kind,
                        added_by=pass_name, trainable=param.trainable)
         names[key] = name
+    return names
+
+
+def _insert_weight(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site: Site, shared: dict[str, str]) -> None:
+    """y = op(x, W)  ==>  y = op(x, rewrite_weight(site, W, p)), W' traced to ATen in front of the weight read."""
+    from .merge import _weight_leaf
+
+    names = _add_params(gm, ctx, rule, pass_name, raw, site, shared)
+    rewire = _weight_leaf(raw, set())
+    if rewire is None:
+        raise PassError(f"{rule!r} on `{raw.module}`: its weight reaches the op through a layout op that something "
+                        f"else also reads, so it cannot be rewritten for this site alone; exclude this module")
+    reader, leaf = rewire
+    before = set(gm.graph.nodes)
+    tag = {"rule": rule, "site": site, "node": raw.node.name, "params": names}
+    result = _merged_weight(gm, ctx.params, tag, raw, reader, leaf, pass_name, fn=type(rule).rewrite_weight,
+                            role=rule.kind)
+    reader.replace_input_with(leaf, result)
+    result.meta[TAG] = {**tag, "created": [n.name for n in gm.graph.nodes if n not in before]}
+
+
+def _insert(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site: Site, shared: dict[str, str]) -> None:
+    names = _add_params(gm, ctx, rule, pass_name, raw, site, shared)
     y = raw.node
     base_dtype = ctx.params[raw.weight].tensor.dtype if raw.weight is not None else _val(y).dtype
     anchor = y.next
@@ -446,6 +487,34 @@ def _insert(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site: Site,
     if isinstance(raw, _Output):  # the module's own reads of its output stay; what comes after reads the new one
         keep |= raw.inside
     y.replace_all_uses_with(out, delete_user_cb=lambda user: user not in keep)
+
+
+# ---- training-time hooks ------------------------------------------------------------------------------------------
+
+def site_params(cm, rule: Method) -> dict[str, dict[str, str]]:
+    """{module path: {tensor key: parameter name}} of the sites `rule` rewrote in cm (its per-site tensors)."""
+    out = {}
+    for node in cm.graph_module.graph.nodes:
+        tag = node.meta.get(TAG)
+        if tag is not None and tag["rule"] == rule:
+            out[tag["site"].module] = {k: n for k, n in tag["params"].items() if n != k}
+    return out
+
+
+def add_regularizers(cm, out):
+    """out.loss += rule.regularizer(sites) for every rule of cm's spec that has one, as HF PEFT's AdaLoRA adds its
+    orthogonality penalty in forward."""
+    rules = [r for r in (cm.spec.rules if cm.spec is not None else ())
+             if getattr(type(r), "regularizer", None) is not None]
+    if not rules or not isinstance(getattr(out, "loss", None), torch.Tensor):
+        return out
+    cache = cm.__dict__.setdefault("_peftc_regularized_sites", {})
+    for rule in rules:
+        if rule not in cache:
+            cache[rule] = site_params(cm, rule)
+        sites = {m: Tensors({k: cm.get_parameter(n) for k, n in names.items()}) for m, names in cache[rule].items()}
+        out.loss = out.loss + rule.regularizer(sites)
+    return out
 
 
 # ---- merging -------------------------------------------------------------------------------------------------------
@@ -489,14 +558,18 @@ def merge_methods(gm: GraphModule, scope, pass_name: str) -> int:
     return hits
 
 
-def _merged_weight(gm: GraphModule, table, tag: dict, raw, reader: Node, leaf: Node, pass_name: str) -> Node:
-    """merge(site, W, p) traced to ATen on the parameters, in W's storage layout and dtype."""
+def _merged_weight(gm: GraphModule, table, tag: dict, raw, reader: Node, leaf: Node, pass_name: str,
+                   fn: Callable | None = None, role: str | None = None) -> Node:
+    """merge(site, W, p) (or `fn`, rewrite_weight) traced to ATen on the parameters, in W's storage layout and
+    dtype."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     rule, site, names = tag["rule"], tag["site"], tag["params"]
+    fn = fn or type(rule).merge
+    what = f"{type(rule).__name__}.{fn.__name__}"
     stored = table[raw.weight].tensor
     in_out = getattr(raw, "weight_in_out", False)
-    b = NodeBuilder(gm, reader, pass_name, "merge-" + rule.kind, like=raw.node)
+    b = NodeBuilder(gm, reader, pass_name, role or "merge-" + rule.kind, like=raw.node)
     w = leaf if site.dtype == stored.dtype else b.call(aten.to.dtype, leaf, site.dtype)
     if in_out:
         w = b.call(aten.t.default, w)
@@ -506,26 +579,33 @@ def _merged_weight(gm: GraphModule, table, tag: dict, raw, reader: Node, leaf: N
     examples = [table[names[k]].tensor.detach() for k in keys]
 
     def merged(w_, *ts):
-        return rule.merge(site, w_, Tensors(zip(keys, ts)))
+        return fn(rule, site, w_, Tensors(zip(keys, ts)))
 
     with torch.no_grad():
         value = merged(example_w, *examples)
         traced = make_fx(merged)(example_w, *examples)
     if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(example_w.shape):
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise PassError(f"{type(rule).__name__}.merge on `{raw.module}` returned {got}; it must return W' shaped "
+        raise PassError(f"{what} on `{raw.module}` returned {got}; it must return W' shaped "
                         f"like W, {tuple(example_w.shape)}")
     env: dict[Node, Any] = dict(zip([n for n in traced.graph.nodes if n.op == "placeholder"],
                                     [w, *[b.attr(names[k]) for k in keys]]))
     result = None
+    output = next(n for n in traced.graph.nodes if n.op == "output")
+    needed, todo = set(), [output]
+    while todo:  # W' and what it is computed from: no argument checks (_linalg_check_errors) left reading p
+        n = todo.pop()
+        if n not in needed:
+            needed.add(n)
+            todo.extend(n.all_input_nodes)
     for node in traced.graph.nodes:
-        if node.op == "placeholder":
+        if node.op == "placeholder" or node not in needed:
             continue
         if node.op == "output":
             result = torch.fx.node.map_arg(node.args[0], env.__getitem__)
             break
         if node.op != "call_function":
-            raise PassError(f"{type(rule).__name__}.merge on `{raw.module}` creates a tensor constant; compute W' "
+            raise PassError(f"{what} on `{raw.module}` creates a tensor constant; compute W' "
                             f"from w and the parameters only")
         with gm.graph.inserting_before(reader):
             env[node] = b._tag(gm.graph.node_copy(node, env.__getitem__))

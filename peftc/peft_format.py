@@ -217,8 +217,8 @@ def _is_empty(value: Any) -> bool:
     return value in (None, False, [], {}, "") or (hasattr(value, "__dataclass_fields__") and _is_empty(vars(value)))
 
 
-def _check_keys(config: dict, peft_type: str, where: str) -> None:
-    supported = _SUPPORTED[peft_type]
+def _check_keys(config: dict, peft_type: str, where: str, supported: set[str] | None = None) -> None:
+    supported = _SUPPORTED[peft_type] if supported is None else supported
     for key, value in config.items():
         if key in supported or key in _METADATA or _is_empty(value) or _INERT_DEFAULTS.get(key) == value:
             continue
@@ -236,9 +236,12 @@ def spec_from_peft(source: Any, *, saved: dict[str, torch.Tensor] | None = None)
     config = {k: _plain(v) for k, v in read_config(source).items()}
     peft_type = config.get("peft_type")
     where = f"PEFT config ({peft_type})"
+    methods = _peft_methods()
+    if peft_type in methods:
+        return _method_from_peft(methods[peft_type], config, where)
     if peft_type not in _SUPPORTED:
         raise SpecError(f"PEFT config: peft_type {peft_type!r} is not supported; peftc reads "
-                        f"{', '.join(_SUPPORTED)}")
+                        f"{', '.join([*_SUPPORTED, *methods])}")
     _check_keys(config, peft_type, where)
     task_type = config.get("task_type")
     mts = _with_seq_cls_heads(config)
@@ -321,6 +324,57 @@ def _trainable_tokens_rule(indices: Any, target: Any, where: str) -> Rule:
     if not indices:
         raise SpecError(f"{where}: trainable tokens need `token_indices`")
     return TrainableTokens(indices=list(indices), target=_target_from_peft(target))
+
+
+# ---- methods written with peftc.Method that name their HF PEFT type (OFT, BOFT, ...) --------------------------------
+_SELECTION_KEYS = {"target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern",
+                   "fan_in_fan_out"}
+
+
+def _peft_methods() -> dict[str, type]:
+    from .method import Method
+    from .spec import RULE_KINDS
+
+    return {cls.peft_type: cls for cls in RULE_KINDS.values() if issubclass(cls, Method) and cls.peft_type}
+
+
+def _option_names(cls) -> dict[str, str]:
+    """{PEFT config key: field} for the method's options."""
+    to_hf = {field: key for key, field in cls.hf_names.items()}
+    return {to_hf.get(f.name, f.name): f.name for f in dataclasses.fields(cls) if f.name not in ("target", "exclude")}
+
+
+def _method_from_peft(cls, config: dict, where: str) -> Spec:
+    options = _option_names(cls)
+    inert = {k for k, v in cls.peft_defaults.items() if v is None or config.get(k) == v}
+    _check_keys({k: v for k, v in config.items() if k not in inert}, config["peft_type"], where,
+                {*options, *_SELECTION_KEYS})
+    mts = _with_seq_cls_heads(config)
+    rule = cls(target=_module_target(config, None, "", where),
+               exclude=_exclude_from_peft(config.get("exclude_modules"), mts),
+               **{field: config[key] for key, field in options.items() if key in config and config[key] is not None})
+    return Spec(rule, *([ModulesToSave(target=_endswith_from_peft(mts))] if mts else []),
+                task_type=config.get("task_type"))
+
+
+def _method(cm, rule) -> tuple[dict, dict]:
+    from .method import TAG
+
+    adapted = {n.meta[TAG]["site"].module for n in cm.graph_module.graph.nodes
+               if n.meta.get(TAG, {}).get("rule") == rule}
+    swappable = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d")
+    odd = sorted(m for m in adapted if cm._info.module_types.get(m, "") not in swappable)
+    if odd:
+        raise NotPeftExpressible(f"{type(rule).__name__} on `{odd[0]}`, which is not an nn.Linear, Conv1D or "
+                                 f"convolution module (a weight read functionally), has no PEFT format: PEFT swaps "
+                                 f"modules")
+    config = {**_base_config(cm, rule.peft_type, cm.spec.task_type), "bias": "none", "peft_version": "0.21.2",
+              **{key: getattr(rule, field) for key, field in _option_names(type(rule)).items()},
+              "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in adapted)}
+    tensors = {MODEL_PREFIX + p.name: p.tensor.detach() for p in cm.params
+               if p.role == ADAPTER and p.method == rule.kind}
+    _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
+    return _choose_targets(cm, config, rule.target, rule.exclude, adapted, "modules"), tensors
 
 
 def _required(config: dict, key: str, where: str) -> Any:
@@ -694,7 +748,8 @@ def peft_adapter(cm) -> tuple[dict, dict[str, torch.Tensor]]:
     if len(methods) != 1:
         raise NotPeftExpressible(f"a PEFT adapter holds one method; this spec has {len(methods)} "
                                  f"({', '.join(type(r).__name__ for r in methods)})")
-    writer = _writers().get(type(methods[0]))
+    rule = methods[0]
+    writer = _writers().get(type(rule)) or (_method if getattr(rule, "peft_type", None) else None)
     if writer is None:
         raise NotPeftExpressible(f"PEFT has no format for {type(methods[0]).__name__}")
     config, tensors = writer(cm, methods[0])
@@ -840,7 +895,8 @@ def peftc_state_dict(cm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
             method = "ln_tuning" if _delta_name(alias, "ln_tuning") in cm.params else "norm_tuning"
         elif any(m in name for m in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_l")) \
                 or name.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B", ".adaption_prompt",
-                                  ".adaption_gate")):
+                                  ".adaption_gate")) \
+                or (name in cm.params and cm.params[name].role == ADAPTER):
             out[name] = value
             continue
         elif name.endswith(".trainable_tokens_delta"):

@@ -202,7 +202,9 @@ class CompiledModel(HFModelMixin, nn.Module):
             from ..adapters import mixed_call
 
             return mixed_call(self, kwargs.pop("adapter_names"), None, args, kwargs)
-        return self._call(None, args, kwargs)
+        from ..method import add_regularizers
+
+        return add_regularizers(self, self._call(None, args, kwargs))
 
     def _call(self, entry: str | None, args: tuple, kwargs: dict[str, Any], config: Any = _ACTIVE) -> Any:
         """Run the graph of this call signature (entering through submodule `entry`, for cm.base_model) for the
@@ -372,6 +374,13 @@ class CompiledModel(HFModelMixin, nn.Module):
                             + (f" (and {len(unmerged) - 1} more)" if len(unmerged) > 1 else "")
                             + "; leave its module out of adapters=[...] or add a rule to MERGE_RULES")
         return merged
+
+    def update_and_allocate(self, global_step: int):
+        """AdaLoRA's rank-budget step, as HF PEFT's `model.base_model.update_and_allocate(step)`: call it after
+        loss.backward() and before zero_grad() (peftc/methods/adalora.py). Returns the RankAllocator."""
+        from ..methods.adalora import update_and_allocate
+
+        return update_and_allocate(self, global_step)
 
     def merge_and_unload(self) -> nn.Module:
         """A copy of the original model (its own class, e.g. LlamaForCausalLM) with every adapter merged into its
