@@ -3,7 +3,7 @@
 from . import passes  # noqa: F401  (registers every pass)
 from .api import compile
 from .delta import fisher_masks
-from .errors import AdapterError, CaptureError, ExportError, GenerationError, PassError, PeftcError, SpecError
+from .errors import AdapterError, BudgetError, CaptureError, ExportError, GenerationError, PassError, PeftcError, SpecError
 from .lower.eager import CompiledModel
 from .pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
 from .spec import IA3, BitFit, LoRA, ModulesToSave, NormTuning, Prefix, PromptTuning, Rule, SparseDelta, Spec
@@ -15,6 +15,6 @@ __all__ = [
     "ModulesToSave", "Method", "Param", "Site", "register_method", "LoHa", "LoKr", "VeRA",
     "fisher_masks", "CompiledModel", "Pipeline", "Pass", "PassContext", "PassResult", "register_pass",
     "PeftcError", "SpecError", "CaptureError", "PassError", "AdapterError", "ExportError",
-    "GenerationError",
+    "GenerationError", "BudgetError",
 ]
 __version__ = "0.1.0"
