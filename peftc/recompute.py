@@ -116,11 +116,13 @@ class RecomputePlan:
         budget = (f"memory budget {_fmt_bytes(self.budget)} ({self.budget:,} bytes)" if self.budget is not None
                   else f"memory budget auto (lowest peak within {_DEFAULT_FLOPS:.0%} more FLOPs)")
         parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in self.breakdown.items())
-        return (f"{budget}: recompute {len(self.recomputed)} of {len(self.regions)} regions in backward; peak of "
+        what = (f"recompute {len(self.recomputed)} of {len(self.regions)} regions in backward" if self.recomputed
+                else "no recomputation needed")
+        return (f"{budget}: {what}; peak of "
                 f"one training step on {self.tokens:,} tokens predicted {_fmt_bytes(self.predicted_peak)}, measured "
                 f"{_fmt_bytes(self.measured_peak)} ({parts}); extra FLOPs {_fmt_count(self.extra_flops)} "
                 f"({self.extra_flops / max(self.base_flops, 1):+.1%}; measured "
-                f"{_fmt_count(self.measured_extra_flops)})\n{self.table()}")
+                f"{_fmt_count(self.measured_extra_flops)})" + (f"\n{self.table()}" if self.regions else ""))
 
 
 # ---- calibration: two measured steps with region boundaries marked ------------------------------------------------
@@ -449,7 +451,21 @@ def plan_recompute(cm, budget: int | str | None, optimizer_state_bytes: int | No
 def _plan(cm, budget: int | None, optimizer_state_bytes: int | None) -> RecomputePlan:
     from .passes.schedule_recompute import ScheduleRecompute
 
+    from .passes.schedule_recompute import block_regions
+
     with _training(cm) as base:
+        if budget is not None or not block_regions(base, cm._info):
+            report = _measure(cm, base, base, optimizer_state_bytes)
+            if budget is None or report.device_peak_bytes <= budget:  # fits as it is: nothing to plan
+                return _record(cm, budget, (), report.device_peak_bytes, report, 0, report.forward_flops
+                               + report.backward_flops, 1)
+            if not block_regions(base, cm._info):
+                raise BudgetError(
+                    f"memory budget {_fmt_bytes(budget)} ({budget:,} bytes) is too small for one training step on "
+                    f"the example inputs, which needs {report.device_peak_bytes:,} bytes "
+                    f"({_fmt_bytes(report.device_peak_bytes)}), and the model has no repeated blocks (ModuleList "
+                    f"children) to recompute; raise the budget to at least that, or shrink the batch or sequence",
+                    report.device_peak_bytes)
         model = _Model(_calibrate(cm, base, False, optimizer_state_bytes),
                        _calibrate(cm, base, True, optimizer_state_bytes))
         fixed = model.fixed
@@ -474,11 +490,15 @@ def _plan(cm, budget: int | None, optimizer_state_bytes: int | None) -> Recomput
             scheduled = _scheduled(base, chosen, cm, [cm.diff_ir], start=len(cm.pipeline.passes))
             cm._replace_graph(base, scheduled)
             cm.pipeline = Pipeline((*cm.pipeline.passes, chosen))  # graphs captured from now on get it too
-    measured_flops = report.forward_flops + report.backward_flops
+    return _record(cm, budget, regions, fixed + model.peak(x), report, model.extra_flops(x), model.base_flops,
+                   rounds)
+
+
+def _record(cm, budget, regions, predicted: int, report, extra_flops: int, base_flops: int,
+            rounds: int) -> RecomputePlan:
     plan = RecomputePlan(
-        budget, regions, predicted_peak=fixed + model.peak(x), measured_peak=report.device_peak_bytes,
-        extra_flops=model.extra_flops(x), measured_extra_flops=measured_flops - model.base_flops,
-        base_flops=model.base_flops,
+        budget, regions, predicted_peak=predicted, measured_peak=report.device_peak_bytes, extra_flops=extra_flops,
+        measured_extra_flops=report.forward_flops + report.backward_flops - base_flops, base_flops=base_flops,
         breakdown={"params": report.param_bytes, "buffers": report.buffer_bytes, "inputs": report.input_bytes,
                    "optimizer state": report.optimizer_state_bytes, "activations": report.peak_bytes,
                    "of which grads": report.grad_bytes},

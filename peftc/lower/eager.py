@@ -188,6 +188,10 @@ class CompiledModel(HFModelMixin, nn.Module):
     def _call(self, entry: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
         """Run the graph of this call signature (entering through submodule `entry`, for cm.base_model)."""
         kwargs = call_kwargs(self._source if entry is None else get_attr_path(self._source, entry), kwargs)
+        if self.recompute_plan is not None and self.training:
+            from ..recompute import check_tokens
+
+            check_tokens(self, args, kwargs)
         key, tried = self._key(args, kwargs, entry), 0
         while True:
             graphs = list(self._graphs.get(key, []))
