@@ -191,3 +191,12 @@ def test_explain_shows_each_region(planned):
     for r in plan.regions:
         assert r.name in text
     assert any(line.split()[1] == "recompute" and "FLOP" in line for line in text.splitlines()[2:])
+
+
+def test_the_planned_pass_is_in_the_report_and_diff(planned):
+    cm = planned[FRACTIONS[1]]
+    records = cm.report().records
+    assert [r.name for r in records] == ["freeze-base", "insert-lora", "prune-grads", "schedule-recompute"]
+    assert records[-1].modified and "checkpoint_saving(" in cm.diff("schedule-recompute")
+    assert "04-schedule-recompute/code.py" in cm.diff("schedule-recompute")
+    assert cm.pipeline.passes[-1].regions == tuple(r.spec for r in cm.recompute_plan.regions if r.recompute)
