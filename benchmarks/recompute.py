@@ -40,6 +40,7 @@ FRACTIONS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3)
 COMPILE_RATIOS = (1.0, 0.5, 0.2, 0.0)
 BEGIN, END = "<!-- benchmarks.recompute: begin -->", "<!-- benchmarks.recompute: end -->"
 MIB = 2 ** 20
+NOTE = ('torch.compile rows: the live-storage tracker is a dispatch mode, and every `activation_memory_budget` ratio measured the same peak as eager HF PEFT, so these rows most likely measure eager execution under the tracker rather than the partitioned graph; read them as unverified. Step times come from a 2-core machine shared with other jobs and are noisy (some rows are seconds); peaks and FLOPs are exact.')
 
 
 def cases(quick: bool) -> list[dict]:
@@ -218,7 +219,8 @@ def render(results: dict, meta: dict) -> str:
              "without checkpointing (FlopCounterMode); step time is the median of "
              f"{meta['steps']} steps on {meta['threads']} CPU threads; parity = the largest gradient difference "
              "from the same library's unscheduled step, relative to the gradient's largest entry. For every-k and "
-             "torch.compile, each budget gets the cheapest setting that fits.", ""]
+             "torch.compile, each budget gets the cheapest setting that fits.", "",
+             NOTE, ""]
     for key, r in results.items():
         base_flops = r["hf"]["none"]["flops"]
         lines += [f"### {r['title']}", "",
