@@ -20,7 +20,6 @@ the same library's unscheduled step.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import re
 import statistics

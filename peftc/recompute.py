@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import BudgetError, SpecError
 from .instrument import Verify
-from .memory import _fmt_bytes, _fmt_count, adamw_state_bytes, measure_step
+from .memory import _fmt_bytes, _fmt_count, measure_step
 from .pipeline import PassContext, Pipeline
 
 _MAX_ROUNDS = 4  # closed-loop re-plans before giving up
