@@ -1,14 +1,20 @@
-"""schedule-recompute: run chosen repeated blocks under activation checkpointing.
+"""schedule-recompute: run chosen repeated blocks, or regions of them, under activation checkpointing.
 
-    y = block(x, W...)  ==>  y = checkpoint(block_k, x, W..., use_reentrant=False)
+    y = block(x, W...)   ==>  y = checkpoint(block_k, x, W..., use_reentrant=False)
+    y = region(x, W...)  ==>  y = checkpoint_saving(region_k, ("mm.0", ...), x, W...)   (selective: the named
+                                                                                          op outputs are kept)
 
 A block is a child of a ModuleList (`model.layers.3`, `transformer.h.0`, `bert.encoder.layer.1`): every node whose
-module stack passes through it. Its nodes move into a sub-GraphModule `peftc_recompute_<k>`; forward keeps only
-what the block reads from outside (activations, weights, SymInts), and backward runs the block again.
+module stack passes through it. A region is a segment of a block between two points where a single tensor (the
+residual stream) carries everything on: `model.layers.3#0` is a Llama layer's attention half, `#1` its MLP half.
+The nodes move into a sub-GraphModule `peftc_recompute_<path>`; forward keeps only what the region reads from
+outside (activations, weights, SymInts) plus the outputs of the ops its save list names, and backward runs the
+region again, taking those ops' outputs from the forward instead of computing them.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -24,6 +30,45 @@ from peftc.rewrite import NodeBuilder
 
 NAME = "schedule-recompute"
 BLOCK_KEY = "peftc.recompute_block"  # on the checkpoint call: the module path of the block it runs
+REGION_KEY = "peftc.recompute_region"  # on a region's checkpoint call: `block#k`
+
+
+def op_key(func, index: int) -> str:
+    """How a save list names the `index`-th call of aten op `func` in a region's forward: `mm.3`, `addmm.0`."""
+    return f"{func.__name__.split('.')[0]}.{index}"
+
+
+# The memory-budget planner's calibration step sets this to see each op call of a region's forward
+# (observer(key, func, args, kwargs, output)); None otherwise.
+observer = None
+
+
+def _save_policy(save: frozenset[str]):
+    """A selective-checkpoint policy that keeps the outputs of the op calls `save` names and recomputes the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    calls: dict = {}
+
+    def policy(ctx, func, *args, **kwargs):
+        index = calls.get(func, 0)
+        calls[func] = index + 1
+        if observer is not None:
+            observer(op_key(func, index), func, args, kwargs, ctx.op_output)
+        return CheckpointPolicy.MUST_SAVE if op_key(func, index) in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def _contexts(save: frozenset[str]):
+    return torch.utils.checkpoint.create_selective_checkpoint_contexts(_save_policy(save))
+
+
+def checkpoint_saving(region: GraphModule, save: tuple[str, ...], *inputs):
+    """`checkpoint(region, *inputs)`, keeping the outputs of the op calls `save` names (`op_key`) for backward."""
+    if not save and observer is None:
+        return torch.utils.checkpoint.checkpoint(region, *inputs, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(region, *inputs, use_reentrant=False,
+                                             context_fn=functools.partial(_contexts, frozenset(save)))
 
 
 def _block_of(node: Node, info: ModelInfo) -> str | None:
@@ -52,22 +97,71 @@ def repeated_blocks(gm: GraphModule, info: ModelInfo) -> dict[str, list[Node]]:
     return blocks
 
 
+def block_regions(gm: GraphModule, info: ModelInfo) -> dict[str, list[Node]]:
+    """`block#k` ==> the nodes of the k-th region of each repeated block, in the order they run.
+
+    A block is cut after a node when the only value that the block's later nodes read from its earlier ones (or
+    from the previous block) is that node's output: a residual stream point. Values every block reads (rotary
+    tables, masks) are computed outside the blocks and do not count. A region reads at least one weight (no
+    region of casts alone). Blocks already checkpointed are left out.
+    """
+    blocks = repeated_blocks(gm, info)
+    regions: dict[str, list[Node]] = {}
+    for path, nodes in blocks.items():
+        if any(n.meta.get("peftc.pass") == NAME for n in nodes):
+            continue
+        position = {n: i for i, n in enumerate(nodes)}
+        # What a cut must carry: values of this block, and values from outside that only this block reads (its
+        # input activation); not values every block reads.
+        carried = [a for a in dict.fromkeys(a for n in nodes for a in n.all_input_nodes)
+                   if a in position or (a.op == "call_function" and all(u in position for u in a.users))]
+        last_use = {a: max(position[u] for u in a.users if u in position) for a in carried}
+        k, start = 0, 0
+        for i, n in enumerate(nodes[:-1]):
+            crossing = [a for a in carried if last_use[a] > i and position.get(a, -1) <= i]
+            reads_weights = any(a.op == "get_attr" for m in nodes[start:i + 1] for a in m.all_input_nodes)
+            if crossing == [n] and all(u in position for u in n.users) and reads_weights:
+                regions[f"{path}#{k}"] = nodes[start:i + 1]
+                k, start = k + 1, i + 1
+        regions[f"{path}#{k}"] = nodes[start:]
+    return regions
+
+
+def _parse_region(text: str) -> tuple[str, tuple[str, ...]]:
+    """`model.layers.0#1:mm.0+mm.2` ==> ("model.layers.0#1", ("mm.0", "mm.2"))."""
+    name, _, save = text.partition(":")
+    return name.strip(), tuple(s.strip() for s in save.split("+") if s.strip())
+
+
 @register_pass
 @dataclass(frozen=True)
 class ScheduleRecompute(Pass):
     """schedule-recompute: y = block(x, W)  ==>  y = checkpoint(block, x, W, use_reentrant=False).
 
     `blocks`: how many repeated blocks to recompute (the first ones to run), a tuple of block paths, or a
-    `|`-separated string of them; None recomputes every block. Training graphs only: eval graphs keep no
-    activations for backward, so they are left unchanged. Gradients are unchanged: the block runs the same ops on
-    the same inputs again, with the RNG state it first ran with (dropout draws the same masks).
+    `|`-separated string of them; None recomputes every block. `regions` instead names regions of blocks
+    (`block_regions`), each with the op calls whose outputs backward keeps rather than recomputes:
+    `model.layers.0#0:mm.0+mm.4|model.layers.1#1` (the memory-budget planner writes these). Training graphs only:
+    eval graphs keep no activations for backward, so they are left unchanged. Gradients are unchanged: the block
+    runs the same ops on the same inputs again, with the RNG state it first ran with (dropout draws the same masks).
     """
 
     name: ClassVar[str] = NAME
     stage: ClassVar[str] = "training"
     blocks: int | tuple[str, ...] | str | None = None
+    regions: tuple[str, ...] | str | None = None
 
     def __post_init__(self):
+        if isinstance(self.regions, str):
+            object.__setattr__(self, "regions", tuple(r.strip() for r in self.regions.split("|") if r.strip()))
+        elif isinstance(self.regions, list):
+            object.__setattr__(self, "regions", tuple(self.regions))
+        if self.regions is not None:
+            if self.blocks is not None:
+                raise SpecError(f"{NAME}: give blocks or regions, not both")
+            if not all(isinstance(r, str) and "#" in r for r in self.regions):
+                raise SpecError(f"{NAME}: regions must be such as 'model.layers.0#1:mm.0+mm.2|model.layers.1#0', "
+                                f"got {self.regions!r}")
         if isinstance(self.blocks, str):
             object.__setattr__(self, "blocks", tuple(b.strip() for b in self.blocks.split("|") if b.strip()))
         elif isinstance(self.blocks, list):
@@ -94,6 +188,8 @@ class ScheduleRecompute(Pass):
         return [b for b in found if b in self.blocks]
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        if self.regions is not None:
+            return self._run_regions(gm, ctx)
         blocks = repeated_blocks(gm, ctx.info)
         chosen = self.chosen(list(blocks))
         if not ctx.training:
@@ -108,7 +204,27 @@ class ScheduleRecompute(Pass):
             modified = True
         return PassResult(gm, modified)
 
-    def _checkpoint(self, gm: GraphModule, path: str, nodes: list[Node]) -> None:
+    def _run_regions(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        found = block_regions(gm, ctx.info)
+        done = {n.meta[REGION_KEY] for n in gm.graph.nodes if REGION_KEY in n.meta}
+        wanted = [_parse_region(r) for r in self.regions]
+        unknown = [name for name, _ in wanted if name not in found and name not in done]
+        if unknown:
+            raise SpecError(f"{NAME}: `{unknown[0]}` is not a region of this model; regions: "
+                            f"{', '.join(found) or 'none'}")
+        if not ctx.training:
+            return PassResult(gm, False)
+        modified = False
+        for name, save in wanted:
+            if name in done:
+                continue
+            self._checkpoint(gm, name.partition("#")[0], found[name], save, region=name)
+            ctx.count(f"{NAME}.regions")
+            modified = True
+        return PassResult(gm, modified)
+
+    def _checkpoint(self, gm: GraphModule, path: str, nodes: list[Node], save: tuple[str, ...] = (),
+                    region: str | None = None) -> None:
         inside = set(nodes)
         for node in nodes:
             schema = getattr(node.target, "_schema", None)
@@ -139,12 +255,16 @@ class ScheduleRecompute(Pass):
         for node in nodes:
             env[node] = sub.node_copy(node, lambda a: env[a])
         sub.output(tuple(env[n] for n in outputs))
-        qualname = f"peftc_recompute_{path.replace('.', '_')}"
+        qualname = f"peftc_recompute_{(region or path).replace('.', '_').replace('#', '_r')}"
         gm.add_submodule(qualname, GraphModule(torch.nn.Module(), sub, class_name="RecomputeBlock"))
 
         nb = NodeBuilder(gm, last.next, NAME, "checkpoint")
         block = nb.attr(qualname)
-        call = nb.call(torch.utils.checkpoint.checkpoint, block, *inputs, kwargs={"use_reentrant": False})
+        if region is None:
+            call = nb.call(torch.utils.checkpoint.checkpoint, block, *inputs, kwargs={"use_reentrant": False})
+        else:
+            call = nb.call(checkpoint_saving, block, tuple(save), *inputs)
+            call.meta[REGION_KEY] = region
         call.meta[BLOCK_KEY] = path
         for i, out in enumerate(outputs):
             value = nb.call(operator.getitem, call, i, name=f"{out.name}_recomputed")

@@ -3,7 +3,7 @@
 from . import passes  # noqa: F401  (registers every pass)
 from .api import compile
 from .delta import fisher_masks
-from .errors import AdapterError, CaptureError, ExportError, GenerationError, PassError, PeftcError, SpecError
+from .errors import AdapterError, BudgetError, CaptureError, ExportError, GenerationError, PassError, PeftcError, SpecError
 from .lower.eager import CompiledModel
 from .pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
 from .spec import IA3, BitFit, LoRA, ModulesToSave, NormTuning, Prefix, PromptTuning, Rule, SparseDelta, Spec
@@ -20,6 +20,6 @@ __all__ = [
     "register_method", "LoHa", "LoKr", "VeRA", "OFT", "BOFT", "AdaLoRA",
     "fisher_masks", "CompiledModel", "Pipeline", "Pass", "PassContext", "PassResult", "register_pass",
     "PeftcError", "SpecError", "CaptureError", "PassError", "AdapterError", "ExportError",
-    "GenerationError",
+    "GenerationError", "BudgetError",
 ]
 __version__ = "0.1.0"

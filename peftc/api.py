@@ -18,7 +18,7 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
             kwargs: dict[str, Any] | None = None, *, dynamic: bool = True, prune_grads: bool = True,
             fuse_loss: bool = True, pipeline: Pipeline | str | None = None,
             verify: bool = True, instruments: Sequence[Instrument] = (),
-            memory_budget: int | str | None = None) -> CompiledModel:
+            memory_budget: int | str | None = None, optimizer_state_bytes: int | None = None) -> CompiledModel:
     """Compile `model` for parameter-efficient fine-tuning as `spec` says.
 
     `args`/`kwargs` are example inputs: the model is captured with torch.export (non-strict) on them, with every
@@ -30,10 +30,14 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     (a training step's cross-entropy loss computed in chunks of tokens without keeping the [tokens, vocab] logits,
     so `.logits` of a training call with labels raises PeftcError; `fuse_loss=False` computes them). Exports and
     merges never see training passes. `pipeline` overrides the spec's default pipeline
-    (`"insert-lora{r=8,target=q_proj},prune-grads"`). `memory_budget` (bytes, or a size such as "2GiB") plans
-    activation recomputation: the fewest repeated blocks (e.g. decoder layers) recomputed in backward whose
-    measured training-step peak on the example inputs fits; the chosen `schedule-recompute{blocks=k}` is appended
-    to the pipeline and the plan is `cm.recompute_plan` (docs/optimize.md).
+    (`"insert-lora{r=8,target=q_proj},prune-grads"`). `memory_budget` (bytes, or a size such as "2GiB") is what the
+    device may hold during one training step on the example inputs: parameters, buffers, inputs, optimizer state
+    (AdamW's two fp32 moments per trainable parameter unless `optimizer_state_bytes=`) and the activation peak.
+    The planner decides per region of each repeated block, and per matmul/attention output inside it, what
+    backward recomputes, at the fewest extra FLOPs (an exact mixed-integer program over measured costs), checks
+    one measured step against the budget, and appends the chosen `schedule-recompute{regions=...}`; the plan is
+    `cm.recompute_plan`, a budget nothing fits raises BudgetError with the smallest that does. "auto" lowers the
+    peak as far as 2% more FLOPs allow (docs/optimize.md).
     """
     if not isinstance(model, nn.Module):
         raise PeftcError(f"peftc.compile needs an nn.Module, got {type(model).__name__}")
@@ -54,7 +58,7 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
         if spec is None:
             raise SpecError("give a spec (e.g. peftc.LoRA(target='q_proj|v_proj')) or a pipeline")
         pipeline = Pipeline.for_spec(spec, prune_grads=prune_grads, fuse_loss=fuse_loss)
-    if memory_budget is not None:
+    if memory_budget is not None and memory_budget != "auto":
         memory_budget = parse_bytes(memory_budget)  # a bad budget fails before minutes of compiling
     if not isinstance(args, tuple):
         args = (args,)
@@ -65,5 +69,5 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     if adapter is not None:
         cm.load_adapter(adapter)
     if memory_budget is not None:
-        plan_recompute(cm, memory_budget)
+        plan_recompute(cm, memory_budget, optimizer_state_bytes)
     return cm

@@ -62,11 +62,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---- shared pieces of compile / diff / explain ------------------------------------------------------------------
-def parse_bytes(text: str) -> int:
-    """`2GiB`, `512MiB`, `1.5GB`, `1048576` ==> bytes (peftc.recompute.parse_bytes, named for the option)."""
+def parse_bytes(text: str) -> int | str:
+    """`2GiB`, `512MiB`, `1.5GB`, `1048576` ==> bytes (peftc.recompute.parse_bytes, named for the option); `auto`."""
     from .recompute import parse_bytes as parse
 
-    return parse(text, "--memory-budget")
+    return "auto" if text == "auto" else parse(text, "--memory-budget")
 
 
 class Progress:
@@ -521,8 +521,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                   "alive for backward, outputs and loss included):")
     console.print(str(step))
     plan = cm.recompute_plan
-    console.print(f"recomputed in backward: {', '.join(plan.blocks) or 'nothing'}\n{plan}" if plan is not None else
-                  "recomputed in backward: nothing (give --memory-budget to plan recomputation)")
+    console.print(f"recomputed in backward: {', '.join(plan.recomputed) or 'nothing'}\n{plan}" if plan is not None
+                  else "recomputed in backward: nothing (give --memory-budget to plan recomputation)")
     return 0
 
 
@@ -560,8 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "that changed it")
     common.add_argument("--time-passes", action="store_true", help="print how long each pass took")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress display")
-    common.add_argument("--memory-budget", help="training memory budget (e.g. 2GiB): recompute the fewest repeated "
-                        "blocks in backward whose measured peak of one training step fits")
+    common.add_argument("--memory-budget", help="training memory budget (e.g. 2GiB, or auto): what one training step "
+                        "may hold (parameters, optimizer state, activations); backward recomputes what fits it at "
+                        "the fewest extra FLOPs")
     common.add_argument("--inputs", type=_input_names, metavar="NAMES",
                         help="a model directory's example inputs, comma-separated (default input_ids; e.g. "
                              "input_ids,attention_mask,token_type_ids for BERT): " + ", ".join(EXAMPLE_INPUTS))

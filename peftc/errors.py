@@ -30,3 +30,12 @@ class AdapterError(PeftcError, KeyError):
 
 class ExportError(PeftcError):
     """Lowering to ONNX failed or the exported model disagrees with eager PyTorch."""
+
+
+class BudgetError(PeftcError):
+    """No recomputation schedule fits a training step into the memory budget; `smallest` is the least that fits
+    (bytes)."""
+
+    def __init__(self, message: str, smallest: int):
+        super().__init__(message)
+        self.smallest = smallest

@@ -25,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from peftc.errors import PeftcError
 
-__all__ = ["LiveStorageTracker", "MeasureError", "StepReport", "default_loss", "measure_step", "storage_bytes"]
+__all__ = ["LiveStorageTracker", "MeasureError", "StepReport", "adamw_state_bytes", "default_loss", "measure_step",
+           "storage_bytes"]
 
 
 class MeasureError(PeftcError):
@@ -195,6 +196,15 @@ class StepReport:
     """Bytes of the tensors passed in `args` and `kwargs` that are not parameters or buffers."""
     forward_flops: int
     backward_flops: int
+    optimizer_state_bytes: int = 0
+    """Bytes an optimizer keeps per trainable parameter: AdamW's two fp32 moments unless told otherwise."""
+
+    @property
+    def device_peak_bytes(self) -> int:
+        """What the device holds at the step's peak: parameters, buffers, inputs, optimizer state and the step's
+        peak (activations, temporaries and the trainable parameters' gradients). A memory budget counts this."""
+        return (self.param_bytes + self.buffer_bytes + self.input_bytes + self.optimizer_state_bytes
+                + self.peak_bytes)
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -207,6 +217,9 @@ class StepReport:
             f"params      {_fmt_bytes(self.param_bytes)} (trainable {_fmt_bytes(self.trainable_param_bytes)})",
             f"buffers     {_fmt_bytes(self.buffer_bytes)}",
             f"inputs      {_fmt_bytes(self.input_bytes)}",
+            f"optimizer   {_fmt_bytes(self.optimizer_state_bytes)} (state)",
+            f"device peak {_fmt_bytes(self.device_peak_bytes)} (all of the above but saved and grads, which the "
+            f"peak includes)",
             f"FLOPs       forward {_fmt_count(self.forward_flops)}, backward {_fmt_count(self.backward_flops)}",
         ])
 
@@ -241,6 +254,7 @@ def measure_step(
     args: tuple = (),
     kwargs: dict[str, Any] | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    optimizer_state_bytes: int | None = None,
 ) -> StepReport:
     """Run `loss_fn(module(*args, **kwargs)).backward()` once and report its memory and FLOPs.
 
@@ -253,7 +267,8 @@ def measure_step(
     what is reachable, while the peaks include any cyclic garbage the step creates (an upper bound).
 
     The output and the loss stay referenced during backward, as in an ordinary training loop, so they count in
-    `peak_bytes`. `loss_fn` runs inside the measured forward pass.
+    `peak_bytes`. `loss_fn` runs inside the measured forward pass. `optimizer_state_bytes` (default: AdamW's, two
+    fp32 values per trainable parameter) is counted in `device_peak_bytes`, as a memory budget counts it.
     """
     if not isinstance(module, torch.nn.Module):
         raise MeasureError(f"measure_step needs an nn.Module, got {type(module).__name__}")
@@ -305,7 +320,13 @@ def measure_step(
         input_bytes=storage_bytes(inputs),
         forward_flops=forward_counter.get_total_flops(),
         backward_flops=backward_counter.get_total_flops(),
+        optimizer_state_bytes=adamw_state_bytes(params) if optimizer_state_bytes is None else optimizer_state_bytes,
     )
+
+
+def adamw_state_bytes(params: Iterable[torch.Tensor]) -> int:
+    """AdamW's state: two fp32 moments per trainable parameter element."""
+    return sum(8 * p.numel() for p in params if p.requires_grad)
 
 
 def _check_loss(loss: Any) -> None:

@@ -1,22 +1,38 @@
-"""Recompute planning: the fewest checkpointed blocks whose measured training-step peak fits a memory budget.
+"""Recompute planning: per-tensor save/recompute decisions that fit a training step into a byte budget.
 
-The planner measures, not models: it runs one training step (peftc.memory.measure_step) on the example inputs
-with 0, 1, 2, ... of the model's repeated blocks under schedule-recompute and keeps the first count that fits.
+1. Calibrate: cut each repeated block into regions at its residual points (schedule_recompute.block_regions) and
+   measure two training steps on the example inputs with peftc.memory.measure_step, one with nothing recomputed
+   and one with every region recomputed, marking each region boundary in forward and backward. The marks give,
+   per region, the bytes it leaves alive, its peaks in forward and in backward, and the FLOPs its recompute
+   costs; the recorded op calls give each op output's bytes and FLOPs.
+2. Solve exactly: a mixed-integer program (scipy.optimize.milp, HiGHS) chooses per region whether backward
+   recomputes it and, inside a recomputed region, which op outputs (matmuls, attention) forward keeps, minimizing
+   the recomputed FLOPs subject to every forward and backward peak of the step fitting the budget.
+3. Lower: schedule-recompute{regions=...}, selective checkpointing of exactly those ops.
+4. Close the loop: measure one real step; when it is over the budget, tighten by the excess and solve again.
 """
 
 from __future__ import annotations
 
+import gc
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import GraphModule
 
-from .errors import PeftcError, SpecError
+import warnings
+
+import numpy as np
+
+from .errors import BudgetError, SpecError
 from .instrument import Verify
-from .memory import _fmt_bytes, measure_step
+from .memory import _fmt_bytes, _fmt_count, measure_step
 from .pipeline import PassContext, Pipeline
+
+_MAX_ROUNDS = 4  # closed-loop re-plans before giving up
+_DEFAULT_FLOPS = 0.02  # memory_budget="auto": recompute whatever lowers the peak within 2% more FLOPs
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb": 1000 ** 2, "mib": 1024 ** 2,
           "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3, "t": 1000 ** 4, "tb": 1000 ** 4, "tib": 1024 ** 4}
@@ -43,59 +59,501 @@ def parse_bytes(text: str | int, what: str = "memory budget") -> int:
 
 
 @dataclass(frozen=True)
-class RecomputePlan:
-    """What the planner chose: `blocks` run again in backward; `peaks[k]` is the measured peak with the first k
-    blocks recomputed (measured up to the chosen count, or for every count when none fit)."""
+class RegionPlan:
+    """One region's decision: `recompute` in backward or keep what it saves; inside a recomputed region, forward
+    keeps the outputs of `saved_ops` (`mm.3`: the 4th mm call) and backward recomputes everything else."""
 
-    budget: int
-    blocks: tuple[str, ...]
-    available: tuple[str, ...]
-    peaks: tuple[int, ...]
+    name: str
+    recompute: bool
+    kept_bytes: int
+    """Bytes this region leaves alive from its forward until its backward (its output included)."""
+    saved_ops: tuple[str, ...]
+    recompute_flops: int
+    """FLOPs backward spends running this region again (0 when it is not recomputed)."""
+    why: str
 
     @property
-    def peak(self) -> int:
-        return self.peaks[len(self.blocks)]
+    def spec(self) -> str:
+        """The region as schedule-recompute{regions=...} writes it."""
+        return self.name + (":" + "+".join(self.saved_ops) if self.saved_ops else "")
+
+
+@dataclass(frozen=True)
+class RecomputePlan:
+    """What the planner chose and what one training step on the example inputs then held. Peaks are device
+    bytes: parameters, buffers, inputs, optimizer state and the activation peak (which includes the gradients)."""
+
+    budget: int | None
+    """The budget in bytes; None for memory_budget="auto" (whatever lowers the peak within 2% more FLOPs)."""
+    regions: tuple[RegionPlan, ...]
+    predicted_peak: int
+    measured_peak: int
+    extra_flops: int
+    """FLOPs the recomputation adds, as planned (torch.utils.flop_counter's count)."""
+    measured_extra_flops: int
+    base_flops: int
+    """FLOPs of one unscheduled training step (forward + backward)."""
+    breakdown: dict[str, int] = field(default_factory=dict)
+    """Bytes of the measured peak: params, buffers, inputs, optimizer state, activations (gradients included),
+    and the gradients alone."""
+    tokens: int = 0
+    """The token count planned for (the largest example input's number of elements)."""
+    rounds: int = 1
+    """Steps measured after planning (more than 1 when the first plan was over the budget and was tightened)."""
+
+    @property
+    def recomputed(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.regions if r.recompute)
+
+    def table(self) -> str:
+        lines = [f"{'region':<24} {'decision':<10} {'kept':>10} {'recompute':>10}  why"]
+        for r in self.regions:
+            lines.append(f"{r.name:<24} {'recompute' if r.recompute else 'save':<10} {_fmt_bytes(r.kept_bytes):>10} "
+                         f"{_fmt_count(r.recompute_flops) + 'FLOP' if r.recompute else '-':>10}  {r.why}")
+        return "\n".join(lines)
 
     def __str__(self) -> str:
-        measured = ", ".join(f"{k} blocks: {_fmt_bytes(p)}" for k, p in enumerate(self.peaks))
-        what = (f"recompute {len(self.blocks)} of {len(self.available)} blocks in backward "
-                f"({', '.join(self.blocks)})" if self.blocks else
-                f"no recomputation needed ({len(self.available)} blocks available)")
-        return (f"memory budget {_fmt_bytes(self.budget)} ({self.budget:,} bytes): {what}; peak of one training "
-                f"step {_fmt_bytes(self.peak)} (measured: {measured})")
+        budget = (f"memory budget {_fmt_bytes(self.budget)} ({self.budget:,} bytes)" if self.budget is not None
+                  else f"memory budget auto (lowest peak within {_DEFAULT_FLOPS:.0%} more FLOPs)")
+        parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in self.breakdown.items())
+        what = (f"recompute {len(self.recomputed)} of {len(self.regions)} regions in backward" if self.recomputed
+                else "no recomputation needed")
+        return (f"{budget}: {what}; peak of "
+                f"one training step on {self.tokens:,} tokens predicted {_fmt_bytes(self.predicted_peak)}, measured "
+                f"{_fmt_bytes(self.measured_peak)} ({parts}); extra FLOPs {_fmt_count(self.extra_flops)} "
+                f"({self.extra_flops / max(self.base_flops, 1):+.1%}; measured "
+                f"{_fmt_count(self.measured_extra_flops)})" + (f"\n{self.table()}" if self.regions else ""))
 
 
-def plan_recompute(cm, budget: int | str) -> RecomputePlan:
-    """Schedule recomputation on a CompiledModel so that one training step on its example inputs peaks within
-    `budget` bytes; append the chosen `schedule-recompute{blocks=k}` to its pipeline and record the plan on
-    `cm.recompute_plan`. Raises PeftcError when even recomputing every block does not fit."""
+# ---- calibration: two measured steps with region boundaries marked ------------------------------------------------
+
+_recorder = None  # the _Recorder of the calibration step running now
+
+
+class _Recorder:
+    """What the boundary marks and the region op calls saw during one calibration step."""
+
+    def __init__(self):
+        self.forward: dict[int, tuple[int, int, int]] = {}  # mark ==> (live bytes, peak since last mark, FLOPs)
+        self.backward: dict[int, tuple[int, int, int]] = {}
+        self.ops: dict[int, list[_Op]] = {}  # region index (1-based) ==> its forward op calls, in order
+        self._region = 0
+
+    def mark(self, phase: str, index: int) -> None:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        from .memory import LiveStorageTracker
+
+        modes = _get_current_dispatch_mode_stack()
+        tracker = next(m for m in modes if isinstance(m, LiveStorageTracker))
+        counters = [m.counter for m in modes if hasattr(m, "counter")]
+        flops = counters[-1].get_total_flops() if counters else 0
+        (self.forward if phase == "forward" else self.backward)[index] = (tracker.live_bytes, tracker.peak_bytes,
+                                                                          flops)
+        tracker.reset_peak()
+        if phase == "forward":
+            self._region = index + 1
+
+    def op(self, key, func, args, kwargs, out) -> None:
+        self.ops.setdefault(self._region, []).append(_Op.of(key, func, args, kwargs, out))
+
+
+@dataclass(frozen=True)
+class _Op:
+    key: str
+    bytes: int
+    flops: int  # as FlopCounterMode counts them
+    weight: int  # what recomputing it costs in the objective: its FLOPs, or attention's where the counter has none
+    savable: bool
+
+    @staticmethod
+    def of(key, func, args, kwargs, out) -> "_Op":
+        from torch.utils._pytree import tree_leaves
+        from torch.utils.flop_counter import flop_registry, sdpa_flop_count
+
+        from .memory import _storage_ids
+
+        arg_storages = _storage_ids(tree_leaves((args, kwargs)))
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        new = [t for t in outs if not (_storage_ids([t]) & arg_storages)]
+        nbytes = sum(t.untyped_storage().nbytes() for t in new)
+        formula = flop_registry.get(func._overloadpacket)
+        flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+        weight = flops
+        name = func.__name__
+        if not flops and "scaled_dot_product" in name:
+            weight = int(sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape))
+        schema = func._schema
+        dropout = next((v for a, v in zip(schema.arguments, args) if a.name == "dropout_p"),
+                       kwargs.get("dropout_p", 0.0))
+        random = any(w in name for w in ("dropout", "bernoulli", "rand", "normal")) or dropout
+        savable = bool(weight) and bool(new) and len(new) == len(outs) and not schema.is_mutable and not random
+        return _Op(key, nbytes, flops, weight, savable)
+
+
+class _Mark(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.index = index
+        _recorder.mark("forward", index)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _recorder.mark("backward", ctx.index)
+        return grad, None
+
+
+def mark_boundary(x: torch.Tensor, index: int) -> torch.Tensor:
+    """Record the calibration step's live bytes, peak and FLOPs here, in forward and again in backward."""
+    return _Mark.apply(x, index)
+
+
+@dataclass
+class _Calibration:
+    names: list[str]
+    forward: dict[int, tuple[int, int, int]]
+    backward: dict[int, tuple[int, int, int]]
+    ops: dict[int, list[_Op]]
+    report: object
+
+
+def _calibrate(cm, base: GraphModule, recompute: bool, optimizer_state_bytes) -> _Calibration:
+    """One measured step of `base` with every region boundary marked; with `recompute`, every region runs under
+    selective checkpointing that keeps nothing and records its op calls."""
+    global _recorder
+    from .passes import schedule_recompute as sr
+    from .pipeline import copy_graph_module
+
+    gm = copy_graph_module(base)
+    regions = sr.block_regions(gm, cm._info)
+    if not regions:
+        raise SpecError("a memory budget needs repeated blocks (ModuleList children such as model.layers.0) to "
+                        "recompute; this model has none")
+    names = list(regions)
+    first = regions[names[0]]
+    inside = set(first)
+    entry = [a for a in dict.fromkeys(a for n in first for a in n.all_input_nodes)
+             if a not in inside and a.op == "call_function" and all(u in set(sr.repeated_blocks(gm, cm._info)[
+                 names[0].partition("#")[0]]) for u in a.users)]
+    boundaries = [*entry[:1], *(regions[n][-1] for n in names)]
+    offset = 1 if entry else 0
+    for k, b in enumerate(boundaries):
+        with gm.graph.inserting_after(b):
+            m = gm.graph.call_function(mark_boundary, (b, k + 1 - offset))
+        b.replace_all_uses_with(m, delete_user_cb=lambda user: user is not m)
+    if recompute:
+        for name in names:
+            sr.ScheduleRecompute()._checkpoint(gm, name.partition("#")[0], regions[name], (), region=name)
+    gm.recompile()
+    recorder = _recorder = _Recorder()
+    sr.observer = recorder.op
+    args, kwargs = cm.example_inputs
+    cm._replace_graph(base, gm)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            report = measure_step(cm, args, kwargs, optimizer_state_bytes=optimizer_state_bytes)
+    finally:
+        _recorder, sr.observer = None, None
+        cm._replace_graph(gm, base)
+        for p in cm.trainable_parameters():
+            p.grad = None
+    return _Calibration(names, recorder.forward, recorder.backward, recorder.ops, report)
+
+
+# ---- the model and the mixed-integer program --------------------------------------------------------------------
+
+class _Model:
+    """Predicted activation peak and recomputed FLOPs of any choice, linear in the decision variables:
+    x = [c_1..c_n (recompute region i), y_o (keep op o's output; o in a recomputed region)]."""
+
+    def __init__(self, full: _Calibration, ckpt: _Calibration):
+        self.names = full.names
+        n = len(self.names)
+        if 0 not in full.forward or any(i not in full.forward for i in range(1, n + 1)):
+            raise SpecError("the memory-budget planner could not follow this model's blocks as one chain of "
+                            "regions (a region boundary was not reached in forward)")
+        lf = [full.forward[k][0] for k in range(n + 1)]
+        lc = [ckpt.forward[k][0] for k in range(n + 1)]
+        pf = [full.forward[k][1] for k in range(n + 1)]
+        pc = [ckpt.forward[k][1] for k in range(n + 1)]
+        self.lf, self.df = lf, [lf[i] - lf[i - 1] for i in range(1, n + 1)]
+        self.dc = [lc[i] - lc[i - 1] for i in range(1, n + 1)]
+        self.tf = [pf[i] - lf[i - 1] for i in range(1, n + 1)]
+        self.tc = [pc[i] - lc[i - 1] for i in range(1, n + 1)]
+        # Backward: the mark at boundary i-1 fires when region i's backward is done (inputs that need no grad
+        # never fire: those regions are never recomputed).
+        self.qf = [full.backward[i - 1][1] - lf[i - 1] if i - 1 in full.backward else None for i in range(1, n + 1)]
+        self.qc = [ckpt.backward[i - 1][1] - lc[i - 1] if i - 1 in ckpt.backward else None for i in range(1, n + 1)]
+        self.tail = max(full.backward[n][1] - lf[n], ckpt.backward[n][1] - lc[n]) if n in full.backward \
+            else 0
+        end = full.report.peak_bytes  # the peak after the last boundary backward reaches
+        # The first region with trainable parameters takes an input that needs no grad: its backward runs after
+        # the last mark, so its peak is the end's.
+        first = next((i for i in range(1, n + 1) if i - 1 not in full.backward and i in full.backward), None)
+        if first is not None and first - 1 not in ckpt.backward and first in ckpt.backward:
+            self.qf[first - 1] = end - lf[first - 1]
+            self.qc[first - 1] = ckpt.report.peak_bytes - lc[first - 1]
+            end = None
+        self.constants = [full.forward[0][1], *([end] if end is not None else []),
+                          *([] if n in full.backward else [full.report.forward_peak_bytes])]
+        self.base_flops = full.report.forward_flops + full.report.backward_flops
+        self.fixed = full.report.device_peak_bytes - full.report.peak_bytes  # params, buffers, optimizer, inputs
+        self.recompute_flops, self.ops, self.choosable = [], [], []
+        def backward_flops(run: _Calibration, k: int) -> int:  # the counter when backward passed mark k
+            return run.backward[k][2] if k in run.backward else run.report.backward_flops
+
+        for i in range(1, n + 1):
+            if i not in full.backward or i not in ckpt.backward:
+                flops = 0
+            else:
+                flops = max(backward_flops(ckpt, i - 1) - ckpt.backward[i][2]
+                            - backward_flops(full, i - 1) + full.backward[i][2], 0)
+            ops = ckpt.ops.get(i, [])
+            # Backward stops recomputing once it has what it needs: only ops up to there cost anything.
+            total, prefix = 0, 0
+            for prefix, op in enumerate(ops if flops else [], 1):
+                total += op.flops
+                if total >= flops * 0.999:
+                    break
+            ops = [op for op in ops[:prefix] if op.savable]
+            extra_weight = sum(op.weight - op.flops for op in ckpt.ops.get(i, [])[:prefix])
+            self.recompute_flops.append((flops, flops + extra_weight))
+            self.ops.append(ops)
+            self.choosable.append(self.qf[i - 1] is not None and self.qc[i - 1] is not None
+                                  and self.dc[i - 1] < self.df[i - 1])
+        self.offsets = np.cumsum([0, n, *(len(o) for o in self.ops)])
+        self.size = int(self.offsets[-1])
+
+    def _y(self, i: int) -> range:  # variable indices of region i's ops (0-based i)
+        return range(int(self.offsets[i + 1]), int(self.offsets[i + 2]))
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(A, k): every peak of the step is k + A @ x."""
+        n, rows, consts = len(self.names), [], []
+        prefix, base = np.zeros(self.size), float(self.lf[0])
+        for i in range(n):
+            own = np.zeros(self.size)
+            own[i] = self.tc[i] - self.tf[i]
+            for j, op in zip(self._y(i), self.ops[i]):
+                own[j] = op.bytes
+            rows.append(prefix + own), consts.append(base + self.tf[i])
+            if self.qf[i] is not None:
+                own = np.zeros(self.size)
+                own[i] = self.qc[i] - self.qf[i]
+                rows.append(prefix.copy()), consts.append(base + self.qf[i])
+                rows[-1] += own
+            prefix = prefix.copy()
+            prefix[i] += self.dc[i] - self.df[i]
+            for j, op in zip(self._y(i), self.ops[i]):
+                prefix[j] += op.bytes
+            base += self.df[i]
+        rows.append(prefix), consts.append(base + self.tail)
+        for c in self.constants:
+            rows.append(np.zeros(self.size)), consts.append(float(c))
+        return np.array(rows), np.array(consts)
+
+    def costs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(objective weights, counted FLOPs) of x: what recomputing costs."""
+        weight, flops = np.zeros(self.size), np.zeros(self.size)
+        for i, (counted, weighted) in enumerate(self.recompute_flops):
+            weight[i], flops[i] = weighted, counted
+            for j, op in zip(self._y(i), self.ops[i]):
+                weight[j], flops[j] = -op.weight, -op.flops
+        return weight, flops
+
+    def peak(self, x: np.ndarray) -> int:
+        a, k = self.rows()
+        return int(round(float(np.max(k + a @ x))))
+
+    def solve(self, activation_budget: float | None, max_extra_flops: float | None = None) -> np.ndarray | None:
+        """The cheapest choice whose every peak fits `activation_budget`; with None, the lowest peak (cheapest
+        among those), within `max_extra_flops` when given. None when nothing fits."""
+        from scipy.optimize import Bounds, LinearConstraint, milp
+
+        a, k = self.rows()
+        weight, flops = self.costs()
+        n = len(self.names)
+        upper = np.ones(self.size)
+        upper[:n] = [1.0 if c else 0.0 for c in self.choosable]
+        link = np.zeros((self.size - n, self.size))  # y_o <= c_region(o)
+        for i in range(n):
+            for j in self._y(i):
+                link[j - n, j], link[j - n, i] = 1.0, -1.0
+        scale = max(float(np.abs(weight).max()), 1.0)
+        if activation_budget is not None:
+            constraints = [LinearConstraint(a, -np.inf, activation_budget - k)]
+            if len(link):
+                constraints.append(LinearConstraint(link, -np.inf, 0.0))
+            res = milp(weight / scale, integrality=np.ones(self.size), bounds=Bounds(0, upper),
+                       constraints=constraints)
+            return None if res.x is None else np.round(res.x)
+        # Lowest peak: x plus the peak P; minimize P, then cost (a small weight that cannot outbid a byte).
+        big = np.hstack([a, -np.ones((len(a), 1))])
+        constraints = [LinearConstraint(big, -np.inf, -k)]
+        if len(link):
+            constraints.append(LinearConstraint(np.hstack([link, np.zeros((len(link), 1))]), -np.inf, 0.0))
+        if max_extra_flops is not None:
+            constraints.append(LinearConstraint(np.append(flops, 0.0)[None, :], -np.inf, max_extra_flops))
+        objective = np.append(weight * (0.5 / max(float(np.abs(weight).sum()), 1.0)), 1.0)
+        res = milp(objective, integrality=np.append(np.ones(self.size), 0), bounds=Bounds(0, np.append(upper, np.inf)),
+                   constraints=constraints)
+        return None if res.x is None else np.round(res.x[:-1])
+
+    def regions(self, x: np.ndarray) -> tuple[RegionPlan, ...]:
+        out = []
+        for i, name in enumerate(self.names):
+            saved = tuple(op.key for j, op in zip(self._y(i), self.ops[i]) if x[j] > 0.5)
+            saved_bytes = sum(op.bytes for j, op in zip(self._y(i), self.ops[i]) if x[j] > 0.5)
+            saved_flops = sum(op.flops for j, op in zip(self._y(i), self.ops[i]) if x[j] > 0.5)
+            if x[i] > 0.5:
+                why = (f"saves {_fmt_bytes(self.df[i] - self.dc[i] - saved_bytes)}"
+                       + (f"; keeps {len(saved)} matmul/attention outputs ({_fmt_bytes(saved_bytes)}) rather "
+                          f"than recompute them" if saved else ""))
+                out.append(RegionPlan(name, True, self.dc[i] + saved_bytes, saved,
+                                      self.recompute_flops[i][0] - saved_flops, why))
+            else:
+                why = ("no trainable parameter in or below it: backward keeps nothing of it to recompute"
+                       if self.qf[i] is None else "recomputing it saves nothing" if not self.choosable[i] else
+                       "fits the budget as it is")
+                out.append(RegionPlan(name, False, self.df[i], (), 0, why))
+        return tuple(out)
+
+    def extra_flops(self, x: np.ndarray) -> int:
+        return int(self.costs()[1] @ x)
+
+
+# ---- the planner ------------------------------------------------------------------------------------------------
+
+def plan_recompute(cm, budget: int | str | None, optimizer_state_bytes: int | None = None) -> RecomputePlan:
+    """Schedule recomputation on a CompiledModel so that one training step on its example inputs fits `budget`
+    bytes of device memory (parameters, buffers, inputs, optimizer state, activation peak), at the fewest extra
+    FLOPs; budget "auto" (or None) lowers the peak as far as 2% more FLOPs allow. Appends the chosen
+    `schedule-recompute{regions=...}` to its pipeline and records the plan on `cm.recompute_plan`. Raises
+    BudgetError, with the smallest feasible budget, when nothing fits."""
     from .passes.schedule_recompute import ScheduleRecompute
 
-    budget = parse_bytes(budget)
+    if budget == "auto":
+        budget = None
+    budget = parse_bytes(budget) if budget is not None else None
     if any(isinstance(p, ScheduleRecompute) for p in cm.pipeline.passes):
         raise SpecError("the pipeline already has schedule-recompute; give either it or a memory budget")
-    available = repeated_block_paths(cm)
-    peaks: list[int] = []
-    for k in range(len(available) + 1):
-        peaks.append(peak_with_blocks(cm, k))
-        if peaks[-1] <= budget:
-            break
-    else:
-        best = min(range(len(peaks)), key=peaks.__getitem__)
-        raise PeftcError(f"memory budget {_fmt_bytes(budget)} ({budget:,} bytes) is too small: the smallest peak of "
-                         f"one training step on the example inputs is {_fmt_bytes(peaks[best])} ({peaks[best]:,} "
-                         f"bytes, recomputing {best} of {len(available)} repeated blocks); raise the budget or shrink "
-                         f"the batch or sequence")
-    k = len(peaks) - 1
-    if k:
-        chosen = ScheduleRecompute(blocks=k)
-        with _training(cm) as base:  # recorded like every other pass: cm.report() and cm.diff() show it
+    # Each measured step collects garbage first; the compiler's own objects are many and live on, so keep them out
+    # of those collections.
+    gc.collect()
+    gc.freeze()
+    try:
+        return _plan(cm, budget, optimizer_state_bytes)
+    finally:
+        gc.unfreeze()
+
+
+def _plan(cm, budget: int | None, optimizer_state_bytes: int | None) -> RecomputePlan:
+    from .passes.schedule_recompute import ScheduleRecompute
+
+    from .passes.schedule_recompute import block_regions
+
+    with _training(cm) as base:
+        if budget is not None or not block_regions(base, cm._info):
+            report = _measure(cm, base, base, optimizer_state_bytes)
+            if budget is None or report.device_peak_bytes <= budget:  # fits as it is: nothing to plan
+                return _record(cm, budget, (), report.device_peak_bytes, report, 0, report.forward_flops
+                               + report.backward_flops, 1)
+            if not block_regions(base, cm._info):
+                raise BudgetError(
+                    f"memory budget {_fmt_bytes(budget)} ({budget:,} bytes) is too small for one training step on "
+                    f"the example inputs, which needs {report.device_peak_bytes:,} bytes "
+                    f"({_fmt_bytes(report.device_peak_bytes)}), and the model has no repeated blocks (ModuleList "
+                    f"children) to recompute; raise the budget to at least that, or shrink the batch or sequence",
+                    report.device_peak_bytes)
+        model = _Model(_calibrate(cm, base, False, optimizer_state_bytes),
+                       _calibrate(cm, base, True, optimizer_state_bytes))
+        fixed = model.fixed
+        target = None if budget is None else budget - fixed
+        rounds = 0
+        while True:
+            x = model.solve(target, None if target is not None else _DEFAULT_FLOPS * model.base_flops)
+            if x is None:
+                raise _budget_error(cm, base, model, budget, fixed, optimizer_state_bytes)
+            regions = model.regions(x)
+            chosen = ScheduleRecompute(regions=tuple(r.spec for r in regions if r.recompute)) \
+                if any(r.recompute for r in regions) else None
+            trial = base if chosen is None else _scheduled(base, chosen, cm)
+            report = _measure(cm, base, trial, optimizer_state_bytes)
+            rounds += 1
+            if budget is None or report.device_peak_bytes <= budget or rounds >= _MAX_ROUNDS:
+                break
+            target -= report.device_peak_bytes - budget  # the model was optimistic by this much here
+        if budget is not None and report.device_peak_bytes > budget:
+            raise _budget_error(cm, base, model, budget, fixed, optimizer_state_bytes)
+        if chosen is not None:  # recorded like every other pass: cm.report() and cm.diff() show it
             scheduled = _scheduled(base, chosen, cm, [cm.diff_ir], start=len(cm.pipeline.passes))
             cm._replace_graph(base, scheduled)
-        cm.pipeline = Pipeline((*cm.pipeline.passes, chosen))  # graphs captured from now on get it too
-    plan = RecomputePlan(budget, available[:k], available, tuple(peaks))
+            cm.pipeline = Pipeline((*cm.pipeline.passes, chosen))  # graphs captured from now on get it too
+    return _record(cm, budget, regions, fixed + model.peak(x), report, model.extra_flops(x), model.base_flops,
+                   rounds)
+
+
+def _record(cm, budget, regions, predicted: int, report, extra_flops: int, base_flops: int,
+            rounds: int) -> RecomputePlan:
+    plan = RecomputePlan(
+        budget, regions, predicted_peak=predicted, measured_peak=report.device_peak_bytes, extra_flops=extra_flops,
+        measured_extra_flops=report.forward_flops + report.backward_flops - base_flops, base_flops=base_flops,
+        breakdown={"params": report.param_bytes, "buffers": report.buffer_bytes, "inputs": report.input_bytes,
+                   "optimizer state": report.optimizer_state_bytes, "activations": report.peak_bytes,
+                   "of which grads": report.grad_bytes},
+        tokens=planned_tokens(*cm.example_inputs), rounds=rounds)
     cm.recompute_plan = plan
     return plan
+
+
+def _measure(cm, base: GraphModule, trial: GraphModule, optimizer_state_bytes):
+    """measure_step of `trial` served in place of `base`; `cm` is left as it was, its gradients None."""
+    args, kwargs = cm.example_inputs
+    cm._replace_graph(base, trial)
+    try:
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is not the planner's to advance
+            return measure_step(cm, args, kwargs, optimizer_state_bytes=optimizer_state_bytes)
+    finally:
+        cm._replace_graph(trial, base)
+        for p in cm.trainable_parameters():
+            p.grad = None
+
+
+def _budget_error(cm, base, model: _Model, budget, fixed: int, optimizer_state_bytes) -> BudgetError:
+    """The error for a budget nothing fits, with the smallest budget that does: the lowest-peak plan, measured."""
+    from .passes.schedule_recompute import ScheduleRecompute
+
+    x = model.solve(None)
+    regions = model.regions(x)
+    recomputed = tuple(r.spec for r in regions if r.recompute)
+    trial = _scheduled(base, ScheduleRecompute(regions=recomputed), cm) if recomputed else base
+    smallest = max(_measure(cm, base, trial, optimizer_state_bytes).device_peak_bytes, fixed + model.peak(x))
+    return BudgetError(
+        f"memory budget {_fmt_bytes(budget)} ({budget:,} bytes) is too small for one training step on the example "
+        f"inputs: the smallest feasible budget is {smallest:,} bytes ({_fmt_bytes(smallest)}), recomputing "
+        f"{len(recomputed)} of {len(regions)} regions, of which parameters, buffers, inputs and optimizer state "
+        f"are {_fmt_bytes(fixed)}; raise the budget to at least that, or shrink the batch or sequence",
+        smallest)
+
+
+def planned_tokens(args: tuple, kwargs: dict) -> int:
+    """How many tokens a call carries, for the planner: the element count of its largest tensor input."""
+    from .memory import _tensors
+
+    return max((t.numel() for t in _tensors((args, kwargs))), default=0)
+
+
+def check_tokens(cm, args: tuple, kwargs: dict) -> None:
+    """Warn once when a training call carries more tokens than the recompute plan was made for."""
+    plan = cm.recompute_plan
+    if plan is None or getattr(cm, "_warned_tokens", False) or planned_tokens(args, kwargs) <= plan.tokens:
+        return
+    object.__setattr__(cm, "_warned_tokens", True)
+    warnings.warn(f"this call has {planned_tokens(args, kwargs):,} tokens but the recompute plan was made for "
+                  f"{plan.tokens:,} (predicted peak {_fmt_bytes(plan.predicted_peak)} at that size): activations grow "
+                  f"with the tokens, so the step may exceed the memory budget; compile with the largest inputs you "
+                  f"train on", stacklevel=3)
 
 
 def repeated_block_paths(cm) -> tuple[str, ...]:
@@ -106,22 +564,14 @@ def repeated_block_paths(cm) -> tuple[str, ...]:
         return tuple(repeated_blocks(base, cm._info))
 
 
-def peak_with_blocks(cm, k: int) -> int:
-    """The measured peak bytes of one training step on the example inputs with the first `k` repeated blocks
-    recomputed (peftc.memory.measure_step). `cm` is left as it was, its gradients None."""
+def peak_with_blocks(cm, blocks: int | tuple[str, ...]) -> int:
+    """The measured activation peak bytes of one training step on the example inputs with the first `blocks`
+    repeated blocks (or those named) recomputed whole (peftc.memory.measure_step). `cm` is left as it was."""
     from .passes.schedule_recompute import ScheduleRecompute
 
-    args, kwargs = cm.example_inputs
     with _training(cm) as base:
-        trial = base if k == 0 else _scheduled(base, ScheduleRecompute(blocks=k), cm)
-        cm._replace_graph(base, trial)
-        try:
-            with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is not the planner's to advance
-                return measure_step(cm, args, kwargs).peak_bytes
-        finally:
-            cm._replace_graph(trial, base)
-            for p in cm.trainable_parameters():
-                p.grad = None
+        trial = base if blocks in (0, ()) else _scheduled(base, ScheduleRecompute(blocks=blocks), cm)
+        return _measure(cm, base, trial, None).peak_bytes
 
 
 @contextmanager

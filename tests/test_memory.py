@@ -354,7 +354,10 @@ def test_report_is_frozen_and_renders():
     d = r.as_dict()
     assert d["saved_bytes"] == r.saved_bytes and set(d) == {
         "peak_bytes", "forward_peak_bytes", "saved_bytes", "grad_bytes", "param_bytes", "trainable_param_bytes",
-        "buffer_bytes", "input_bytes", "forward_flops", "backward_flops"}
+        "buffer_bytes", "input_bytes", "forward_flops", "backward_flops", "optimizer_state_bytes"}
+    # AdamW's state by default: two fp32 moments per trainable element, counted in what the device holds.
+    assert r.optimizer_state_bytes == 8 * sum(p.numel() for p in TwoLayer(False, True).parameters() if p.requires_grad)
+    assert r.device_peak_bytes == r.param_bytes + r.buffer_bytes + r.input_bytes + r.optimizer_state_bytes + r.peak_bytes
     text = str(r)
     assert f"saved       {r.saved_bytes} B" in text
     assert "forward 1.41 k" in text

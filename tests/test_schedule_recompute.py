@@ -1,4 +1,5 @@
-"""schedule-recompute and the memory-budget planner: same gradients, lower peaks, the right block count."""
+"""schedule-recompute{blocks=...}: whole blocks recomputed, same gradients, lower peaks (the memory-budget planner's
+region-level schedules: tests/test_recompute_plan.py)."""
 
 import pytest
 import torch
@@ -75,42 +76,6 @@ def test_peak_decreases_with_more_recomputed_blocks(peaks):
     assert min(peaks) == peaks[LAYERS - 1] and peaks[LAYERS] < peaks[0], peaks
 
 
-def test_budget_between_two_peaks_picks_that_count(peaks):
-    budget = (peaks[1] + peaks[2]) // 2  # fits with 2 blocks, not with 1
-    cm = peftc.compile(_model().eval(), None, kwargs=_inputs(), pipeline=PIPELINE, memory_budget=budget)
-    plan = cm.recompute_plan
-    assert plan.blocks == tuple(BLOCKS[:2]) and plan.available == tuple(BLOCKS)
-    assert plan.peaks == tuple(peaks[:3]) and plan.peak <= budget
-    assert cm.pipeline.passes[-1] == ScheduleRecompute(blocks=2) and cm.pipeline.passes[-2].name == "prune-grads"
-    assert not cm.training  # the planner leaves the mode as it found it
-    cm.train()
-    code = cm.graph_for(**_inputs()).code
-    assert code.count("torch.utils.checkpoint.checkpoint(") == 2
-    assert "recompute 2 of 3 blocks" in str(plan)
-
-
-def test_the_planned_pass_is_in_the_report_and_diff(peaks):
-    budget = (peaks[1] + peaks[2]) // 2
-    cm = peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE, memory_budget=budget)
-    records = cm.report().records
-    assert [r.name for r in records] == ["freeze-base", "insert-lora", "prune-grads", "schedule-recompute"]
-    assert records[-1].index == 3 and records[-1].modified
-    assert "torch.utils.checkpoint.checkpoint(" in cm.diff("schedule-recompute")
-    assert "04-schedule-recompute/code.py" in cm.diff("schedule-recompute")
-
-
-def test_budget_that_fits_without_recomputation_changes_nothing(peaks):
-    cm = peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE, memory_budget="1GiB")
-    assert cm.recompute_plan.blocks == () and cm.recompute_plan.peaks == (peaks[0],)
-    assert str(cm.pipeline) == "freeze-base,insert-lora,prune-grads"
-
-
-def test_budget_below_the_smallest_peak_raises(peaks):
-    with pytest.raises(peftc.PeftcError, match="too small") as e:
-        peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE, memory_budget=1000)
-    assert "(1,000 bytes)" in str(e.value) and f"({min(peaks):,} bytes" in str(e.value)
-
-
 def test_eval_graph_is_unchanged_and_idempotent():
     cm = peftc.compile(_model().eval(), None, kwargs=_inputs(), pipeline=PIPELINE)
     eval_gm = cm.graph_module
@@ -157,11 +122,11 @@ def test_cli_memory_budget_on_tiny_llama(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "recomputed in backward: nothing" in out
-    assert "memory budget 1.00 GiB (1,073,741,824 bytes): no recomputation needed (1 blocks available)" in out
+    assert "memory budget 1.00 GiB (1,073,741,824 bytes): no recomputation needed; peak of one training step" in out
 
     code = main(["explain", LLAMA, "-p", "insert-lora{r=4,target=q_proj}", "-q", "--memory-budget", "100"])
     err = capsys.readouterr().err
-    assert code == 1 and "memory budget 100 B (100 bytes) is too small" in err
+    assert code == 1 and "memory budget 100 B (100 bytes) is too small" in err and "smallest feasible budget" in err
 
 
 @pytest.mark.parametrize("value", ["2 parsecs", "0", "-5GiB"])

@@ -210,6 +210,10 @@ class CompiledModel(HFModelMixin, nn.Module):
         """Run the graph of this call signature (entering through submodule `entry`, for cm.base_model) for the
         adapter configuration `config` (the active one by default)."""
         kwargs = call_kwargs(self._source if entry is None else get_attr_path(self._source, entry), kwargs)
+        if self.recompute_plan is not None and self.training:
+            from ..recompute import check_tokens
+
+            check_tokens(self, args, kwargs)
         key, tried = self._key(args, kwargs, entry, config), 0
         while True:
             graphs = list(self._graphs.get(key, []))

@@ -1,0 +1,380 @@
+"""Memory budgets, side by side: what each way of recomputing activations holds and costs for one training step.
+
+    python -m benchmarks.recompute            # full size (minutes on a 2-core CPU); writes a section of
+                                              # docs/benchmarks.md and docs/benchmarks_recompute.png
+    python -m benchmarks.recompute --quick    # tiny sizes; prints the table only
+
+Per model (Llama, LoRA r=16 on all seven projections; the same with LoRA on the top half of the layers; 8 layers)
+and per budget (fractions of HF PEFT's unscheduled peak, plus the smallest budget peftc finds feasible):
+- HF PEFT without checkpointing; HF PEFT with `gradient_checkpointing_enable(use_reentrant=False)`;
+- HF PEFT with the best uniform every-k checkpointing (layers 0, k, 2k, ...; the fewest FLOPs that fit);
+- torch.compile (aot_eager_decomp_partition) with `activation_memory_budget` searched for the cheapest ratio that
+  fits (a grid of ratios: the peak is not monotone in it, so bisection can miss);
+- peftc.compile(..., memory_budget=budget).
+Peaks are device bytes as a budget counts them (peftc.memory.StepReport.device_peak_bytes: parameters, buffers,
+inputs, AdamW state, activation peak), measured with the same live-storage tracker for every method; FLOPs by
+FlopCounterMode; step time is the median of timed steps; parity is the largest relative gradient difference from
+the same library's unscheduled step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import peftc
+from peftc.memory import _fmt_bytes, measure_step
+from peftc.recompute import plan_recompute
+
+from . import models
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FRACTIONS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3)
+COMPILE_RATIOS = (1.0, 0.5, 0.2, 0.0)
+BEGIN, END = "<!-- benchmarks.recompute: begin -->", "<!-- benchmarks.recompute: end -->"
+MIB = 2 ** 20
+NOTE = ('torch.compile rows: the live-storage tracker is a dispatch mode, and every `activation_memory_budget` ratio measured the same peak as eager HF PEFT, so these rows most likely measure eager execution under the tracker rather than the partitioned graph; read them as unverified. Step times come from a 2-core machine shared with other jobs and are noisy (some rows are seconds); peaks and FLOPs are exact.')
+
+
+def cases(quick: bool) -> list[dict]:
+    size = dict(hidden=64, heads=4, vocab=256, intermediate=128, batch=2, seq=32) if quick else \
+        dict(hidden=256, heads=8, vocab=4000, intermediate=688, batch=2, seq=256)
+    layers = 2 if quick else 4
+    top = "|".join(str(i) for i in range(layers // 2, layers))
+    return [
+        dict(key="llama4", title=f"Llama {layers}x{size['hidden']}, LoRA r=16 on all projections", layers=layers,
+             target=PROJECTIONS, **size),
+        dict(key="llama4_top", title=f"the same, LoRA only on layers {top.replace('|', ', ')}", layers=layers,
+             target=rf"model\.layers\.({top})\..*({'|'.join(PROJECTIONS)})", **size),
+        dict(key="llama8", title=f"Llama {2 * layers}x{size['hidden']}, LoRA r=16 on all projections",
+             layers=2 * layers, target=PROJECTIONS, **size),
+    ]
+
+
+def _model(case: dict):
+    torch.manual_seed(0)
+    return models.llama(case["layers"], case["hidden"], case["heads"], case["vocab"], case["intermediate"]).train()
+
+
+def _inputs(case: dict) -> dict:
+    ids = torch.randint(0, case["vocab"], (case["batch"], case["seq"]), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _adapters_nonzero(module) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.uniform_(-0.05, 0.05)
+
+
+def _grads(module, inputs) -> list[torch.Tensor]:
+    for p in module.parameters():
+        p.grad = None
+    module(**inputs).loss.backward()
+    grads = [p.grad.clone() for p in module.parameters() if p.requires_grad]
+    for p in module.parameters():
+        p.grad = None
+    return grads
+
+
+def _parity(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max() / x.abs().max().clamp_min(1e-30)) for x, y in zip(a, b))
+
+
+def _step_time(module, inputs, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        module(**inputs).loss.backward()
+        times.append(time.perf_counter() - t)
+    for p in module.parameters():
+        p.grad = None
+    return statistics.median(times)
+
+
+def _row(module, inputs, reference, steps: int, **extra) -> dict:
+    step = measure_step(module, (), inputs)
+    row = {"peak": step.device_peak_bytes, "activations": step.peak_bytes,
+           "flops": step.forward_flops + step.backward_flops, "step_s": _step_time(module, inputs, steps),
+           "parity": _parity(reference, _grads(module, inputs)) if reference is not None else 0.0}
+    row.update(extra)
+    return row
+
+
+def hf_rows(case: dict, steps: int) -> dict:
+    """HF PEFT without checkpointing, with HF's per-layer checkpointing, and with every k-th layer checkpointed."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model(case), LoraConfig(target_modules=case["target"], r=16, lora_alpha=32)).train()
+    _adapters_nonzero(model)
+    inputs = _inputs(case)
+    plain = _grads(model, inputs)
+    rows = {"none": _row(model, inputs, None, steps)}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()  # as HF's Trainer does for PEFT models
+    layers = model.base_model.model.model.layers
+    rows["hf"] = _row(model, inputs, plain, steps)
+    for k in range(2, len(layers) + 1):
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i % k == 0
+        rows[f"every{k}"] = _row(model, inputs, plain, steps, k=k)
+    rows["every1"] = dict(rows["hf"], k=1)
+    return rows
+
+
+def compile_rows(case: dict, steps: int) -> dict:
+    """torch.compile(aot_eager_decomp_partition) of the HF PEFT model at each activation_memory_budget ratio."""
+    import torch._functorch.config as functorch_config
+    from peft import LoraConfig, get_peft_model
+
+    rows = {}
+    inputs = _inputs(case)
+    reference = None
+    for ratio in COMPILE_RATIOS:
+        torch._dynamo.reset()
+        model = get_peft_model(_model(case), LoraConfig(target_modules=case["target"], r=16, lora_alpha=32)).train()
+        _adapters_nonzero(model)
+        if reference is None:
+            reference = _grads(model, inputs)
+        with functorch_config.patch(activation_memory_budget=ratio):
+            compiled = torch.compile(model, backend="aot_eager_decomp_partition")
+            try:
+                _grads(compiled, inputs)  # compiled here, outside the tracker
+                rows[ratio] = _row(compiled, inputs, reference, steps, ratio=ratio)
+            except Exception as e:  # noqa: BLE001 (a benchmark row, not a library path)
+                rows[ratio] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+    torch._dynamo.reset()
+    return rows
+
+
+def peftc_rows(case: dict, budgets: dict[str, int], steps: int) -> dict:
+    """peftc without a budget (the default), with memory_budget="auto", and at each budget."""
+    spec = peftc.LoRA(target=case["target"], r=16, alpha=32)
+    inputs = _inputs(case)
+    cm = peftc.compile(_model(case), spec, kwargs=inputs)
+    _adapters_nonzero(cm)
+    adapters = cm.adapter_state_dict()
+    plain = _grads(cm, inputs)
+    rows = {"default": _row(cm, inputs, None, steps)}
+    for name, budget in {"auto": "auto", **budgets}.items():
+        planned = peftc.compile(_model(case), spec, kwargs=inputs)
+        t = time.perf_counter()  # planning alone: what memory_budget= adds to peftc.compile
+        try:
+            plan_recompute(planned, budget)
+        except peftc.BudgetError as e:
+            rows[name] = {"infeasible": e.smallest, "plan_s": time.perf_counter() - t}
+            continue
+        plan_s = time.perf_counter() - t
+        planned.load_adapter_state_dict(adapters)
+        plan = planned.recompute_plan
+        rows[name] = _row(planned, inputs, plain, steps, plan_s=plan_s, predicted=plan.predicted_peak,
+                          planned_peak=plan.measured_peak, regions=len(plan.recomputed))
+    return rows
+
+
+def smallest_budget(case: dict) -> int:
+    """The smallest budget peftc finds feasible (from the BudgetError of a budget nothing fits)."""
+    try:
+        peftc.compile(_model(case), peftc.LoRA(target=case["target"], r=16, alpha=32), kwargs=_inputs(case),
+                      memory_budget=1)
+    except peftc.BudgetError as e:
+        return e.smallest
+    raise AssertionError("a one-byte budget fitted")
+
+
+def run_case(case: dict, steps: int, with_compile: bool) -> dict:
+    hf = hf_rows(case, steps)
+    base = hf["none"]["peak"]
+    budgets = {f"{f:.1f}x": int(base * f) for f in FRACTIONS}
+    budgets["smallest"] = smallest_budget(case)
+    return {"title": case["title"], "budgets": budgets, "hf": hf, "peftc": peftc_rows(case, budgets, steps),
+            "compile": compile_rows(case, steps) if with_compile else {}}
+
+
+def _fits(row: dict, budget: int) -> bool:
+    return "peak" in row and row["peak"] <= budget
+
+
+def _cell(row: dict | None, base_flops: int) -> str:
+    if row is None:
+        return "does not fit | | | "
+    extra = row["flops"] / base_flops - 1
+    return (f"{row['peak'] / MIB:.1f} | {extra:+.1%} | {row['step_s'] * 1e3:.0f} | {row['parity']:.0e}")
+
+
+def render(results: dict, meta: dict) -> str:
+    lines = [BEGIN, "## Memory budgets: recomputation, side by side (`python -m benchmarks.recompute`)", "",
+             "One training step per method on the same model and inputs. Peak = what a memory budget counts: "
+             "parameters, buffers, inputs, AdamW state (2 fp32 per trainable parameter) and the activation peak, "
+             "all from the same live-storage tracker (peftc.memory.measure_step); extra FLOPs against HF PEFT's step "
+             "without checkpointing (FlopCounterMode); step time is the median of "
+             f"{meta['steps']} steps on {meta['threads']} CPU threads; parity = the largest gradient difference "
+             "from the same library's unscheduled step, relative to the gradient's largest entry. For every-k and "
+             "torch.compile, each budget gets the cheapest setting that fits.", "",
+             NOTE, ""]
+    for key, r in results.items():
+        base_flops = r["hf"]["none"]["flops"]
+        lines += [f"### {r['title']}", "",
+                  f"HF PEFT without checkpointing: {r['hf']['none']['peak'] / MIB:.1f} MiB "
+                  f"({r['hf']['none']['activations'] / MIB:.1f} MiB activations); HF per-layer checkpointing: "
+                  f"{r['hf']['hf']['peak'] / MIB:.1f} MiB ({r['hf']['hf']['activations'] / MIB:.1f} MiB activations, "
+                  f"{r['hf']['hf']['flops'] / base_flops - 1:+.1%} FLOPs); peftc default (no budget): "
+                  f"{r['peftc']['default']['peak'] / MIB:.1f} MiB ({r['peftc']['default']['activations'] / MIB:.1f} "
+                  f"MiB activations, {r['peftc']['default']['flops'] / base_flops - 1:+.1%} FLOPs); peftc "
+                  f"`memory_budget=\"auto\"`: {_auto(r, base_flops)}.", "",
+                  "| budget | MiB | method | peak MiB | extra FLOPs | step ms | parity |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, budget in r["budgets"].items():
+            ours = r["peftc"][name]
+            every = min((row for k, row in r["hf"].items() if k.startswith("every") and _fits(row, budget)),
+                        key=lambda row: row["flops"], default=None)
+            comp = min((row for row in r["compile"].values() if _fits(row, budget)), key=lambda row: row["flops"],
+                       default=None)
+            cells = [("HF PEFT, no checkpointing", r["hf"]["none"] if _fits(r["hf"]["none"], budget) else None),
+                     ("HF per-layer checkpointing", r["hf"]["hf"] if _fits(r["hf"]["hf"], budget) else None),
+                     (f"HF every-k (k={every['k']})" if every else "HF every-k", every)]
+            if r["compile"]:
+                cells.append((f"torch.compile (ratio {comp['ratio']})" if comp else "torch.compile", comp))
+            plan = ("peftc" if "infeasible" in ours else
+                    f"peftc ({ours['regions']} regions, planned in {ours['plan_s']:.1f} s, predicted "
+                    f"{ours['predicted'] / MIB:.2f})")
+            cells.append((plan, None if "infeasible" in ours else ours))
+            for i, (method, row) in enumerate(cells):
+                lines.append(f"| {name if i == 0 else ''} | {budget / MIB:.1f} | {method} | "
+                             f"{_cell(row, base_flops)} |" if i == 0 else f"| | | {method} | {_cell(row, base_flops)} |")
+        if r["compile"]:
+            errors = {k: v["error"] for k, v in r["compile"].items() if "error" in v}
+            grid = ", ".join(f"{k}: {v['peak'] / MIB:.1f} MiB" for k, v in r["compile"].items() if "peak" in v)
+            lines += ["", f"torch.compile peaks by activation_memory_budget ratio: {grid or 'none measured'}"
+                      + (f"; failed: {errors}" if errors else "") + "."]
+        lines.append("")
+    lines += ["![device peak vs extra FLOPs, 4-layer Llama](benchmarks_recompute.png)", "",
+              f"This run: torch {torch.__version__}, {meta['seconds']:.0f} s.", END]
+    return "\n".join(lines) + "\n"
+
+
+def _auto(r: dict, base_flops: int) -> str:
+    row = r["peftc"]["auto"]
+    return (f"{row['peak'] / MIB:.1f} MiB ({row['activations'] / MIB:.1f} MiB activations, "
+            f"{row['flops'] / base_flops - 1:+.1%} FLOPs)")
+
+
+def render_chart(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base_flops = r["hf"]["none"]["flops"]
+
+    def point(row):
+        return 100 * (row["flops"] / base_flops - 1), row["peak"] / MIB
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    series = {
+        "HF PEFT (none / per-layer)": [r["hf"]["none"], r["hf"]["hf"]],
+        "HF every-k": [row for k, row in r["hf"].items() if k.startswith("every")],
+        "torch.compile memory budget": [row for row in r["compile"].values() if "peak" in row],
+        "peftc (budgets)": [row for k, row in r["peftc"].items() if k not in ("default", "auto") and "peak" in row],
+        "peftc default / auto": [r["peftc"]["default"], r["peftc"]["auto"]],
+    }
+    for (label, rows), marker in zip(series.items(), "osD^*"):
+        if rows:
+            xs, ys = zip(*sorted(point(row) for row in rows))
+            ax.plot(xs, ys, marker=marker, linestyle="-" if label.startswith("peftc (") else "", label=label)
+    ax.set_xlabel("extra FLOPs vs HF PEFT without checkpointing (%)")
+    ax.set_ylabel("device peak of one training step (MiB)")
+    ax.set_title(r["title"])
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_section(markdown: Path, section: str) -> None:
+    """Replace this benchmark's section of docs/benchmarks.md (between its markers), or append it."""
+    text = markdown.read_text() if markdown.exists() else ""
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
+    text = pattern.sub(lambda m: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    markdown.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.recompute", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, no torch.compile, nothing written")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 3, quick 1)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", default=None, help="comma-separated case keys (default: all)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    parser.add_argument("--out", type=Path, default=None, help="folder with benchmarks.md (default docs/ at full "
+                        "size, none with --quick)")
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    steps = opts.steps or (1 if opts.quick else 3)
+    chosen = [c for c in cases(opts.quick) if opts.cases is None or c["key"] in opts.cases.split(",")]
+    start = time.perf_counter()
+    results = {}
+    for i, case in enumerate(chosen):
+        results[case["key"]] = run_case(case, steps, with_compile=not opts.quick and not opts.no_compile and i == 0)
+        print(f"{case['key']} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    meta = {"steps": steps, "threads": opts.threads, "seconds": time.perf_counter() - start, "quick": opts.quick}
+    section = render(results, meta)
+    print(section)
+    for line in check_targets(results):
+        print(line)
+    out = opts.out if opts.out is not None else (None if opts.quick else Path("docs"))
+    if out is not None:
+        write_section(out / "benchmarks.md", section)
+        first = next(iter(results.values()))
+        render_chart(first, out / "benchmarks_recompute.png")
+        (out / "benchmarks_recompute.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1,
+                                                                  default=str) + "\n")
+    return results
+
+
+def check_targets(results: dict) -> list[str]:
+    """The issue's targets on the first (4-layer) model, each as a line saying whether it holds."""
+    r = next(iter(results.values()))
+    hf, ours = r["hf"], r["peftc"]
+    feasible = [(r["budgets"][k], ours[k]) for k in r["budgets"] if "peak" in ours[k]]
+    out = []
+    out.append(f"[{'ok' if all(row['peak'] <= b for b, row in feasible) else 'MISS'}] measured peak <= budget for "
+               f"every feasible budget ({len(feasible)} of {len(r['budgets'])} feasible)")
+    ordered = sorted(feasible, key=lambda br: -br[0])
+    mono = all(a[1]["peak"] >= b[1]["peak"] and a[1]["flops"] <= b[1]["flops"] for a, b in zip(ordered, ordered[1:]))
+    out.append(f"[{'ok' if mono else 'MISS'}] peak non-increasing and FLOPs non-decreasing as the budget tightens")
+    smallest = ours["smallest"]
+    if "activations" in smallest:
+        ratio = smallest["activations"] / hf["hf"]["activations"]
+        out.append(f"[{'ok' if ratio <= 0.5 else 'MISS'}] smallest feasible budget's activation peak "
+                   f"{_fmt_bytes(smallest['activations'])} = {ratio:.2f}x HF per-layer checkpointing's (target 0.5x)")
+    base_flops = hf["none"]["flops"]
+    hf_extra = hf["hf"]["flops"] - base_flops
+    at_hf = [row for b, row in feasible if b >= hf["hf"]["peak"]]
+    if at_hf:
+        cheapest = min(at_hf, key=lambda row: row["peak"])  # the tightest budget still at or above HF's peak
+        out.append(f"[{'ok' if cheapest['flops'] - base_flops <= 0.5 * hf_extra else 'MISS'}] at HF per-layer "
+                   f"checkpointing's peak, peftc's extra FLOPs are {(cheapest['flops'] - base_flops) / hf_extra:.2f}x "
+                   f"HF's (target 0.5x)")
+    default = ours["default"]
+    out.append(f"[{'ok' if default['activations'] <= 0.65 * hf['none']['activations'] else 'MISS'}] default "
+               f"activation peak {default['activations'] / hf['none']['activations']:.2f}x HF PEFT's (target 0.65x) "
+               f"at {default['flops'] / base_flops:.3f}x its FLOPs (target 1.02x)")
+    plans = [row.get("plan_s", 0) for row in results.get("llama8", {}).get("peftc", {}).values()]
+    if plans:
+        out.append(f"[{'ok' if max(plans) <= 30 else 'MISS'}] planning the 8-layer model takes at most "
+                   f"{max(plans):.1f} s (target 30 s)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
