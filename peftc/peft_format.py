@@ -893,12 +893,6 @@ def peftc_state_dict(cm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
             module, _, leaf = name.partition(".ln_tuning_layers.")
             alias = f"{module}.{leaf}"
             method = "ln_tuning" if _delta_name(alias, "ln_tuning") in cm.params else "norm_tuning"
-        elif any(m in name for m in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_l")) \
-                or name.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B", ".adaption_prompt",
-                                  ".adaption_gate")) \
-                or (name in cm.params and cm.params[name].role == ADAPTER):
-            out[name] = value
-            continue
         elif name.endswith(".trainable_tokens_delta"):
             name = name.replace(".token_adapter.", ".")
             if name in cm.params:  # the rows; which rows is the config's (the compiled spec's) token_indices
@@ -907,6 +901,12 @@ def peftc_state_dict(cm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
                 out[index] = cm.params[index].tensor.detach().clone()
             elif not _tied_token_copy(cm, name):
                 raise AdapterError(f"adapter `{key}` names no trainable-tokens embedding of the model")
+            continue
+        elif any(m in name for m in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".ia3_l")) \
+                or name.endswith((".ia3_l", ".lora_embedding_A", ".lora_embedding_B", ".adaption_prompt",
+                                  ".adaption_gate")) \
+                or (name in cm.params and cm.params[name].role == ADAPTER):
+            out[name] = value
             continue
         elif name.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers: the base embedding, as it was
             alias = name.replace(".base_layer.", ".")
