@@ -168,9 +168,14 @@ def whole_weights(cm, what: str) -> None:
 
 # ---- adapter state -----------------------------------------------------------------------------------------
 
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t`, gathered whole when it is a sharded DTensor (then a collective: every rank must call it)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
 def full_adapter_state_dict(cm) -> dict[str, torch.Tensor]:
     """`cm.adapter_state_dict()` with sharded tensors gathered whole; a collective: every rank must call it."""
-    return {k: v.full_tensor() if is_dtensor(v) else v for k, v in cm.adapter_state_dict().items()}
+    return {k: whole_tensor(v) for k, v in cm.adapter_state_dict().items()}
 
 
 def copy_full_into(target: torch.Tensor, value: torch.Tensor) -> None:

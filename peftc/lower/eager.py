@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 from ..capture import ModelInfo, call_kwargs, capture
 from ..distributed import check_capture, check_sharding, check_source, copy_full_into, whole_weights
 from ..errors import PassError, PeftcError
-from ..hf import HFModelMixin, autocast_state, source_signature
+from ..hf import HFModelMixin, autocast_state, compiled_class, source_signature
 from ..instrument import DiffIR, PassRecord, Verify
 from ..params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from ..pipeline import Instrument, PassContext, Pipeline
@@ -109,10 +109,15 @@ class CompiledModel(HFModelMixin, nn.Module):
     Trainer and TRL read is peftc.hf.HFModelMixin's.
     """
 
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any):
+        # An instance of the class made for the source model's class (peftc.hf.compiled_class): what Trainer reads
+        # off the class. copy/deepcopy call __new__ on that class itself, without arguments.
+        return super().__new__(cls if model is None else compiled_class(cls, type(model)))
+
     def __init__(self, model: nn.Module, spec: Spec | None, pipeline: Pipeline, args: tuple,
                  kwargs: dict[str, Any], *, dynamic: bool = True, verify: bool = True,
                  instruments: Sequence[Instrument] = (), params: ParamTable | None = None):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): the class may also be a peft.PeftModel, whose __init__ wraps a model
         self.spec, self.pipeline, self.dynamic, self.verify = spec, pipeline, dynamic, verify
         self.params = params if params is not None else ParamTable()
         self._example = (tuple(args), dict(kwargs))  # merge() captures the model again on these
@@ -243,21 +248,27 @@ class CompiledModel(HFModelMixin, nn.Module):
         for key, value in state_dict.items():
             copy_full_into(ours[key], value)  # a sharded (FSDP2) adapter takes the full tensor
 
-    def save_pretrained(self, directory, format: str | None = None) -> str:
+    def save_pretrained(self, directory, format: str | None = None, *, state_dict: Mapping[str, torch.Tensor] |
+                        None = None, is_main_process: bool = True, **peft_options: Any) -> str:
         """Save the adapter to `directory` in HF PEFT's format (adapter_config.json + adapter_model.safetensors),
         which `peft.PeftModel.from_pretrained(base, directory)` loads, or in peftc's layout (peftc_spec.json +
         peftc_adapter.safetensors) for specs PEFT has no format for. format="peft" / "peftc" insists on one.
+        `state_dict` (this model's state_dict(), e.g. gathered by a trainer) supplies the adapter tensors; on a
+        sharded model every rank must call it (the adapters are gathered whole) and only `is_main_process` writes.
         Returns the format written (docs/huggingface.md)."""
         from ..peft_format import save_pretrained
 
-        return save_pretrained(self, directory, format)
+        return save_pretrained(self, directory, format, state_dict=state_dict, is_main_process=is_main_process,
+                               **peft_options)
 
-    def load_adapter(self, directory) -> None:
+    def load_adapter(self, directory, adapter_name: str = "default", is_trainable: bool | None = None) -> None:
         """Load a saved adapter (HF PEFT's format or peftc's layout) into this model: strict, and nothing changes
-        when it does not fit (AdapterError naming the first bad key)."""
+        when it does not fit (AdapterError naming the first bad key). `adapter_name` and `is_trainable` are PEFT's
+        (Trainer passes them when it resumes): a compiled model holds one adapter, "default", trainable as its spec
+        says."""
         from ..peft_format import load_adapter
 
-        load_adapter(self, directory)
+        load_adapter(self, directory, adapter_name=adapter_name, is_trainable=is_trainable)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory, args: tuple = (), kwargs: dict[str, Any] | None = None,
