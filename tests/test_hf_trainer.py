@@ -114,11 +114,15 @@ def test_sft_trainer_with_its_defaults(tmp_path):
     texts = ["the cat sat on the mat", "a dog ran under the log", "the dog sat on a log"] * 6
     cm = compiled(vocab=32)
     before = {k: v.clone() for k, v in cm.adapter_state_dict().items()}
-    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=5, use_cpu=True, report_to=[], logging_steps=1,
-                           learning_rate=2e-2)
-    assert config.bf16 and config.gradient_checkpointing  # TRL's defaults, which the test keeps
-    trainer = trl.SFTTrainer(model=cm, args=config, train_dataset=datasets.Dataset.from_dict({"text": texts}),
-                             processing_class=word_tokenizer(words))
+
+    def sft(model, out):
+        config = trl.SFTConfig(output_dir=str(out), max_steps=5, use_cpu=True, report_to=[], logging_steps=1,
+                               learning_rate=2e-2, save_steps=3)
+        assert config.bf16 and config.gradient_checkpointing  # TRL's defaults, which the test keeps
+        return trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_dict({"text": texts}),
+                              processing_class=word_tokenizer(words))
+
+    trainer = sft(cm, tmp_path / "run")
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 5 and logs[-1]["loss"] < logs[0]["loss"]
@@ -129,6 +133,13 @@ def test_sft_trainer_with_its_defaults(tmp_path):
     assert cm.is_gradient_checkpointing and "sft" in cm.model_tags
     assert (("cpu", torch.bfloat16),) in {key[3] for key in cm._graphs if key[4] == "model"}
     assert cm.config.pad_token_id == 0  # TRL aligned the source model's config with the tokenizer
+    # Its checkpoints hold the adapter in PEFT's format, and resuming from one reproduces the run's last steps.
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    files = set(os.listdir(checkpoint))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    resumed = sft(compiled(vocab=32, adapter_seed=123), tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert [h["loss"] for h in resumed.state.log_history if "loss" in h] == [h["loss"] for h in logs]
 
 
 def test_sft_trainer_example_runs_end_to_end(tmp_path):
