@@ -126,6 +126,8 @@ def _scenario(rank: int, name: str, out: Path) -> dict:
             adapters = full_adapter_state_dict(cm)
             if rank == 0:
                 torch.save(adapters, out / "adapters.pt")
+            # PEFT's format from the sharded model: every rank gathers, rank 0 writes
+            cm.save_pretrained(out / "peft", is_main_process=rank == 0)
             resumed = []
             for _ in range(RESUME_STEPS):
                 loss = cm(input_ids=ids[mine], labels=labels[mine]).loss
@@ -237,6 +239,12 @@ def test_checkpoint_reloads_in_one_process_and_resumes(ranks):
     # rank 0's plain adapter file, in a fresh compiled model: the same outputs
     _, other, _, _ = build(False)
     other.load_adapter_state_dict(torch.load(out / "adapters.pt"))
+    # what save_pretrained wrote from the sharded ranks, in a fresh compiled model: the same adapters
+    _, from_peft, _, _ = build(False)
+    from_peft.load_adapter(out / "peft")
+    for key, value in from_peft.adapter_state_dict().items():
+        assert torch.equal(value, results[0]["fsdp"]["adapters"][key]), key
+    assert sorted(p.name for p in (out / "peft").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     cm.eval(), other.eval()
     with torch.no_grad():
         assert torch.equal(cm(input_ids=ids).logits, other(input_ids=ids).logits)
