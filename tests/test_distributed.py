@@ -313,6 +313,30 @@ def test_what_cannot_work_raises_at_the_first_step(one_rank, case, names):
         assert name in str(e.value), str(e.value)
 
 
+def test_save_pretrained_of_a_sharded_model_gathers_base_weights_too(one_rank, tmp_path):
+    """A trained copy (modules_to_save) is written as base + delta: both sharded, both gathered whole."""
+    import peftc
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import fully_shard
+
+    model, ids, labels = tiny()
+    cm = peftc.compile(model, peftc.Spec(peftc.LoRA(target="q_proj", r=2), peftc.ModulesToSave(target="lm_head")),
+                       kwargs={"input_ids": ids[:2], "labels": labels[:2]})
+    with torch.no_grad():
+        for t in cm.adapter_state_dict().values():
+            t.add_(0.25)  # a non-zero delta, so base + delta differs from the base
+    assert cm.save_pretrained(tmp_path / "whole") == "peft"
+    for block in cm.model.layers:
+        fully_shard(block, mesh=one_rank)
+    fully_shard(cm, mesh=one_rank)
+    cm(input_ids=ids[:2], labels=labels[:2]).loss.backward()
+    assert cm.save_pretrained(tmp_path / "sharded") == "peft"
+    whole, sharded = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("whole", "sharded"))
+    assert whole.keys() == sharded.keys() and "base_model.model.lm_head.weight" in whole
+    for key in whole:
+        assert torch.equal(whole[key], sharded[key]), key
+
+
 # ---- single process: what the distributed cases rely on --------------------------------------------------------
 
 @pytest.mark.parametrize("recompute", [False, True])
