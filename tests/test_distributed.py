@@ -38,13 +38,15 @@ def tiny():
     return model, ids, labels
 
 
-def build(recompute: bool):
-    """tiny(), compiled: LoRA on three projections, prune-grads, and with `recompute` every block checkpointed."""
+def build(recompute: bool, source=None):
+    """tiny() (or `source`, the same model sharded), compiled: LoRA on three projections, prune-grads, and with
+    `recompute` every block checkpointed."""
     import peftc
     from peftc.passes.schedule_recompute import ScheduleRecompute
     from peftc.pipeline import Pipeline
 
     model, ids, labels = tiny()
+    model = model if source is None else source
     spec = peftc.Spec(peftc.LoRA(target="q_proj|v_proj|down_proj", r=4, alpha=8))
     pipeline = Pipeline.for_spec(spec, prune_grads=True)
     if recompute:
@@ -273,8 +275,7 @@ def one_rank(tmp_path):
 @pytest.mark.parametrize("case,names", [
     ("non_block", ["`model.layers.0.mlp`", "fully_shard(block)", "fully_shard(cm)"]),
     ("no_root", ["without the root", "fully_shard(cm)"]),
-    ("sharded_source", ["already sharded", "compile first", "fully_shard(cm)"]),
-    ("new_signature", ["new after the sharded model's first step", "cm.eval(); cm(**inputs)"]),
+    ("new_signature", ["new after the model was sharded", "cm.eval(); cm(**inputs)"]),
     ("merge_sharded", ["cm.merge() needs whole weights", "full_adapter_state_dict"]),
 ])
 def test_what_cannot_work_raises_at_the_first_step(one_rank, case, names):
@@ -302,15 +303,32 @@ def test_what_cannot_work_raises_at_the_first_step(one_rank, case, names):
             fully_shard(cm, mesh=one_rank)
             cm(input_ids=ids[:2], labels=labels[:2]).loss.backward()
             cm.merge()
-        else:
-            source, _, _ = tiny()
-            for layer in source.model.layers:
-                fully_shard(layer, mesh=one_rank)
-            fully_shard(source, mesh=one_rank)
-            peftc.compile(source, peftc.LoRA(target="q_proj", r=2), kwargs={"input_ids": ids[:2]})
         cm(input_ids=ids[:2], labels=labels[:2])
     for name in names:
         assert name in str(e.value), str(e.value)
+
+
+def test_compiling_a_sharded_model_shards_the_compiled_model_the_same_way(one_rank):
+    """fully_shard on the source (blocks, then root), then peftc.compile: the compiled model is sharded at the same
+    paths and trains what the unsharded compile trains."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    _, reference, ids, labels = build(False)
+    source, _, _ = tiny()
+    source.train()  # compiled in the mode it trains in: once sharded, no new signature can be captured
+    for layer in source.model.layers:
+        fully_shard(layer, mesh=one_rank)
+    fully_shard(source, mesh=one_rank)
+    _, cm, _, _ = build(False, source=source)
+    assert isinstance(cm, FSDPModule) and all(isinstance(b, FSDPModule) for b in cm.model.layers)
+    got = train(cm, cm.trainable_parameters(), [(ids, labels)] * 2)
+    want = train(reference, reference.trainable_parameters(), [(ids, labels)] * 2)
+    for a, b in zip(got[1], want[1]):
+        _close(a, b)
+    for g, ref in zip(got[2], want[2]):
+        _close(_full(g), ref)
+    for key, value in reference.adapter_state_dict().items():
+        _close(_full(cm.adapter_state_dict()[key]), value)
 
 
 def test_save_pretrained_of_a_sharded_model_gathers_base_weights_too(one_rank, tmp_path):
