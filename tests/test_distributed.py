@@ -23,6 +23,7 @@ WORLD, BATCH, SEQ, STEPS, RESUME_STEPS, LR = 2, 4, 8, 3, 2, 1e-2
 SCENARIOS = {  # name ==> (wrapper, recompute every block)
     "ddp": ("ddp", False), "ddp_recompute": ("ddp", True),
     "fsdp": ("fsdp", False), "fsdp_recompute": ("fsdp", True),
+    "fsdp_sharded_source": ("fsdp_source", False),  # fully_shard the source, then peftc.compile it
 }
 
 
@@ -89,6 +90,22 @@ def _scenario(rank: int, name: str, out: Path) -> dict:
     from peftc.distributed import full_adapter_state_dict, save_checkpoint
 
     wrapper, recompute = SCENARIOS[name]
+    if wrapper == "fsdp_source":
+        mesh = init_device_mesh("cpu", (WORLD,))
+        source, _, _ = tiny()
+        source.train()
+        full_bytes = sum(p.numel() * p.element_size() for p in source.parameters())
+        for layer in source.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(source, mesh=mesh)
+        model, cm, ids, labels = build(recompute, source=source)
+        mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        params = cm.trainable_parameters()
+        _, losses, grads = train(cm, params, [(ids[mine], labels[mine])] * STEPS)
+        local = [p.to_local() for p in cm.parameters() if not p.requires_grad]
+        return {"base_bytes": (sum(t.numel() * t.element_size() for t in local), full_bytes),
+                "adapters": {k: v.clone() for k, v in full_adapter_state_dict(cm).items()},
+                "first_grads": [_full(g) for g in grads], "losses": losses}
     model, cm, ids, labels = build(recompute)
     mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
     result: dict = {}
@@ -222,13 +239,15 @@ def test_ddp_communicates_only_adapter_gradients(ranks, name):
     assert got["bytes_per_step"] == got["adapter_grad_bytes"] > 0
 
 
-@pytest.mark.parametrize("name", ["fsdp", "fsdp_recompute"])
+@pytest.mark.parametrize("name", ["fsdp", "fsdp_recompute", "fsdp_sharded_source"])
 def test_fsdp_each_rank_holds_half_the_base_weights(ranks, name):
+    """Of the compiled model's base weights. (Compiled already sharded, the source model keeps its own shards.)"""
     _, results = ranks
     for r in range(WORLD):
         local, full = results[r][name]["base_bytes"]
         assert abs(local / full - 1 / WORLD) < 0.02, (local, full)
-        assert results[r][name]["base_freed"], "a full copy of a sharded base weight is still alive"
+        if name != "fsdp_sharded_source":
+            assert results[r][name]["base_freed"], "a full copy of a sharded base weight is still alive"
 
 
 def test_checkpoint_reloads_in_one_process_and_resumes(ranks):
