@@ -8,9 +8,10 @@ So `DistributedDataParallel(cm)` and
         fully_shard(block)
     fully_shard(cm)
 
-work as they do on the source model. What cannot work raises a ShardingError at the first step (check_sharding):
-sharding a module that is neither the root nor a repeated block, sharding blocks without the root, sharding the
-source model before `peftc.compile`, and capturing a new call signature after the first sharded step.
+work as they do on the source model; so does `peftc.compile` on a model already sharded that way (compile_sharded
+moves the sharding onto the compiled model). What cannot work raises a ShardingError at the first step
+(check_sharding): sharding a module that is neither the root nor a repeated block, sharding blocks without the
+root, and capturing a new call signature once the model is sharded.
 """
 
 from __future__ import annotations
