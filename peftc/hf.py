@@ -349,6 +349,11 @@ def compiled_class(cls: type, source_cls: type) -> type:
     """
     if "source_class" in vars(cls):
         return cls
+    from .distributed import _fsdp_module_type
+
+    fsdp = _fsdp_module_type()
+    if fsdp is not None and issubclass(source_cls, fsdp):  # FSDP2's class for a sharded source: FSDP<cls>(FSDPModule, cls)
+        source_cls = next(c for c in source_cls.__mro__[1:] if c is not fsdp and not issubclass(c, fsdp))
     key = (cls, source_cls)
     with _CLASSES_LOCK:
         made = _CLASSES.get(key)

@@ -340,6 +340,7 @@ def test_compiling_a_sharded_model_shards_the_compiled_model_the_same_way(one_ra
     fully_shard(source, mesh=one_rank)
     _, cm, _, _ = build(False, source=source)
     assert isinstance(cm, FSDPModule) and all(isinstance(b, FSDPModule) for b in cm.model.layers)
+    assert type(cm).source_class is type(reference._source)  # LlamaForCausalLM, not FSDP's class for it
     got = train(cm, cm.trainable_parameters(), [(ids, labels)] * 2)
     want = train(reference, reference.trainable_parameters(), [(ids, labels)] * 2)
     for a, b in zip(got[1], want[1]):
