@@ -590,7 +590,8 @@ def peft_adapter(cm) -> tuple[dict, dict[str, torch.Tensor]]:
 
 class _WithAdapters:
     """`cm` as the writers read it: its parameter table with every adapter tensor whole, taken from `state_dict`
-    where given (what a trainer gathered), else gathered from FSDP2 shards (a collective: every rank calls it)."""
+    where given (what a trainer gathered: its base weights are used too, so nothing is gathered), else gathered from
+    FSDP2 shards (a collective: every rank calls it)."""
 
     def __init__(self, cm, state_dict):
         from .distributed import adopt_registered, whole_tensor
@@ -600,11 +601,9 @@ class _WithAdapters:
         object.__setattr__(self, "_cm", cm)
         self.params = cm.params.copy()
         for p in self.params:
-            if p.role != ADAPTER:
-                continue
-            if state_dict is not None and p.name in state_dict:
+            if state_dict is not None and p.name in state_dict:  # base weights too: a trainer gathered them already
                 p.tensor = state_dict[p.name]
-            else:
+            elif p.role == ADAPTER:
                 p.tensor = whole_tensor(live_tensor(cm, cm.params[p.name]))
         missing = [] if state_dict is None else [p.name for p in self.params if p.role == ADAPTER and
                                                  p.name not in state_dict]
