@@ -138,6 +138,18 @@ def active_adapters(cm) -> list[str]:
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
+def load_adapter(cm, directory, name: str | None, is_trainable: bool | None) -> None:
+    """cm.load_adapter: into the compiled slots when `name` is None or names the adapter bound there, else as one
+    more loaded adapter `name`."""
+    from .peft_format import load_adapter as load_into_slots
+
+    found = cm.__dict__.get("_adapter_bank")
+    if name is None or name == (DEFAULT if found is None else found.bound):
+        load_into_slots(cm, directory, is_trainable=is_trainable)
+    else:
+        load_named_adapter(cm, directory, name)
+
+
 def load_named_adapter(cm, directory, name: str) -> None:
     """Load a saved adapter (HF PEFT's format or peftc's) as a new adapter `name`, inactive and frozen (as HF
     PEFT's load_adapter leaves it); nothing changes when it does not fit."""

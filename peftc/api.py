@@ -64,8 +64,10 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
         args = (args,)
     if not args and not kwargs:
         raise PeftcError("peftc.compile needs example inputs to capture the model: pass args=(...) or kwargs={...}")
-    cm = CompiledModel(model, spec, pipeline, args, dict(kwargs or {}), dynamic=dynamic, verify=verify,
-                       instruments=instruments)
+    from .distributed import compile_sharded
+
+    cm = compile_sharded(model, lambda: CompiledModel(model, spec, pipeline, args, dict(kwargs or {}),
+                                                      dynamic=dynamic, verify=verify, instruments=instruments))
     if adapter is not None:
         cm.load_adapter(adapter)
     if memory_budget is not None:

@@ -8,9 +8,10 @@ So `DistributedDataParallel(cm)` and
         fully_shard(block)
     fully_shard(cm)
 
-work as they do on the source model. What cannot work raises a ShardingError at the first step (check_sharding):
-sharding a module that is neither the root nor a repeated block, sharding blocks without the root, sharding the
-source model before `peftc.compile`, and capturing a new call signature after the first sharded step.
+work as they do on the source model; so does `peftc.compile` on a model already sharded that way (compile_sharded
+moves the sharding onto the compiled model). What cannot work raises a ShardingError at the first step
+(check_sharding): sharding a module that is neither the root nor a repeated block, sharding blocks without the
+root, and capturing a new call signature once the model is sharded.
 """
 
 from __future__ import annotations
@@ -60,14 +61,106 @@ def is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
+_UNSHARDED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # sharded sources that compile_sharded gathered
+
+
 def check_source(model: nn.Module) -> None:
-    """Compiling an FSDP-sharded model cannot work: torch.export cannot read DTensor shards (nor run FSDP's hooks
-    on fake tensors), and the compiled model registers its own modules, which the source's sharding would miss."""
+    """Compiling an FSDP-sharded model directly cannot work: torch.export cannot read DTensor shards (nor run FSDP's
+    hooks on fake tensors), and the compiled model registers its own modules, which the source's sharding would
+    miss. compile_sharded gathers the source first."""
     sharded = sharded_modules(model)
-    if sharded:
+    if sharded and model not in _UNSHARDED:
         where = "the model itself" if sharded[0] == "" else f"`{sharded[0]}`"
         raise ShardingError(f"peftc.compile got a model already sharded with fully_shard ({where}"
                             f"{f' and {len(sharded) - 1} more modules' if len(sharded) > 1 else ''}); {WORKS}")
+
+
+def compile_sharded(model: nn.Module, build):
+    """`build()` (a CompiledModel of `model`); for a model already sharded with fully_shard, the compiled model is
+    sharded the same way instead:
+
+        with the source's parameters all-gathered (FSDPModule.unshard) and its hooks idle, capture and compile;
+        the compiled model takes copies of the whole tensors; the source's shards go back (reshard);
+        fully_shard the compiled model's modules at the source's paths, blocks first, with the same mesh,
+        reshard_after_forward, MixedPrecisionPolicy and OffloadPolicy.
+
+    Every rank must call it (the gather is a collective). The source keeps its own shards: until it is freed, each
+    rank holds its 1/N of the base weights twice.
+    """
+    settings = _shard_settings(model)
+    if not settings:
+        return build()
+    from torch.distributed.fsdp import fully_shard
+
+    with _unsharded(model):
+        cm = build()
+        _own_whole_tensors(cm, model)
+    for path, options in sorted(settings, key=lambda s: (s[0] == "", -s[0].count("."))):
+        fully_shard(cm.get_submodule(path), **options)
+    adopt_registered(cm)  # the table reads the shards: a new signature raises (check_capture), never reads shards
+    return cm
+
+
+def _shard_settings(model: nn.Module) -> list[tuple[str, dict[str, Any]]]:
+    """(path, fully_shard options) of every module of `model` that fully_shard was applied to (FSDP2's state, private
+    in torch 2.13)."""
+    out = []
+    for path in sharded_modules(model):
+        state = model.get_submodule(path)._get_fsdp_state()
+        group = state._fsdp_param_group
+        if group is None:
+            raise ShardingError(f"peftc.compile got a model with fully_shard on `{path or 'the model itself'}`, which "
+                                f"holds no parameters of its own; {WORKS}")
+        reshard = None if state._auto_reshard_after_forward else group.post_forward_mesh_info is not None
+        out.append((path, {"mesh": group.mesh_info.mesh, "reshard_after_forward": reshard,
+                           "mp_policy": group.mp_policy, "offload_policy": group.offload_policy}))
+    return out
+
+
+class _unsharded:
+    """Within: `model`'s parameters whole (FSDPModule.unshard, a collective) and its FSDP hooks idle (each state
+    as in recomputation before backward: no gather, no reshard, only the dtype casts of its policy)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = [model.get_submodule(p) for p in sharded_modules(model)]
+
+    def __enter__(self):
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+        for m in self.modules:
+            m.unshard()
+        self.states = [m._get_fsdp_state() for m in self.modules]
+        self.before = [s._training_state for s in self.states]
+        for s in self.states:
+            s._training_state = TrainingState.PRE_BACKWARD
+        _UNSHARDED.add(self.model)
+        return self
+
+    def __exit__(self, *exc):
+        _UNSHARDED.discard(self.model)
+        for s, state in zip(self.states, self.before):
+            s._training_state = state
+        for m in self.modules:
+            m.reshard()
+        return False
+
+
+def _own_whole_tensors(cm, model: nn.Module) -> None:
+    """Replace each tensor the compiled model took from the unsharded source by a copy: reshard frees them."""
+    gathered = {id(p) for p in model.parameters()}
+    for p in cm.params:
+        old = p.tensor
+        if id(old) not in gathered:
+            continue
+        new = old.detach().clone()
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        p.tensor = new
+        _rebind(cm, p.name, old, new)
+        for graphs in (*cm._graphs.values(), *cm._method_graphs.values()):
+            for gm in graphs:
+                _rebind(gm, p.name, old, new)
 
 
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -151,9 +244,10 @@ def check_capture(cm) -> None:
     """A new call signature after the first sharded step (adopt_registered): the source's weights are shards."""
     if any(is_dtensor(p.tensor) for p in cm.params):
         raise ShardingError(
-            f"this call signature (keyword set, or train/eval) is new after the sharded model's first step: its "
-            f"weights are shards now, and torch.export needs them whole; call the model once with each signature "
-            f"it will be called with before fully_shard (e.g. `cm.eval(); cm(**inputs); cm.train()`)")
+            f"this call signature (keyword set, or train/eval) is new after the model was sharded: its weights are "
+            f"shards now, and torch.export needs them whole; call the model once with each signature it will be "
+            f"called with before fully_shard (e.g. `cm.eval(); cm(**inputs); cm.train()`), or, compiling an "
+            f"already-sharded model, compile it in the train/eval mode and with the keywords it will be called with")
 
 
 def whole_weights(cm, what: str) -> None:
@@ -168,9 +262,14 @@ def whole_weights(cm, what: str) -> None:
 
 # ---- adapter state -----------------------------------------------------------------------------------------
 
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t`, gathered whole when it is a sharded DTensor (then a collective: every rank must call it)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
 def full_adapter_state_dict(cm) -> dict[str, torch.Tensor]:
     """`cm.adapter_state_dict()` with sharded tensors gathered whole; a collective: every rank must call it."""
-    return {k: v.full_tensor() if is_dtensor(v) else v for k, v in cm.adapter_state_dict().items()}
+    return {k: whole_tensor(v) for k, v in cm.adapter_state_dict().items()}
 
 
 def copy_full_into(target: torch.Tensor, value: torch.Tensor) -> None:

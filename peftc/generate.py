@@ -42,6 +42,10 @@ SUPPORTED = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "tem
 # Options that do not change the tokens (a cache is always used; outputs are always token ids).
 _IGNORED = ("use_cache", "output_attentions", "output_hidden_states", "_from_model_config", "transformers_version",
             "return_dict_in_generate", "output_scores", "output_logits")
+# Why an option is refused, where the reason is not just "not written yet".
+_WHY_NOT = {"num_beams": " (beam search keeps num_beams hypotheses per row, reorders the KV cache tensors after "
+                         "every step and ranks finished hypotheses by length penalty, a loop this one is not; for it, "
+                         "generate with HF PEFT on the saved adapter, or with cm.merge_and_unload())"}
 _NOT_COMPILED = frozenset({"prompt_tuning"})  # methods whose decode step the pipeline cannot express yet
 
 
@@ -247,9 +251,10 @@ def _generation_config(source: nn.Module, options: dict[str, Any]):
     if config.return_dict_in_generate:
         changed.insert(0, "return_dict_in_generate")
     if changed:
+        why = _WHY_NOT.get(changed[0], "")
         raise GenerationError(f"generate() on a compiled model does not support `{changed[0]}="
-                              f"{getattr(config, changed[0])!r}`; it does greedy decoding and multinomial sampling "
-                              f"with: {', '.join(SUPPORTED)}")
+                              f"{getattr(config, changed[0])!r}`{why}; it does greedy decoding and multinomial "
+                              f"sampling with: {', '.join(SUPPORTED)}")
     return config
 
 

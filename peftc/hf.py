@@ -5,11 +5,18 @@
 (Trainer keeps only dataset columns that are forward parameters); `base_model` runs the source's backbone through
 the compiler with the same adapters (TRL's fused LM head calls it, then applies the output layer itself).
 Activation checkpointing is schedule-recompute on the model's repeated blocks.
+
+Each compiled model's class is made for its source model's class (compiled_class): `CompiledModel[LlamaForCausalLM]`,
+whose class-level `forward` signature is the source class's, and which, for a transformers model with peft installed,
+is also a `peft.PeftModel`, so that transformers.Trainer saves and resumes checkpoints in PEFT's format.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import sys
+import threading
 from typing import Any
 
 import torch
@@ -42,9 +49,23 @@ class source_signature:
         self.__doc__ = func.__doc__
 
     def __get__(self, obj, cls=None):
-        if obj is None:
-            return self.func
+        if obj is None:  # on the class: the source class's signature, when the class was made for one
+            source = getattr(cls, "source_class", None)
+            return self.func if source is None else _class_signed(self.func, source)
         return _SignedForward(self.func, obj)
+
+
+def _class_signed(func, source_cls: type):
+    """`func` as a function with the signature of `source_cls.forward` (self included), for inspect on the class."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return func(self, *args, **kwargs)
+
+    forward.__doc__, forward.__qualname__ = func.__doc__, func.__qualname__
+    try:
+        forward.__signature__ = inspect.signature(source_cls.forward)
+    except (TypeError, ValueError):
+        forward.__signature__ = inspect.signature(func)
+    return forward
 
 
 class _SignedForward:
@@ -116,6 +137,15 @@ class HFModelMixin:
         return getattr(self._source, "generation_config", None)
 
     @property
+    def loss_type(self):
+        """The source's loss type (Trainer counts `num_items_in_batch` over `labels[..., 1:]` when it is a causal LM
+        loss, which shifts labels: without it the loss would be scaled by the wrong token count)."""
+        try:
+            return self._source.loss_type
+        except AttributeError:
+            raise AttributeError(f"{type(self._source).__name__} has no `loss_type`") from None
+
+    @property
     def main_input_name(self) -> str:
         name = getattr(self._source, "main_input_name", None)
         if name is not None:
@@ -165,6 +195,13 @@ class HFModelMixin:
         prefix = getattr(self._source, "base_model_prefix", "")
         if prefix and isinstance(getattr(self._source, prefix, None), nn.Module):
             return CompiledBackbone(self, prefix)
+        return self
+
+    # ---- what peft.PeftModel's callers read (transformers.Trainer, TRL) ------------------------------------------
+    def get_base_model(self) -> nn.Module:
+        """The model itself. PEFT's base model is the model with its adapters injected, the module that computes
+        the fine-tuned function; for a compiled model that module is this one (Trainer reads its forward signature
+        and `accepts_loss_kwargs` through it, TRL wraps its forward with a fused LM head)."""
         return self
 
     def add_model_tags(self, tags: list[str] | str) -> None:
@@ -245,3 +282,84 @@ class HFModelMixin:
 
     def disable_input_require_grads(self) -> None:
         """A no-op, like enable_input_require_grads."""
+
+
+# ---- the class of a compiled model ---------------------------------------------------------------------------------
+class UnsupportedPeftAPI(PeftcError, AttributeError):
+    """A peft.PeftModel attribute that a CompiledModel does not have (an AttributeError, so `hasattr` is False)."""
+
+
+# What a CompiledModel gives of peft.PeftModel's own API; the rest raises UnsupportedPeftAPI.
+PEFT_API = ("save_pretrained", "load_adapter", "from_pretrained", "get_base_model", "active_adapter",
+            "active_adapters", "set_adapter", "delete_adapter", "add_weighted_adapter", "disable_adapter",
+            "print_trainable_parameters", "generate", "forward")
+
+_CLASSES: dict[tuple[type, type], type] = {}
+_CLASSES_LOCK = threading.Lock()
+
+
+def _peft_model_class(source_cls: type) -> type | None:
+    """peft.PeftModel when `source_cls` is a transformers model and peft is installed, else None."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not issubclass(source_cls, transformers.PreTrainedModel):
+        return None
+    if importlib.util.find_spec("peft") is None:
+        return None
+    from peft import PeftModel
+
+    return PeftModel
+
+
+def _unsupported(name: str, member: Any) -> Any:
+    message = (f"`{name}` is peft.PeftModel machinery that a CompiledModel does not have (it is a PeftModel so that "
+               f"transformers.Trainer saves and resumes its checkpoints in PEFT's format); of PeftModel's API it has "
+               f"{', '.join(PEFT_API)}. The spec says what is fine-tuned (cm.spec); load a different adapter with "
+               f"cm.load_adapter(dir), or compile the model again")
+
+    if isinstance(member, property):
+        def missing(self):
+            raise UnsupportedPeftAPI(message)
+        return property(missing)
+
+    def refused(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsupportedPeftAPI(message)
+
+    refused.__name__ = refused.__qualname__ = name
+    return refused
+
+
+def compiled_class(cls: type, source_cls: type) -> type:
+    """`cls` (CompiledModel or a subclass) made for a source model class, e.g. `CompiledModel[LlamaForCausalLM]`.
+
+    transformers.Trainer reads the model's *class*: `find_labels` and `can_return_loss` inspect the class's `forward`,
+    which here carries the source class's signature, so `labels` is found and evaluate() reports eval_loss with
+    default arguments. For a transformers model with peft installed the class is also a `peft.PeftModel`: Trainer then
+    saves checkpoints with `save_pretrained` (PEFT's adapter_config.json + adapter_model.safetensors, not the base
+    weights) and resumes them with `load_adapter`. Nothing of PeftModel runs: CompiledModel comes first in the
+    method order, nn.Module's `__getattr__` is kept, and each PeftModel member outside PEFT_API raises
+    UnsupportedPeftAPI. One class per (cls, source class), made once.
+    """
+    if "source_class" in vars(cls):
+        return cls
+    from .distributed import _fsdp_module_type
+
+    fsdp = _fsdp_module_type()
+    if fsdp is not None and issubclass(source_cls, fsdp):  # FSDP2's class for a sharded source: FSDP<cls>(FSDPModule, cls)
+        source_cls = next(c for c in source_cls.__mro__[1:] if c is not fsdp and not issubclass(c, fsdp))
+    key = (cls, source_cls)
+    with _CLASSES_LOCK:
+        made = _CLASSES.get(key)
+        if made is None:
+            peft_model = _peft_model_class(source_cls)
+            name = f"{cls.__name__}[{source_cls.__name__}]"
+            namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": name,
+                                         "source_class": source_cls, "__doc__": cls.__doc__}
+            bases: tuple[type, ...] = (cls,)
+            if peft_model is not None:
+                bases = (cls, peft_model)
+                namespace["__getattr__"] = nn.Module.__getattr__  # not PeftModel's, which reads its base model
+                for attr, member in vars(peft_model).items():
+                    if not attr.startswith("__") and attr not in PEFT_API and not hasattr(cls, attr):
+                        namespace[attr] = _unsupported(attr, member)
+            made = _CLASSES[key] = type(name, bases, namespace)
+        return made

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -433,9 +434,13 @@ def _module_params(cm, module: str) -> list[tuple[str, str]]:
 
 
 def _base_tensor(cm, table_name: str) -> torch.Tensor:
+    """A base weight, whole: gathered when FSDP2 sharded it (a collective, reached in the same order on every rank,
+    which all run the same code)."""
+    from .distributed import whole_tensor
+
     if table_name in cm.params:
-        return cm.params[table_name].tensor.detach()
-    return cm._source.get_parameter(table_name).detach()
+        return whole_tensor(cm.params[table_name].tensor.detach())
+    return whole_tensor(cm._source.get_parameter(table_name).detach())
 
 
 def _delta_name(alias: str, method: str) -> str:
@@ -756,41 +761,95 @@ def peft_adapter(cm) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
 
-def save_pretrained(cm, directory: str | Path, format: str | None = None,
-                    path_initial_model_for_weight_conversion: str | Path | None = None) -> str:
+class _WithAdapters:
+    """`cm` as the writers read it: its parameter table with every adapter tensor whole, taken from `state_dict`
+    where given (what a trainer gathered: its base weights are used too, so nothing is gathered), else gathered from
+    FSDP2 shards (a collective: every rank calls it)."""
+
+    def __init__(self, cm, state_dict):
+        from .distributed import adopt_registered, whole_tensor
+        from .lower.modules import live_tensor
+
+        adopt_registered(cm)  # the tensors FSDP2 or load_state_dict(assign=True) registered
+        object.__setattr__(self, "_cm", cm)
+        self.params = cm.params.copy()
+        for p in self.params:
+            if state_dict is not None and p.name in state_dict:  # base weights too: a trainer gathered them already
+                p.tensor = state_dict[p.name]
+            elif p.role == ADAPTER:
+                p.tensor = whole_tensor(live_tensor(cm, cm.params[p.name]))
+        missing = [] if state_dict is None else [p.name for p in self.params if p.role == ADAPTER and
+                                                 p.name not in state_dict]
+        if state_dict is not None and missing:
+            raise AdapterError(f"save_pretrained: the state_dict given has no `{missing[0]}`; pass the model's "
+                               f"state_dict() (or none)")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cm, name)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {p.name: p.tensor.detach() for p in self.params if p.role == ADAPTER}
+
+
+def _write_file(path: Path, write) -> None:
+    """write(tmp) then rename over `path`: a reader sees the old file or the whole new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_adapter(directory: Path, weights: str, tensors: dict[str, torch.Tensor], config: str, text: str) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    # The weights first: the config file is what marks the directory as an adapter.
+    _write_file(directory / weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    _write_file(directory / config, lambda tmp: tmp.write_text(text))
+
+
+def save_pretrained(cm, directory: str | Path, format: str | None = None, *, state_dict=None,
+                    is_main_process: bool = True, path_initial_model_for_weight_conversion: str | Path | None = None,
+                    **peft_options: Any) -> str:
     """Write the adapter to `directory` in HF PEFT's format, or peftc's layout when PEFT has none (or
     format="peftc"). format="peft" raises SpecError when PEFT has no format for the spec. Returns the format.
 
+    `state_dict` (cm.state_dict() as a trainer gathered it) supplies the adapter tensors; without it a sharded
+    adapter is gathered whole, so every rank must call this. Only `is_main_process` writes, each file atomically.
+    `peft_options` are PEFT's save_pretrained options that mean what peftc does anyway (safe_serialization=True,
+    selected_adapters=["default"]); any other value raises SpecError.
     `path_initial_model_for_weight_conversion` (HF's): the directory this PiSSA/OLoRA adapter was saved to at init;
-    the adapter is then written as the plain LoRA of rank 2r that the original base needs (see _converted)."""
-    from safetensors.torch import save_file
-
+    the adapter is then written as the plain LoRA of rank 2r that the original base needs (see _converted).
+    """
     if format not in (None, "peft", "peftc"):
         raise SpecError(f"save_pretrained: format must be 'peft', 'peftc' or None (PEFT when it can), not {format!r}")
+    _check_peft_options(peft_options)
     directory = Path(directory)
     if path_initial_model_for_weight_conversion is not None and format == "peftc":
         raise SpecError("save_pretrained: path_initial_model_for_weight_conversion writes HF PEFT's format; drop "
                         "format='peftc'")
+    view = _WithAdapters(cm, state_dict)
     if format != "peftc":
         try:
-            config, tensors = peft_adapter(cm)
+            config, tensors = peft_adapter(view)
         except NotPeftExpressible as e:
             if format == "peft" or path_initial_model_for_weight_conversion is not None:
                 raise NotPeftExpressible(f"save_pretrained(format='peft'): {e}; save with format='peftc'") from None
         else:
             if path_initial_model_for_weight_conversion is not None:
                 config, tensors = _converted(config, tensors, path_initial_model_for_weight_conversion)
-            directory.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            if is_main_process:
+                _write_adapter(directory, ADAPTER_WEIGHTS, tensors, ADAPTER_CONFIG,
+                               json.dumps(config, indent=2, sort_keys=True) + "\n")
             return "peft"
     if cm.spec is None:
         raise SpecError("save_pretrained: the model was compiled from a pipeline, not a spec; compile it with a spec")
     spec, masks = _spec_without_masks(cm.spec)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {**{k: v.detach().cpu().contiguous().clone() for k, v in cm.adapter_state_dict().items()}, **masks}
-    save_file(tensors, str(directory / PEFTC_WEIGHTS), metadata={"format": "pt"})
-    (directory / PEFTC_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    tensors = {**{k: v.detach().cpu().contiguous().clone() for k, v in view.adapter_state_dict().items()}, **masks}
+    if is_main_process:
+        _write_adapter(directory, PEFTC_WEIGHTS, tensors, PEFTC_SPEC, json.dumps(spec, indent=2) + "\n")
     return "peftc"
 
 
@@ -824,6 +883,20 @@ def _converted(config: dict, tensors: dict, initial: str | Path) -> tuple[dict, 
               "rank_pattern": {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
               "alpha_pattern": {k: 2 * v for k, v in (config.get("alpha_pattern") or {}).items()}}
     return config, out
+
+
+# PEFT's save_pretrained options, with the one value each can have here.
+_PEFT_SAVE_OPTIONS = {"safe_serialization": (True,), "selected_adapters": (None, ["default"]),
+                      "save_embedding_layers": ("auto", False)}
+
+
+def _check_peft_options(options: dict[str, Any]) -> None:
+    for key, value in options.items():
+        allowed = _PEFT_SAVE_OPTIONS.get(key)
+        if allowed is None or value not in allowed:
+            raise SpecError(f"save_pretrained: {key}={value!r} is not supported (peftc writes one adapter, "
+                            f"'default', as safetensors); supported PEFT options: "
+                            + ", ".join(f"{k} in {v}" for k, v in _PEFT_SAVE_OPTIONS.items()))
 
 
 _MASK = "peftc.masks."  # SparseDelta masks ride in the weights file: `peftc.masks.<kind>.<entry>.<parameter>`
@@ -961,8 +1034,12 @@ def _prompt_embeddings(cm, value: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_adapter(cm, directory: str | Path) -> None:
-    """Load a saved adapter (HF PEFT's format or peftc's layout) into cm; nothing changes when it does not fit."""
+def load_adapter(cm, directory: str | Path, *, is_trainable: bool | None = None) -> None:
+    """Load a saved adapter (HF PEFT's format or peftc's layout) into cm's compiled slots; nothing changes when it
+    does not fit. `is_trainable` is PEFT's: the slots train as the spec says."""
+    if is_trainable is False:
+        raise AdapterError("load_adapter: is_trainable=False (a frozen adapter) is not supported: the spec says what "
+                           "trains; load it, then call cm.eval() for inference, or cm.merge() / merge_and_unload()")
     _, tensors, fmt = read_adapter(directory)
     state = peftc_state_dict(cm, tensors) if fmt == "peft" else tensors
     cm.load_adapter_state_dict(state)

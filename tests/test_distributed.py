@@ -23,6 +23,7 @@ WORLD, BATCH, SEQ, STEPS, RESUME_STEPS, LR = 2, 4, 8, 3, 2, 1e-2
 SCENARIOS = {  # name ==> (wrapper, recompute every block)
     "ddp": ("ddp", False), "ddp_recompute": ("ddp", True),
     "fsdp": ("fsdp", False), "fsdp_recompute": ("fsdp", True),
+    "fsdp_sharded_source": ("fsdp_source", False),  # fully_shard the source, then peftc.compile it
 }
 
 
@@ -38,13 +39,15 @@ def tiny():
     return model, ids, labels
 
 
-def build(recompute: bool):
-    """tiny(), compiled: LoRA on three projections, prune-grads, and with `recompute` every block checkpointed."""
+def build(recompute: bool, source=None):
+    """tiny() (or `source`, the same model sharded), compiled: LoRA on three projections, prune-grads, and with
+    `recompute` every block checkpointed."""
     import peftc
     from peftc.passes.schedule_recompute import ScheduleRecompute
     from peftc.pipeline import Pipeline
 
     model, ids, labels = tiny()
+    model = model if source is None else source
     spec = peftc.Spec(peftc.LoRA(target="q_proj|v_proj|down_proj", r=4, alpha=8))
     pipeline = Pipeline.for_spec(spec, prune_grads=True)
     if recompute:
@@ -87,6 +90,22 @@ def _scenario(rank: int, name: str, out: Path) -> dict:
     from peftc.distributed import full_adapter_state_dict, save_checkpoint
 
     wrapper, recompute = SCENARIOS[name]
+    if wrapper == "fsdp_source":
+        mesh = init_device_mesh("cpu", (WORLD,))
+        source, _, _ = tiny()
+        source.train()
+        full_bytes = sum(p.numel() * p.element_size() for p in source.parameters())
+        for layer in source.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(source, mesh=mesh)
+        model, cm, ids, labels = build(recompute, source=source)
+        mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        params = cm.trainable_parameters()
+        _, losses, grads = train(cm, params, [(ids[mine], labels[mine])] * STEPS)
+        local = [p.to_local() for p in cm.parameters() if not p.requires_grad]
+        return {"base_bytes": (sum(t.numel() * t.element_size() for t in local), full_bytes),
+                "adapters": {k: v.clone() for k, v in full_adapter_state_dict(cm).items()},
+                "first_grads": [_full(g) for g in grads], "losses": losses}
     model, cm, ids, labels = build(recompute)
     mine = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
     result: dict = {}
@@ -126,6 +145,8 @@ def _scenario(rank: int, name: str, out: Path) -> dict:
             adapters = full_adapter_state_dict(cm)
             if rank == 0:
                 torch.save(adapters, out / "adapters.pt")
+            # PEFT's format from the sharded model: every rank gathers, rank 0 writes
+            cm.save_pretrained(out / "peft", is_main_process=rank == 0)
             resumed = []
             for _ in range(RESUME_STEPS):
                 loss = cm(input_ids=ids[mine], labels=labels[mine]).loss
@@ -218,13 +239,15 @@ def test_ddp_communicates_only_adapter_gradients(ranks, name):
     assert got["bytes_per_step"] == got["adapter_grad_bytes"] > 0
 
 
-@pytest.mark.parametrize("name", ["fsdp", "fsdp_recompute"])
+@pytest.mark.parametrize("name", ["fsdp", "fsdp_recompute", "fsdp_sharded_source"])
 def test_fsdp_each_rank_holds_half_the_base_weights(ranks, name):
+    """Of the compiled model's base weights. (Compiled already sharded, the source model keeps its own shards.)"""
     _, results = ranks
     for r in range(WORLD):
         local, full = results[r][name]["base_bytes"]
         assert abs(local / full - 1 / WORLD) < 0.02, (local, full)
-        assert results[r][name]["base_freed"], "a full copy of a sharded base weight is still alive"
+        if name != "fsdp_sharded_source":
+            assert results[r][name]["base_freed"], "a full copy of a sharded base weight is still alive"
 
 
 def test_checkpoint_reloads_in_one_process_and_resumes(ranks):
@@ -237,6 +260,12 @@ def test_checkpoint_reloads_in_one_process_and_resumes(ranks):
     # rank 0's plain adapter file, in a fresh compiled model: the same outputs
     _, other, _, _ = build(False)
     other.load_adapter_state_dict(torch.load(out / "adapters.pt"))
+    # what save_pretrained wrote from the sharded ranks, in a fresh compiled model: the same adapters
+    _, from_peft, _, _ = build(False)
+    from_peft.load_adapter(out / "peft")
+    for key, value in from_peft.adapter_state_dict().items():
+        assert torch.equal(value, results[0]["fsdp"]["adapters"][key]), key
+    assert sorted(p.name for p in (out / "peft").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     cm.eval(), other.eval()
     with torch.no_grad():
         assert torch.equal(cm(input_ids=ids).logits, other(input_ids=ids).logits)
@@ -265,8 +294,7 @@ def one_rank(tmp_path):
 @pytest.mark.parametrize("case,names", [
     ("non_block", ["`model.layers.0.mlp`", "fully_shard(block)", "fully_shard(cm)"]),
     ("no_root", ["without the root", "fully_shard(cm)"]),
-    ("sharded_source", ["already sharded", "compile first", "fully_shard(cm)"]),
-    ("new_signature", ["new after the sharded model's first step", "cm.eval(); cm(**inputs)"]),
+    ("new_signature", ["new after the model was sharded", "cm.eval(); cm(**inputs)"]),
     ("merge_sharded", ["cm.merge() needs whole weights", "full_adapter_state_dict"]),
 ])
 def test_what_cannot_work_raises_at_the_first_step(one_rank, case, names):
@@ -294,15 +322,57 @@ def test_what_cannot_work_raises_at_the_first_step(one_rank, case, names):
             fully_shard(cm, mesh=one_rank)
             cm(input_ids=ids[:2], labels=labels[:2]).loss.backward()
             cm.merge()
-        else:
-            source, _, _ = tiny()
-            for layer in source.model.layers:
-                fully_shard(layer, mesh=one_rank)
-            fully_shard(source, mesh=one_rank)
-            peftc.compile(source, peftc.LoRA(target="q_proj", r=2), kwargs={"input_ids": ids[:2]})
         cm(input_ids=ids[:2], labels=labels[:2])
     for name in names:
         assert name in str(e.value), str(e.value)
+
+
+def test_compiling_a_sharded_model_shards_the_compiled_model_the_same_way(one_rank):
+    """fully_shard on the source (blocks, then root), then peftc.compile: the compiled model is sharded at the same
+    paths and trains what the unsharded compile trains."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    _, reference, ids, labels = build(False)
+    source, _, _ = tiny()
+    source.train()  # compiled in the mode it trains in: once sharded, no new signature can be captured
+    for layer in source.model.layers:
+        fully_shard(layer, mesh=one_rank)
+    fully_shard(source, mesh=one_rank)
+    _, cm, _, _ = build(False, source=source)
+    assert isinstance(cm, FSDPModule) and all(isinstance(b, FSDPModule) for b in cm.model.layers)
+    assert type(cm).source_class is type(reference._source)  # LlamaForCausalLM, not FSDP's class for it
+    got = train(cm, cm.trainable_parameters(), [(ids, labels)] * 2)
+    want = train(reference, reference.trainable_parameters(), [(ids, labels)] * 2)
+    for a, b in zip(got[1], want[1]):
+        _close(a, b)
+    for g, ref in zip(got[2], want[2]):
+        _close(_full(g), ref)
+    for key, value in reference.adapter_state_dict().items():
+        _close(_full(cm.adapter_state_dict()[key]), value)
+
+
+def test_save_pretrained_of_a_sharded_model_gathers_base_weights_too(one_rank, tmp_path):
+    """A trained copy (modules_to_save) is written as base + delta: both sharded, both gathered whole."""
+    import peftc
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import fully_shard
+
+    model, ids, labels = tiny()
+    cm = peftc.compile(model, peftc.Spec(peftc.LoRA(target="q_proj", r=2), peftc.ModulesToSave(target="lm_head")),
+                       kwargs={"input_ids": ids[:2], "labels": labels[:2]})
+    with torch.no_grad():
+        for t in cm.adapter_state_dict().values():
+            t.add_(0.25)  # a non-zero delta, so base + delta differs from the base
+    assert cm.save_pretrained(tmp_path / "whole") == "peft"
+    for block in cm.model.layers:
+        fully_shard(block, mesh=one_rank)
+    fully_shard(cm, mesh=one_rank)
+    cm(input_ids=ids[:2], labels=labels[:2]).loss.backward()
+    assert cm.save_pretrained(tmp_path / "sharded") == "peft"
+    whole, sharded = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("whole", "sharded"))
+    assert whole.keys() == sharded.keys() and "base_model.model.lm_head.weight" in whole
+    for key in whole:
+        assert torch.equal(whole[key], sharded[key]), key
 
 
 # ---- single process: what the distributed cases rely on --------------------------------------------------------

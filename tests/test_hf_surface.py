@@ -147,3 +147,57 @@ def test_output_layer_with_an_adapter_is_not_handed_out():
     cm = peftc.compile(tiny_llama(), peftc.LoRA(target="lm_head", r=2), kwargs={"input_ids": ids()})
     with pytest.raises(peftc.PeftcError, match="output layer `lm_head` is fine-tuned"):
         cm.get_output_embeddings()
+
+
+def test_class_is_made_for_the_source_class_and_is_a_peft_model(llama, tmp_path):
+    """What transformers.Trainer reads off the class: label names, return_loss, PeftModel (save/resume in PEFT's
+    format); what it must not reach: PeftModel's own machinery, which raises a PeftcError that hasattr reads as
+    absent."""
+    from transformers.utils import can_return_loss, find_labels
+
+    from peftc.hf import UnsupportedPeftAPI
+
+    model, cm = llama
+    assert type(cm).__name__ == "CompiledModel[LlamaForCausalLM]" and type(cm).source_class is type(model)
+    assert isinstance(cm, peftc.CompiledModel) and isinstance(cm, peft.PeftModel)
+    assert type(copy.deepcopy(cm)) is type(cm)
+    assert find_labels(type(cm)) == find_labels(type(model)) == ["labels"]
+    assert can_return_loss(type(cm)) == can_return_loss(type(model))
+    assert cm.get_base_model() is cm and cm.active_adapters == ["default"]
+    assert not hasattr(cm, "peft_config")
+    with pytest.raises(UnsupportedPeftAPI, match="set_adapter.*save_pretrained, load_adapter"):
+        cm.set_adapter("other")
+    with pytest.raises(AttributeError, match="no attribute 'no_such_thing'"):
+        cm.no_such_thing  # nn.Module's __getattr__, not PeftModel's (which would ask its base model)
+    with pytest.raises(peftc.AdapterError, match="one adapter, 'default'"):
+        cm.load_adapter(tmp_path, "other")
+    with pytest.raises(peftc.SpecError, match="safe_serialization=False is not supported"):
+        cm.save_pretrained(tmp_path / "x", safe_serialization=False)
+
+
+def test_save_pretrained_takes_a_trainers_state_dict_and_writes_on_the_main_process_only(llama, tmp_path):
+    from safetensors.torch import load_file
+
+    _, cm = llama
+    assert cm.save_pretrained(tmp_path / "not_main", is_main_process=False) == "peft"
+    assert not (tmp_path / "not_main").exists()
+    state = {k: v + 1 if k in cm.adapter_state_dict() else v for k, v in cm.state_dict().items()}
+    cm.save_pretrained(tmp_path / "given", state_dict=state)
+    saved = load_file(tmp_path / "given" / "adapter_model.safetensors")
+    for k, v in cm.adapter_state_dict().items():
+        assert torch.equal(saved["base_model.model." + k], v + 1)  # the state dict's tensors, not the live ones
+    assert sorted(p.name for p in (tmp_path / "given").iterdir()) == ["adapter_config.json",
+                                                                     "adapter_model.safetensors"]  # no temporaries
+
+
+def test_plain_module_class_carries_its_signature_and_is_no_peft_model():
+    from transformers.utils import find_labels
+
+    from examples.tiny_models import tiny_mlp
+
+    model, (x,) = tiny_mlp()
+    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,))
+    assert type(cm).__name__ == f"CompiledModel[{type(model).__name__}]"
+    assert not isinstance(cm, peft.PeftModel)
+    assert list(inspect.signature(type(cm).forward).parameters) == ["self", "x"]
+    assert find_labels(type(cm)) == []

@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 from ..capture import ModelInfo, call_kwargs, capture
 from ..distributed import check_capture, check_sharding, check_source, copy_full_into, whole_weights
 from ..errors import PassError, PeftcError
-from ..hf import HFModelMixin, autocast_state, source_signature
+from ..hf import HFModelMixin, autocast_state, compiled_class, source_signature
 from ..instrument import DiffIR, PassRecord, Verify
 from ..params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from ..pipeline import Instrument, PassContext, Pipeline
@@ -116,10 +116,15 @@ class CompiledModel(HFModelMixin, nn.Module):
     # graph key, so a configuration selects the graphs compiled for it.
     _adapter_config = None
 
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any):
+        # An instance of the class made for the source model's class (peftc.hf.compiled_class): what Trainer reads
+        # off the class. copy/deepcopy call __new__ on that class itself, without arguments.
+        return super().__new__(cls if model is None else compiled_class(cls, type(model)))
+
     def __init__(self, model: nn.Module, spec: Spec | None, pipeline: Pipeline, args: tuple,
                  kwargs: dict[str, Any], *, dynamic: bool = True, verify: bool = True,
                  instruments: Sequence[Instrument] = (), params: ParamTable | None = None):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): the class may also be a peft.PeftModel, whose __init__ wraps a model
         self.spec, self.pipeline, self.dynamic, self.verify = spec, pipeline, dynamic, verify
         self.params = params if params is not None else ParamTable()
         self._example = (tuple(args), dict(kwargs))  # merge() captures the model again on these
@@ -269,29 +274,30 @@ class CompiledModel(HFModelMixin, nn.Module):
         for key, value in state_dict.items():
             copy_full_into(ours[key], value)  # a sharded (FSDP2) adapter takes the full tensor
 
-    def save_pretrained(self, directory, format: str | None = None,
-                        path_initial_model_for_weight_conversion=None) -> str:
+    def save_pretrained(self, directory, format: str | None = None, *, state_dict: Mapping[str, torch.Tensor] |
+                        None = None, is_main_process: bool = True, **peft_options: Any) -> str:
         """Save the adapter to `directory` in HF PEFT's format (adapter_config.json + adapter_model.safetensors),
         which `peft.PeftModel.from_pretrained(base, directory)` loads, or in peftc's layout (peftc_spec.json +
         peftc_adapter.safetensors) for specs PEFT has no format for. format="peft" / "peftc" insists on one.
-        Returns the format written (docs/huggingface.md). `path_initial_model_for_weight_conversion` is HF's:
-        a PiSSA/OLoRA adapter is written as the rank-2r LoRA of the original base (docs/methods.md)."""
+        `state_dict` (this model's state_dict(), e.g. gathered by a trainer) supplies the adapter tensors; on a
+        sharded model every rank must call it (the adapters are gathered whole) and only `is_main_process` writes.
+        PEFT's `path_initial_model_for_weight_conversion` writes a PiSSA/OLoRA adapter as the rank-2r LoRA of the
+        original base (docs/methods.md). Returns the format written (docs/huggingface.md)."""
         from ..peft_format import save_pretrained
 
-        return save_pretrained(self, directory, format, path_initial_model_for_weight_conversion)
+        return save_pretrained(self, directory, format, state_dict=state_dict, is_main_process=is_main_process,
+                               **peft_options)
 
-    def load_adapter(self, directory, name: str | None = None) -> None:
-        """Load a saved adapter (HF PEFT's format or peftc's layout) into this model: strict, and nothing changes
-        when it does not fit (AdapterError naming the first bad key). Without `name` its weights replace the
-        adapter in the compiled slots; with `name` it is one more loaded adapter, inactive and frozen until
-        `set_adapter(name)` (several adapters: peftc/adapters.py, docs/adapters.md)."""
-        if name is not None:
-            from ..adapters import load_named_adapter
+    def load_adapter(self, directory, adapter_name: str | None = None, is_trainable: bool | None = None, *,
+                     name: str | None = None) -> None:
+        """Load a saved adapter (HF PEFT's format or peftc's layout): strict, and nothing changes when it does not
+        fit (AdapterError naming the first bad key). Without a name, or with the name of the adapter in the compiled
+        slots ("default" until set_adapter binds another), its weights replace that adapter's: how Trainer resumes
+        (`load_adapter(dir, "default", is_trainable=True)`). Another name (`name=`, or PEFT's positional
+        `adapter_name`) loads one more adapter, inactive and frozen until `set_adapter(name)` (docs/adapters.md)."""
+        from ..adapters import load_adapter
 
-            return load_named_adapter(self, directory, name)
-        from ..peft_format import load_adapter
-
-        load_adapter(self, directory)
+        load_adapter(self, directory, name if name is not None else adapter_name, is_trainable)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -305,6 +311,11 @@ class CompiledModel(HFModelMixin, nn.Module):
         from ..adapters import active_adapters
 
         return active_adapters(self)
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter (PEFT's `active_adapter`; Trainer resumes it)."""
+        return self.active_adapters[0]
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Activate one adapter or several (their outputs summed, as HF PEFT does); only active adapters train.
@@ -331,6 +342,8 @@ class CompiledModel(HFModelMixin, nn.Module):
         from ..adapters import disable_adapters
 
         return disable_adapters(self)
+
+    disable_adapter = disable_adapters  # PEFT's name (TRL's DPO computes its reference outputs inside it)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory, args: tuple = (), kwargs: dict[str, Any] | None = None,
