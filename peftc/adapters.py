@@ -477,16 +477,9 @@ def onnx_adapter_tensors(cm, name: str) -> dict[str, Any]:
 
 def export_onnx_adapter(cm, path, name: str, onnx_model=None) -> int:
     """CompiledModel.export_onnx_adapter(path, name=...): adapter `name` as an `.onnx_adapter` file."""
-    from .lower.onnx import _to_numpy, check_adapter, read_adapter_inputs, write_adapter
+    from .lower.onnx import write_checked_adapter
 
-    tensors = onnx_adapter_tensors(cm, name)
-    if onnx_model is not None:
-        check_adapter(tensors, read_adapter_inputs(onnx_model), str(onnx_model))
-    else:
-        expected = {p.name: (tuple(p.tensor.shape), _to_numpy(p.tensor[:0]).dtype) for p in cm.params
-                    if p.role == ADAPTER}
-        check_adapter(tensors, expected, "the compiled model")
-    return write_adapter(path, tensors)
+    return write_checked_adapter(cm, path, onnx_adapter_tensors(cm, name), onnx_model)
 
 
 # ---- combining ---------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import SpecError
+from .merge import adapter_nodes
 from .params import BASE
 from .rewrite import NodeBuilder, erase_dead, replace_uses
 
@@ -103,17 +104,6 @@ def insert(pass_name: str, rule, gm: GraphModule, ctx, site: EmbeddingSite) -> N
     replace_uses(y, out, keep=b.created)
 
 
-def _chain(out: Node, pass_name: str) -> set[Node]:
-    seen, todo = set(), [out]
-    while todo:
-        node = todo.pop()
-        if node in seen or node.meta.get("peftc.pass") != pass_name:
-            continue
-        seen.add(node)
-        todo.extend(node.all_input_nodes)
-    return seen
-
-
 def merge(gm: GraphModule, scope: Any, pass_name: str) -> int:
     """e + s·(embedding(Aᵀ, ids) Bᵀ)  ==>  embedding(W + s·(BA)ᵀ, ids): HF PEFT's Embedding merge, for the lookup
     only (a tied lm_head keeps W)."""
@@ -122,7 +112,7 @@ def merge(gm: GraphModule, scope: Any, pass_name: str) -> int:
         tag = out.meta.get(TAG)
         if tag is None or out._erased or not {tag["A"], tag["B"]} <= scope.adapters:
             continue
-        dying = _chain(out, out.meta["peftc.pass"])
+        dying = adapter_nodes(out, out.meta["peftc.pass"])
         sites = [i for n in dying for i in n.all_input_nodes if i not in dying
                  and i.target == aten.embedding.default and i.args[0].op == "get_attr"
                  and i.args[0].target == tag["weight"]]

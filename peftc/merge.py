@@ -44,7 +44,7 @@ def _tensors(kind: str, tag: dict) -> list[str]:
     return names + [n for n in (tag["magnitude"], tag.get("bias")) if n]
 
 
-def _chain(out: Node, pass_name: str) -> set[Node]:
+def adapter_nodes(out: Node, pass_name: str) -> set[Node]:
     """The adapter's own nodes: `out` and its ancestors made by the same pass, up to another adapter's output."""
     seen, todo = set(), [out]
     while todo:
@@ -263,7 +263,7 @@ def _merge_one(gm: GraphModule, scope: Any, pass_name: str, out: Node, kind: str
     tag = out.meta[kind]
     if tag.get("groups", 1) != 1:  # A reads every input channel: B·A is no grouped kernel (HF PEFT cannot merge it)
         return 0
-    dying = _chain(out, out.meta["peftc.pass"])
+    dying = adapter_nodes(out, out.meta["peftc.pass"])
     site = _site_of(out, kind, tag, dying, sites, order, scope.ctx.params)
     rewire = site and _weight_leaf(site, dying)
     if not rewire:

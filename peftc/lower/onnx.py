@@ -633,9 +633,14 @@ def export_compiled(cm, path: str | Path, *, merged: bool = True, adapters: str 
 
 def export_compiled_adapter(cm, path: str | Path, onnx_model: str | Path | None = None) -> int:
     """CompiledModel.export_onnx_adapter: see there."""
+    return write_checked_adapter(cm, path, adapter_tensors(cm), onnx_model)
+
+
+def write_checked_adapter(cm, path: str | Path, tensors: dict, onnx_model: str | Path | None) -> int:
+    """`tensors` as an `.onnx_adapter` file, once their names, shapes and dtypes are those of `onnx_model`'s adapter
+    inputs (or, without one, of cm's adapter slots). Returns the file size."""
     from ..params import ADAPTER
 
-    tensors = adapter_tensors(cm)
     if onnx_model is not None:
         check_adapter(tensors, read_adapter_inputs(onnx_model), str(onnx_model))
     else:
