@@ -8,7 +8,7 @@ from typing import ClassVar
 from torch.fx import GraphModule
 
 from peftc.errors import SpecError
-from peftc.pipeline import Pass, PassContext, PassResult, register_pass
+from peftc.pipeline import PassContext, PassResult, register_pass
 from peftc.spec import _DenseDelta, register_rule
 
 from .insert_modules_to_save import InsertModulesToSave

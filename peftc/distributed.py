@@ -244,10 +244,10 @@ def check_capture(cm) -> None:
     """A new call signature after the first sharded step (adopt_registered): the source's weights are shards."""
     if any(is_dtensor(p.tensor) for p in cm.params):
         raise ShardingError(
-            f"this call signature (keyword set, or train/eval) is new after the model was sharded: its weights are "
-            f"shards now, and torch.export needs them whole; call the model once with each signature it will be "
-            f"called with before fully_shard (e.g. `cm.eval(); cm(**inputs); cm.train()`), or, compiling an "
-            f"already-sharded model, compile it in the train/eval mode and with the keywords it will be called with")
+            "this call signature (keyword set, or train/eval) is new after the model was sharded: its weights are "
+            "shards now, and torch.export needs them whole; call the model once with each signature it will be "
+            "called with before fully_shard (e.g. `cm.eval(); cm(**inputs); cm.train()`), or, compiling an "
+            "already-sharded model, compile it in the train/eval mode and with the keywords it will be called with")
 
 
 def whole_weights(cm, what: str) -> None:

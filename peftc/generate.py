@@ -315,6 +315,9 @@ def generate(cm: nn.Module, input_ids: torch.Tensor | None, attention_mask: torc
     if input_ids is None:
         raise GenerationError("generate() needs input_ids (token ids [batch, length]); inputs_embeds are not "
                               "supported")
+    from .adapters import require_slots
+
+    require_slots(cm, "cm.generate()")  # its decode graphs are the compiled slots' (one adapter of that structure)
     generator = cm.__dict__.get("_generator")
     if generator is None:
         generator = Generator(cm)

@@ -298,7 +298,6 @@ def one_rank(tmp_path):
     ("merge_sharded", ["cm.merge() needs whole weights", "full_adapter_state_dict"]),
 ])
 def test_what_cannot_work_raises_at_the_first_step(one_rank, case, names):
-    import peftc
     from peftc.distributed import ShardingError
     from torch.distributed.fsdp import fully_shard
 

@@ -11,7 +11,6 @@ from test_onnx import _close, _session
 import peftc
 from peftc.capture import call_kwargs
 from peftc.lower import onnx as lower_onnx
-from peftc.pipeline import TRAINING
 
 FORMS = [(True, None), (False, None), (False, "inputs")]
 

@@ -10,7 +10,6 @@ same prefix.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

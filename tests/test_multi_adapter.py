@@ -242,3 +242,16 @@ def test_ia3_adapters_switch_and_disable_as_in_peft(tmp_path):
         agree()
     with pytest.raises(AdapterError, match="one LoRA rule"):
         cm.set_adapter(["default", "x"])
+
+
+def test_generate_serves_the_bound_adapter_and_refuses_a_configuration_it_cannot(tmp_path):
+    pair = Pair("llama", tmp_path)
+    prompt = ids(batch=1, seq=4)
+    pair.set_adapter("x")  # bound into the compiled slots: generate's graphs compute with it
+    want = pair.hf.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+    torch.testing.assert_close(pair.cm.generate(input_ids=prompt, max_new_tokens=3, do_sample=False), want)
+    pair.set_adapter(["default", "x"])
+    with pytest.raises(AdapterError, match="cm.generate"):
+        pair.cm.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+    with pair.cm.disable_adapter(), pytest.raises(AdapterError, match="adapters disabled"):
+        pair.cm.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
