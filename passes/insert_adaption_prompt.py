@@ -28,7 +28,17 @@ aten = torch.ops.aten
 _BACK = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
          aten.expand.default, aten.unsqueeze.default, aten.clone.default, aten.contiguous.default, aten.to.dtype,
          aten._to_copy.default, aten.alias.default, aten.add.Tensor, aten.mul.Tensor, aten.repeat_interleave.self_int}
+_CACHE_LAYOUT = {aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+
+
+def _is_cache_input(node: Node) -> bool:
+    """An input of the graph (a KV cache passed in) or a constant (the empty cache a prefill starts from)."""
+    while node.op == "call_function" and node.target in _BACK | _CACHE_LAYOUT:
+        node = node.args[0]
+    if node.op == "call_function" and node.target == aten.cat.default:  # a cache built from the tensors passed in
+        return all(_is_cache_input(n) for n in node.args[0])
+    return node.op in ("placeholder", "get_attr")
 
 
 def _projection(start: Node, sites: dict, where: str):
@@ -60,6 +70,8 @@ def _projection(start: Node, sites: dict, where: str):
             node = node.args[0]  # a full slice on another dim (repeat_kv's x[:, :, None])
         elif node.target in _BACK:
             node = node.args[0]
+        elif node.target == aten.cat.default and len(node.args[0]) == 2 and _is_cache_input(node.args[0][0]):
+            node = node.args[0][1]  # a KV cache's cat([cached, new]): the projection computed the cached ones too
         else:
             break
     raise SpecError(f"{where}: cannot trace the attention's keys/values back to a projection with a base weight "

@@ -34,7 +34,8 @@ from .capture import capture
 from .errors import GenerationError
 from .instrument import Verify
 from .lower.eager import _is_guard_failure
-from .pipeline import PassContext
+from .passes.insert_prompt_tuning import InsertPromptTuning
+from .pipeline import PassContext, Pipeline
 
 # Generation options that change what this loop does; others must be at their defaults.
 SUPPORTED = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
@@ -46,7 +47,6 @@ _IGNORED = ("use_cache", "output_attentions", "output_hidden_states", "_from_mod
 _WHY_NOT = {"num_beams": " (beam search keeps num_beams hypotheses per row, reorders the KV cache tensors after "
                          "every step and ranks finished hypotheses by length penalty, a loop this one is not; for it, "
                          "generate with HF PEFT on the saved adapter, or with cm.merge_and_unload())"}
-_NOT_COMPILED = frozenset({"prompt_tuning"})  # methods whose decode step the pipeline cannot express yet
 
 
 def view_with_forward(model: nn.Module, forward: Callable, role: str) -> nn.Module:
@@ -71,6 +71,8 @@ def _decoder_forward(base_forward: Callable, extra: dict[str, Any]) -> Callable:
     from transformers import DynamicCache
 
     def forward(self, input_ids, attention_mask, position_ids=None, cache=None):
+        if cache is None:
+            _same_length(input_ids, attention_mask)
         kwargs = dict(extra) if position_ids is None else {**extra, "position_ids": position_ids}
         out = base_forward(self, input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                            cache=DynamicCache(cache, config=self.config), **kwargs)
@@ -79,7 +81,14 @@ def _decoder_forward(base_forward: Callable, extra: dict[str, Any]) -> Callable:
     return forward
 
 
+def _same_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Tell capture what holds for a prompt: mask and ids have one length (one symbol), so a pass that lengthens the
+    sequence (prompt tuning) lengthens both."""
+    torch._check(attention_mask.shape[1] == input_ids.shape[1])
+
+
 def _encoder_forward(self, input_ids, attention_mask):
+    _same_length(input_ids, attention_mask)
     return self.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
@@ -110,11 +119,6 @@ class Generator:
 
     def __init__(self, cm: nn.Module):
         source = cm._source
-        methods = {p.method for p in cm.params} & _NOT_COMPILED
-        if methods:
-            raise GenerationError(f"generate() does not support {', '.join(sorted(methods))} yet: its virtual tokens "
-                                  "belong to the prompt only, and the decode graph would prepend them to every new "
-                                  "token. Save the adapter and generate with HF PEFT, or use prefix tuning")
         if not callable(getattr(source, "get_output_embeddings", None)) or source.get_output_embeddings() is None:
             raise GenerationError(f"generate() needs a language-modeling head; {type(source).__name__} has none "
                                   "(use a *ForCausalLM or *ForConditionalGeneration model)")
@@ -122,7 +126,15 @@ class Generator:
         config = getattr(source, "config", None)
         self.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         # Training passes (prune-grads, recompute) shape a training step: generation runs none.
-        self.pipeline = cm.pipeline.method
+        method = cm.pipeline.method
+        prompts = [p for p in method.passes if isinstance(p, InsertPromptTuning)]
+        # Prompt tuning's virtual tokens (P-tuning's too) belong to the prompt, as in HF PEFT: the graph that reads
+        # the prompt prepends them (the encoder's, or a decoder's prefill); later graphs find them in the KV cache
+        # or the encoder states, and only the attention mask says they are there.
+        self.virtual_tokens = sum(p.rule.length for p in prompts)
+        without_prompt = Pipeline(tuple(p for p in method.passes if p not in prompts))
+        self.pipelines = {"encode": method, "prefill": without_prompt, "decode": without_prompt} \
+            if self.encoder_decoder else {"prefill": method, "decode": without_prompt}
         base_forward = type(source).forward
         params = inspect.signature(source.forward).parameters
         if "cache" not in params:
@@ -168,7 +180,7 @@ class Generator:
             gm = capture(view, (), kwargs, cm.params, dynamic=True)
         finally:
             source.train(was_training)
-        gm = self.pipeline.run(gm, PassContext(cm.params, cm._info, training=False), [Verify()] if cm.verify else [])
+        gm = self.pipelines[role].run(gm, PassContext(cm.params, cm._info, training=False), [Verify()] if cm.verify else [])
         self.graphs(role).append(gm)
         return gm
 
@@ -187,11 +199,16 @@ class Generator:
                                       "pass decoder_start_token_id=... to generate()")
             sequences = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
             inputs = {"decoder_input_ids": sequences, "encoder_hidden_states": states,
-                      "attention_mask": attention_mask}
+                      "attention_mask": self._with_virtual_tokens(attention_mask)}
         else:
             sequences = input_ids
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if self.positions:
+            if self.positions and self.virtual_tokens:
+                # HF PEFT drops position ids with a prompt: tokens count from 0 at the first virtual one, padding or
+                # not (the prefill graph numbers its own positions; these say where decoding goes on from).
+                inputs["position_ids"] = torch.arange(self.virtual_tokens, self.virtual_tokens + input_ids.shape[1],
+                                                      device=input_ids.device).expand(input_ids.shape[0], -1)
+            elif self.positions:
                 inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         new_tokens = _new_tokens(self.cm._source, config, sequences.shape[1])
         pick = _token_picker(config, sequences.shape[1])
@@ -201,6 +218,8 @@ class Generator:
         unfinished = torch.ones(sequences.shape[0], dtype=torch.bool, device=sequences.device)
 
         logits, cache = self.run("prefill", **inputs)
+        if not self.encoder_decoder:
+            inputs["attention_mask"] = self._with_virtual_tokens(attention_mask)
         for step in range(new_tokens):
             token = pick(sequences, logits.float())
             if eos is not None:
@@ -213,6 +232,11 @@ class Generator:
             inputs = self._next_inputs(inputs, token, cache)
             logits, cache = self.run("decode", **inputs)
         return sequences
+
+    def _with_virtual_tokens(self, mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask of the prompt as the graph after the prompt's saw it: ones for the virtual tokens."""
+        return torch.cat([mask.new_ones((mask.shape[0], self.virtual_tokens)), mask], dim=-1) \
+            if self.virtual_tokens else mask
 
     def _next_inputs(self, inputs: dict[str, Any], token: torch.Tensor, cache) -> dict[str, Any]:
         inputs = dict(inputs, cache=cache)

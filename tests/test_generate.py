@@ -187,11 +187,6 @@ def test_unsupported_requests_raise_generation_error(llama):
         cm.generate(max_new_tokens=2)
 
 
-def test_prompt_tuning_is_refused_with_the_reason():
-    _, cm = compiled(tiny_llama, peftc.PromptTuning(length=2))
-    with pytest.raises(peftc.GenerationError, match="prompt_tuning"):
-        cm.generate(ids(), max_new_tokens=2)
-
 
 def test_sampling_matches_hf_peft_given_the_same_seed(llama):
     base, cm = llama

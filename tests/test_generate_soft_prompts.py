@@ -1,0 +1,128 @@
+"""cm.generate with soft prompts: prompt tuning and P-tuning (Llama, GPT-2, T5) and adaption prompts (Llama).
+
+The virtual tokens belong to the prompt: the prefill graph (a T5's encoder graph) prepends them, the decode graph runs
+one token against a KV cache that already holds them. Parity: the same tokens as HF PEFT's generate with the same
+weights. For prompt tuning and P-tuning the reference is HF PEFT's generate with use_cache=False, which prepends the
+prompt to the whole sequence at every step: with its cache (peft 0.21.2 on transformers 5.24) HF PEFT prepends the
+virtual tokens to every new token as well (docs/huggingface.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import peftc
+from conftest import ids, tiny_gpt2, tiny_llama
+from test_generate import LEFT_PADDED, greedy_by_forward, randomize, tiny_t5
+
+peft = pytest.importorskip("peft")
+
+LENGTH = 3
+MAKE = {"llama": lambda: tiny_llama(num_hidden_layers=1), "gpt2": lambda: tiny_gpt2(n_layer=1)}
+PROMPT_PASSES = ("insert-prompt-tuning", "insert-p-tuning")
+
+
+def compiled(make, rule, **kwargs):
+    torch.manual_seed(0)
+    base = make().eval()
+    return base, peftc.compile(base, rule, kwargs={"input_ids": ids(), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+                                                   **kwargs})
+
+
+def hf_prompt_model(base, config, cm):
+    """HF PEFT with cm's prompt: prompt tuning's table, or P-tuning's whole prompt encoder."""
+    hf = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    weights = {("embedding.weight" if k == "prompt_embeddings" else k.removeprefix("prompt_encoder.")): v
+               for k, v in cm.adapter_state_dict().items()}
+    hf.prompt_encoder.default.load_state_dict(weights)
+    return hf
+
+
+def hf_generate(hf, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Position ids are not supported for parameter efficient tuning"
+        return hf.generate(**kwargs, do_sample=False, use_cache=False)
+
+
+def graphs(cm, role):
+    return cm._graphs[("generate", role)]
+
+
+def reads_prompt(gm) -> bool:
+    return any(n.meta.get("peftc.pass") in PROMPT_PASSES for n in gm.graph.nodes)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def prompt_tuned(request):
+    base, cm = compiled(MAKE[request.param], peftc.PromptTuning(length=LENGTH))
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=LENGTH)
+    return base, cm, hf_prompt_model(base, config, cm)
+
+
+def test_prompt_tuning_matches_hf_peft_with_left_padding(prompt_tuned):
+    base, cm, hf = prompt_tuned
+    x = ids()
+    ours = cm.generate(input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=6)
+    assert ours.shape == (2, 8 + 6)  # the virtual tokens are not part of the sequences, as in HF
+    assert torch.equal(ours, hf_generate(hf, input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=6))
+    assert not torch.equal(ours, base.generate(input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=6,
+                                               do_sample=False))  # the prompt changed the tokens
+    # Another batch size and length, no mask: the same graphs serve it.
+    y = ids(batch=1, seq=5, seed=4)
+    assert torch.equal(cm.generate(y, max_new_tokens=4), hf_generate(hf, input_ids=y, max_new_tokens=4))
+    assert {role: len(graphs(cm, role)) for role in ("prefill", "decode")} == {"prefill": 1, "decode": 1}
+
+
+def test_only_the_prefill_graph_prepends_the_prompt(prompt_tuned):
+    _, cm, _ = prompt_tuned
+    cm.generate(ids(), max_new_tokens=2)
+    assert reads_prompt(graphs(cm, "prefill")[0]) and not reads_prompt(graphs(cm, "decode")[0])
+
+
+@pytest.mark.parametrize("model, encoder", [("llama", "MLP"), ("gpt2", "LSTM")])
+def test_p_tuning_matches_hf_peft(model, encoder):
+    rule = peftc.PTuning(length=LENGTH, encoder=encoder, encoder_hidden_size=16)
+    base, cm = compiled(MAKE[model], rule)
+    hf = hf_prompt_model(base, peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=LENGTH,
+                                                        encoder_reparameterization_type=encoder,
+                                                        encoder_hidden_size=16), cm)
+    x = ids(seed=2)
+    ours = cm.generate(input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=6)
+    assert torch.equal(ours, hf_generate(hf, input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=6))
+    assert not reads_prompt(graphs(cm, "decode")[0])
+
+
+def test_t5_prompt_tuning_prompts_the_encoder_as_hf_peft():
+    base, cm = compiled(tiny_t5, peftc.PromptTuning(length=LENGTH), decoder_input_ids=ids(seed=3))
+    config = peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=LENGTH,
+                                     num_transformer_submodules=1)
+    hf = hf_prompt_model(base, config, cm)
+    x, mask = ids(), torch.tensor([[1] * 5 + [0] * 3, [1] * 8])
+    ours = cm.generate(input_ids=x, attention_mask=mask, max_new_tokens=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours, theirs)
+    assert reads_prompt(graphs(cm, "encode")[0])
+    assert not any(reads_prompt(gm) for role in ("prefill", "decode") for gm in graphs(cm, role))
+
+
+def test_llama_adaption_prompt_matches_hf_peft():
+    base, cm = compiled(MAKE["llama"], peftc.AdaptionPrompt(adapter_len=LENGTH, adapter_layers=1))
+    weights = {k: v * 8 if k.endswith("gate") else v for k, v in randomize(cm, 1).items()}  # the gate starts at 0
+    cm.load_adapter_state_dict(weights)
+    hf = peft.get_peft_model(copy.deepcopy(base), peft.AdaptionPromptConfig(
+        task_type="CAUSAL_LM", adapter_len=LENGTH, adapter_layers=1)).eval()
+    peft.set_peft_model_state_dict(hf, {f"base_model.model.{k}": v for k, v in weights.items()})
+    x = ids(seed=1)
+    ours = cm.generate(input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=6)
+    assert torch.equal(ours, hf.generate(input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=6,
+                                         do_sample=False))
+    assert not torch.equal(ours, base.generate(input_ids=x, attention_mask=LEFT_PADDED, max_new_tokens=6,
+                                               do_sample=False))
+    decode = graphs(cm, "decode")[0]
+    assert any(n.meta.get("peftc.pass") == "insert-adaption-prompt" for n in decode.graph.nodes)
