@@ -39,14 +39,11 @@ from .pipeline import PassContext, Pipeline
 
 # Generation options that change what this loop does; others must be at their defaults.
 SUPPORTED = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-             "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id")
+             "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "num_beams", "length_penalty",
+             "early_stopping", "num_return_sequences")
 # Options that do not change the tokens (a cache is always used; outputs are always token ids).
 _IGNORED = ("use_cache", "output_attentions", "output_hidden_states", "_from_model_config", "transformers_version",
             "return_dict_in_generate", "output_scores", "output_logits")
-# Why an option is refused, where the reason is not just "not written yet".
-_WHY_NOT = {"num_beams": " (beam search keeps num_beams hypotheses per row, reorders the KV cache tensors after "
-                         "every step and ranks finished hypotheses by length penalty, a loop this one is not; for it, "
-                         "generate with HF PEFT on the saved adapter, or with cm.merge_and_unload())"}
 
 
 def view_with_forward(model: nn.Module, forward: Callable, role: str) -> nn.Module:
@@ -211,6 +208,11 @@ class Generator:
             elif self.positions:
                 inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         new_tokens = _new_tokens(self.cm._source, config, sequences.shape[1])
+        if config.num_beams > 1:
+            return self._beam_search(inputs, sequences, config, new_tokens)
+        elif config.num_return_sequences > 1:
+            raise GenerationError(f"num_return_sequences={config.num_return_sequences} needs beam search "
+                                  "(num_beams > 1); greedy decoding has one sequence per row")
         pick = _token_picker(config, sequences.shape[1])
         eos = _token_tensor(config.eos_token_id, sequences.device)
         pad = config.pad_token_id if config.pad_token_id is not None else \
@@ -232,6 +234,68 @@ class Generator:
             inputs = self._next_inputs(inputs, token, cache)
             logits, cache = self.run("decode", **inputs)
         return sequences
+
+    def _beam_search(self, inputs: dict[str, Any], sequences: torch.Tensor, config, new_tokens: int) -> torch.Tensor:
+        """transformers' beam search on the prefill and decode graphs: each row runs as num_beams rows, and the
+        cache tensors follow the surviving beams after every step. The ranking is transformers' own beam
+        bookkeeping (GenerationMixin's helpers), so ties, the length penalty and early stopping rank as in HF."""
+        from transformers import GenerationMixin as hf
+        from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+
+        source, beams, batch, device = self.cm._source, config.num_beams, sequences.shape[0], sequences.device
+        inputs = {k: v.repeat_interleave(beams, dim=0) for k, v in inputs.items()}
+        flat = sequences.repeat_interleave(beams, dim=0)
+        prompt, max_length = flat.shape[1], flat.shape[1] + new_tokens
+        eos = _token_tensor(config.eos_token_id, device)
+        pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if eos is not None else None)
+        criteria = StoppingCriteriaList([MaxLengthCriteria(max_length)] + ([EosTokenCriteria(eos)] if eos is not None
+                                                                           else []))
+        processors = _processors(config, prompt)
+        keep = max(2, 1 + (len(eos) if eos is not None else 0)) * beams  # spares, when the best beams all end
+        top_beams = torch.arange(keep, device=device) < beams
+        fill = (pad or int(eos[0])) if eos is not None else -1  # transformers' filler after a finished beam
+        running = torch.full((batch, beams, max_length), fill, dtype=torch.long, device=device)
+        running[:, :, :prompt] = flat.view(batch, beams, prompt)
+        finished = running.clone()
+        running_scores = torch.zeros((batch, beams), device=device)
+        running_scores[:, 1:] = -1e9  # one live beam at first: the others would repeat its tokens
+        scores = torch.full((batch, beams), -1e9, device=device)
+        done = torch.zeros((batch, beams), dtype=torch.bool, device=device)
+        improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
+        running_from = torch.full((batch, beams, new_tokens), -1, dtype=torch.int32, device=device)
+        finished_from = running_from.clone()
+        ranking = dict(num_beams=beams, decoder_prompt_len=prompt)
+
+        logits, cache = self.run("prefill", **inputs)
+        if not self.encoder_decoder:
+            inputs["attention_mask"] = self._with_virtual_tokens(inputs["attention_mask"])
+        for length in range(prompt, max_length):
+            log_probs = processors(flat, torch.log_softmax(logits.float(), dim=-1))
+            log_probs = (log_probs.view(batch, beams, -1) + running_scores[:, :, None]).view(batch, -1)
+            top_scores, top_sequences, top_from = hf._get_top_k_continuations(
+                source, log_probs, running, running_from, cur_len=length, do_sample=False, beams_to_keep=keep,
+                batch_size=batch, **ranking)
+            ended = criteria(top_sequences[:, :, :length + 1].reshape(batch * keep, -1), None).view(batch, keep)
+            running, running_scores, running_from = hf._get_running_beams_for_next_iteration(
+                source, top_scores, top_sequences, top_from, ended, beams)
+            finished, scores, finished_from, done = hf._update_finished_beams(
+                source, finished, top_sequences, scores, top_scores, finished_from, top_from, improvable, done, ended,
+                top_beams, cur_len=length, length_penalty=config.length_penalty,
+                early_stopping=config.early_stopping, **ranking)
+            improvable = hf._check_early_stop_heuristic(
+                improvable, running_scores, scores, done, cur_len=length + 1, max_length=max_length,
+                decoder_prompt_len=prompt, early_stopping=config.early_stopping, length_penalty=config.length_penalty)
+            if not hf._beam_search_has_unfinished_sequences(improvable, done, ended, config.early_stopping):
+                break
+            origin = running_from[..., length - prompt].reshape(-1)
+            cache = [tuple(t.index_select(0, origin) for t in layer) for layer in cache]
+            flat = running[:, :, :length + 1].reshape(batch * beams, -1)
+            inputs = self._next_inputs(inputs, flat[:, -1], cache)
+            logits, cache = self.run("decode", **inputs)
+        returned = config.num_return_sequences
+        sequences = finished[:, :returned].reshape(batch * returned, max_length)
+        generated = (finished_from[:, :returned].reshape(batch * returned, -1) + 1).bool().sum(dim=1).max()
+        return sequences[:, :prompt + generated]
 
     def _with_virtual_tokens(self, mask: torch.Tensor) -> torch.Tensor:
         """The attention mask of the prompt as the graph after the prompt's saw it: ones for the virtual tokens."""
@@ -275,10 +339,19 @@ def _generation_config(source: nn.Module, options: dict[str, Any]):
     if config.return_dict_in_generate:
         changed.insert(0, "return_dict_in_generate")
     if changed:
-        why = _WHY_NOT.get(changed[0], "")
         raise GenerationError(f"generate() on a compiled model does not support `{changed[0]}="
-                              f"{getattr(config, changed[0])!r}`{why}; it does greedy decoding and multinomial "
-                              f"sampling with: {', '.join(SUPPORTED)}")
+                              f"{getattr(config, changed[0])!r}`; it does greedy decoding, multinomial sampling and "
+                              f"beam search with: {', '.join(SUPPORTED)}")
+    defaults = GenerationConfig._get_default_generation_params()  # transformers' values for what is still unset
+    for key in ("num_beams", "num_return_sequences", "length_penalty", "early_stopping"):
+        if getattr(config, key) is None:
+            setattr(config, key, defaults[key])
+    if config.num_beams > 1 and config.do_sample:
+        raise GenerationError(f"generate() does beam search (num_beams={config.num_beams}) without sampling only; "
+                              "pass do_sample=False, or num_beams=1 to sample")
+    if config.num_return_sequences > config.num_beams:
+        raise GenerationError(f"num_return_sequences={config.num_return_sequences} needs at least as many beams; "
+                              f"got num_beams={config.num_beams}")
     return config
 
 
@@ -308,7 +381,20 @@ def _new_tokens(source: nn.Module, config, length: int) -> int:
 
 
 def _token_picker(config, length: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """argmax, or multinomial sampling, after transformers' own processors for the options given (in its order)."""
+    """argmax, or multinomial sampling, after transformers' own processors for the options given."""
+    processors = _processors(config, length)
+
+    def pick(sequences: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        scores = processors(sequences, logits)
+        if config.do_sample:
+            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        return scores.argmax(dim=-1)
+
+    return pick
+
+
+def _processors(config, length: int):
+    """transformers' own logits processors for the options given, in its order."""
     from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper,
                               TopKLogitsWarper, TopPLogitsWarper)
 
@@ -323,14 +409,7 @@ def _token_picker(config, length: int) -> Callable[[torch.Tensor, torch.Tensor],
             processors.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
         if config.top_p is not None and config.top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
-
-    def pick(sequences: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        scores = processors(sequences, logits)
-        if config.do_sample:
-            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        return scores.argmax(dim=-1)
-
-    return pick
+    return processors
 
 
 def generate(cm: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
