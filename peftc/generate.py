@@ -210,9 +210,6 @@ class Generator:
         new_tokens = _new_tokens(self.cm._source, config, sequences.shape[1])
         if config.num_beams > 1:
             return self._beam_search(inputs, sequences, config, new_tokens)
-        elif config.num_return_sequences > 1:
-            raise GenerationError(f"num_return_sequences={config.num_return_sequences} needs beam search "
-                                  "(num_beams > 1); greedy decoding has one sequence per row")
         pick = _token_picker(config, sequences.shape[1])
         eos = _token_tensor(config.eos_token_id, sequences.device)
         pad = config.pad_token_id if config.pad_token_id is not None else \
@@ -349,6 +346,9 @@ def _generation_config(source: nn.Module, options: dict[str, Any]):
     if config.num_beams > 1 and config.do_sample:
         raise GenerationError(f"generate() does beam search (num_beams={config.num_beams}) without sampling only; "
                               "pass do_sample=False, or num_beams=1 to sample")
+    if config.num_return_sequences > 1 and config.num_beams == 1:
+        raise GenerationError(f"num_return_sequences={config.num_return_sequences} needs beam search "
+                              "(num_beams > 1); greedy decoding and sampling give one sequence per row")
     if config.num_return_sequences > config.num_beams:
         raise GenerationError(f"num_return_sequences={config.num_return_sequences} needs at least as many beams; "
                               f"got num_beams={config.num_beams}")
