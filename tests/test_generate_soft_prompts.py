@@ -115,12 +115,13 @@ def test_t5_prompt_tuning_prompts_the_encoder_as_hf_peft():
                                      num_transformer_submodules=1)
     hf = hf_prompt_model(base, config, cm)
     x, mask = ids(), torch.tensor([[1] * 5 + [0] * 3, [1] * 8])
-    ours = cm.generate(input_ids=x, attention_mask=mask, max_new_tokens=6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(ours, theirs)
-    assert not torch.equal(ours, base.generate(input_ids=x, attention_mask=mask, max_new_tokens=6, do_sample=False))
+    for options in (dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=3, num_return_sequences=2)):
+        ours = cm.generate(input_ids=x, attention_mask=mask, **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = hf.generate(input_ids=x, attention_mask=mask, do_sample=False, **options)
+        assert torch.equal(ours, theirs)  # greedy, then beam search on an encoder-decoder
+        assert not torch.equal(ours, base.generate(input_ids=x, attention_mask=mask, do_sample=False, **options))
     assert reads_prompt(graphs(cm, "encode")[0])
     assert not any(reads_prompt(gm) for role in ("prefill", "decode") for gm in graphs(cm, role))
 
