@@ -14,11 +14,14 @@ Graphs, each captured once per compiled model with dynamic batch and cache lengt
                      prefill(decoder start token, encoder states, attention_mask) -> logits, self + cross cache
                      decode(one token, encoder states, attention_mask, cache)     -> logits, self cache
 An input that every graph of its role guards against (a cache of one token, where the sample had more) is captured
-as well, as CompiledModel.forward does for new shapes.
+as well, as CompiledModel.forward does for new shapes. Prompt tuning's and P-tuning's pass runs only in the graph that
+reads the prompt (prefill, or encode): later graphs find the virtual tokens in the cache or the encoder states, and
+the attention mask gets ones for them, as HF PEFT's prepare_inputs_for_generation does.
 
-The loop is transformers' greedy / multinomial-sampling loop: same position ids from the attention mask (left padding
-works), same stopping on EOS with PAD filling finished rows, same default length (20 new tokens), transformers' own
-logits processors for the options it supports; other generation options raise GenerationError.
+The loops are transformers' greedy / multinomial-sampling loop and its beam search: same position ids from the
+attention mask (left padding works), same stopping on EOS with PAD filling finished rows, same default length (20 new
+tokens), transformers' own logits processors for the options it supports and its own beam ranking; other generation
+options raise GenerationError.
 """
 
 from __future__ import annotations

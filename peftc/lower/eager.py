@@ -409,7 +409,8 @@ class CompiledModel(HFModelMixin, nn.Module):
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **options: Any) -> torch.Tensor:
-        """transformers' `generate` (greedy or sampling) on the compiled graphs, adapters active and unmerged.
+        """transformers' `generate` (greedy, sampling or beam search) on the compiled graphs, adapters active and
+        unmerged; soft prompts' virtual tokens go in the prefill (or encoder) graph only.
 
         A prefill graph and a one-token decode graph with the KV cache as tensors are captured on first use through
         this model's pipeline; each new token costs one token's forward (peftc/generate.py, docs/huggingface.md).
