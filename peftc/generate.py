@@ -180,7 +180,8 @@ class Generator:
             gm = capture(view, (), kwargs, cm.params, dynamic=True)
         finally:
             source.train(was_training)
-        gm = self.pipelines[role].run(gm, PassContext(cm.params, cm._info, training=False), [Verify()] if cm.verify else [])
+        instruments = [Verify()] if cm.verify else []
+        gm = self.pipelines[role].run(gm, PassContext(cm.params, cm._info, training=False), instruments)
         self.graphs(role).append(gm)
         return gm
 
@@ -211,12 +212,12 @@ class Generator:
             elif self.positions:
                 inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         new_tokens = _new_tokens(self.cm._source, config, sequences.shape[1])
-        if config.num_beams > 1:
-            return self._beam_search(inputs, sequences, config, new_tokens)
-        pick = _token_picker(config, sequences.shape[1])
         eos = _token_tensor(config.eos_token_id, sequences.device)
         pad = config.pad_token_id if config.pad_token_id is not None else \
             (int(eos[0]) if eos is not None else None)
+        if config.num_beams > 1:
+            return self._beam_search(inputs, sequences, config, new_tokens, eos, pad)
+        pick = _token_picker(config, sequences.shape[1])
         unfinished = torch.ones(sequences.shape[0], dtype=torch.bool, device=sequences.device)
 
         logits, cache = self.run("prefill", **inputs)
@@ -235,7 +236,8 @@ class Generator:
             logits, cache = self.run("decode", **inputs)
         return sequences
 
-    def _beam_search(self, inputs: dict[str, Any], sequences: torch.Tensor, config, new_tokens: int) -> torch.Tensor:
+    def _beam_search(self, inputs: dict[str, Any], sequences: torch.Tensor, config, new_tokens: int,
+                     eos: torch.Tensor | None, pad: int | None) -> torch.Tensor:
         """transformers' beam search on the prefill and decode graphs: each row runs as num_beams rows, and the
         cache tensors follow the surviving beams after every step. The ranking is transformers' own beam
         bookkeeping (GenerationMixin's helpers), so ties, the length penalty and early stopping rank as in HF."""
@@ -246,8 +248,6 @@ class Generator:
         inputs = {k: v.repeat_interleave(beams, dim=0) for k, v in inputs.items()}
         flat = sequences.repeat_interleave(beams, dim=0)
         prompt, max_length = flat.shape[1], flat.shape[1] + new_tokens
-        eos = _token_tensor(config.eos_token_id, device)
-        pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if eos is not None else None)
         criteria = StoppingCriteriaList([MaxLengthCriteria(max_length)] + ([EosTokenCriteria(eos)] if eos is not None
                                                                            else []))
         processors = _processors(config, prompt)

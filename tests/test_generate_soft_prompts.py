@@ -19,7 +19,7 @@ import torch
 
 import peftc
 from conftest import ids, tiny_gpt2, tiny_llama
-from test_generate import LEFT_PADDED, greedy_by_forward, randomize, tiny_t5
+from test_generate import LEFT_PADDED, randomize, tiny_t5
 
 peft = pytest.importorskip("peft")
 
@@ -31,8 +31,8 @@ PROMPT_PASSES = ("insert-prompt-tuning", "insert-p-tuning")
 def compiled(make, rule, **kwargs):
     torch.manual_seed(0)
     base = make().eval()
-    return base, peftc.compile(base, rule, kwargs={"input_ids": ids(), "attention_mask": torch.ones(2, 8, dtype=torch.long),
-                                                   **kwargs})
+    mask = torch.ones(2, 8, dtype=torch.long)
+    return base, peftc.compile(base, rule, kwargs={"input_ids": ids(), "attention_mask": mask, **kwargs})
 
 
 def lively_t5():
