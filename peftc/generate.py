@@ -343,7 +343,8 @@ def _generation_config(source: nn.Module, options: dict[str, Any]):
                               f"{getattr(config, changed[0])!r}`; it does greedy decoding, multinomial sampling and "
                               f"beam search with: {', '.join(SUPPORTED)}")
     defaults = GenerationConfig._get_default_generation_params()  # transformers' values for what is still unset
-    for key in ("num_beams", "num_return_sequences", "length_penalty", "early_stopping"):
+    for key in ("num_beams", "num_return_sequences", "length_penalty", "early_stopping", "temperature", "top_k",
+                "top_p"):
         if getattr(config, key) is None:
             setattr(config, key, defaults[key])
     if config.num_beams > 1 and config.do_sample:

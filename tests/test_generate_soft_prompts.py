@@ -204,3 +204,14 @@ def test_what_generate_still_refuses_names_what_works(llama_lora):
         cm.generate(ids(), max_new_tokens=2, num_return_sequences=2)
     with pytest.raises(peftc.GenerationError, match="repetition_penalty.*beam search with"):
         cm.generate(ids(), max_new_tokens=2, repetition_penalty=1.2)
+
+
+def test_sampling_with_transformers_defaults_matches_hf_peft(llama_lora):
+    """Unset sampling options take transformers' defaults (top_k=50 of these 64 tokens), as HF's generate does."""
+    cm, hf = llama_lora
+    x, mask = ids(seed=6), torch.ones(2, 8, dtype=torch.long)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ours = cm.generate(input_ids=x, attention_mask=mask, max_new_tokens=8, do_sample=True)
+        torch.manual_seed(seed)
+        assert torch.equal(ours, hf.generate(input_ids=x, attention_mask=mask, max_new_tokens=8, do_sample=True))
