@@ -1,5 +1,5 @@
 """cm.generate beyond LoRA-style adapters: prompt tuning and P-tuning (Llama, GPT-2, T5), prefix tuning on T5, adaption
-prompts (Llama), and beam search.
+prompts (Llama), beam search, and sampling with transformers' default options.
 
 The virtual tokens belong to the prompt: the prefill graph (a T5's encoder graph) prepends them, the decode graph runs
 one token against a KV cache that already holds them. Parity: the same tokens as HF PEFT's generate with the same
