@@ -189,6 +189,11 @@ class Generator:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, options: dict[str, Any]):
         config = _generation_config(self.cm._source, options)
+        if self.virtual_tokens and input_ids.shape[1] < 2:
+            raise GenerationError("generate() with prompt tuning or P-tuning needs prompts of at least 2 tokens: the "
+                                  "prompt pass lengthens a sequence whose captured length must be dynamic, and a "
+                                  "one-token input specializes it. Left padding does not help (with a prompt, "
+                                  "positions ignore padding); prepend the BOS token, or generate with HF PEFT")
         if attention_mask is None:
             attention_mask = _default_mask(input_ids, config)
         if self.encoder_decoder:

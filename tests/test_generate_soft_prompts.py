@@ -91,6 +91,12 @@ def test_prompt_tuning_matches_hf_peft_with_left_padding(prompt_tuned):
     assert {role: len(graphs(cm, role)) for role in ("prefill", "decode")} == {"prefill": 1, "decode": 1}
 
 
+def test_a_one_token_prompt_is_refused_with_what_works(prompt_tuned):
+    _, cm, _ = prompt_tuned
+    with pytest.raises(peftc.GenerationError, match="at least 2 tokens.*prepend the BOS token"):
+        cm.generate(ids(seq=1), max_new_tokens=2)
+
+
 def test_only_the_prefill_graph_prepends_the_prompt(prompt_tuned):
     _, cm, _ = prompt_tuned
     cm.generate(ids(), max_new_tokens=2)
