@@ -15,9 +15,6 @@ from peftc.params import BUFFER, set_attr_path
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
 from peftc.rewrite import erase_dead
 
-_IMPURE = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default, torch.ops.aten.bernoulli.default,
-           torch.ops.aten.bernoulli.p}
-
 
 def _pure(node: Node) -> bool:
     target = node.target
@@ -25,7 +22,8 @@ def _pure(node: Node) -> bool:
         return True
     if not isinstance(target, torch._ops.OpOverload):
         return False
-    return target not in _IMPURE and not target._schema.is_mutable
+    # a random draw (dropout, BOFT's block dropout) is a new value on every call, never a constant
+    return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
 
 
 @register_pass
