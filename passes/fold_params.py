@@ -15,6 +15,11 @@ from peftc.params import BUFFER, set_attr_path
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
 from peftc.rewrite import erase_dead
 
+aten = torch.ops.aten
+# Random draws: a new value on every call, never a constant (dropout; rand_like in BOFT's block dropout).
+_RANDOM = {aten.dropout, aten.native_dropout, aten.bernoulli, aten.rand, aten.rand_like, aten.randn, aten.randn_like,
+           aten.randint, aten.randint_like, aten.randperm, aten.normal, aten.uniform, aten.multinomial}
+
 
 def _pure(node: Node) -> bool:
     target = node.target
@@ -22,8 +27,7 @@ def _pure(node: Node) -> bool:
         return True
     if not isinstance(target, torch._ops.OpOverload):
         return False
-    # a random draw (dropout, BOFT's block dropout) is a new value on every call, never a constant
-    return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+    return target.overloadpacket not in _RANDOM and not target._schema.is_mutable
 
 
 @register_pass

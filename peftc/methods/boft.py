@@ -56,7 +56,8 @@ class BOFT(peftc.Method):
     orthogonal by the Cayley transform of its skew part; `<module>.boft_s` [out, 1] ([1, out] on a convolution;
     ones) scales W's rows, which leaves the bias alone. P_i is HF's butterfly permutation for factor i (identity for
     i = 0), m = boft_n_butterfly_factor. HF rotates x before the base op; peftc rewrites the weight (the same
-    product), so merging is evaluating W'.
+    product), so merging is evaluating W'. `boft_dropout` replaces blocks by the identity in training graphs only
+    (block_dropout); a merge evaluates W' without it.
     """
 
     kind = "boft"

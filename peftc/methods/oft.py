@@ -79,7 +79,9 @@ class OFT(peftc.Method):
     rewrites the weight instead, so merging is evaluating W'. `<module>.oft_R.weight` [blocks, b(b-1)/2] (zeros:
     R = I at init; one row with `block_share`) holds each block's strict upper triangle. The input side (in, or
     in_channels·kernel on a convolution) splits into blocks of `oft_block_size`, or into `r` blocks, adjusted to
-    a divisor as HF adjusts them. R is the Cayley transform, by default HF's 5-term Neumann series.
+    a divisor as HF adjusts them. R is the Cayley transform, by default HF's 5-term Neumann series. COFT (`coft`)
+    rotates by HF's projection of the parameters (coft_project) and, as HF's forward does, writes it into them
+    before each call (before_call). `module_dropout` does nothing, as in HF PEFT 0.21, whose forward never applies it.
     """
 
     kind = "oft"
