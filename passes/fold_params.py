@@ -15,8 +15,10 @@ from peftc.params import BUFFER, set_attr_path
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
 from peftc.rewrite import erase_dead
 
-_IMPURE = {torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default, torch.ops.aten.bernoulli.default,
-           torch.ops.aten.bernoulli.p}
+aten = torch.ops.aten
+# Random draws: a new value on every call, never a constant (dropout; rand_like in BOFT's block dropout).
+_RANDOM = {aten.dropout, aten.native_dropout, aten.bernoulli, aten.rand, aten.rand_like, aten.randn, aten.randn_like,
+           aten.randint, aten.randint_like, aten.randperm, aten.normal, aten.uniform, aten.multinomial}
 
 
 def _pure(node: Node) -> bool:
@@ -25,7 +27,7 @@ def _pure(node: Node) -> bool:
         return True
     if not isinstance(target, torch._ops.OpOverload):
         return False
-    return target not in _IMPURE and not target._schema.is_mutable
+    return target.overloadpacket not in _RANDOM and not target._schema.is_mutable
 
 
 @register_pass

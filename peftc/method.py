@@ -27,7 +27,8 @@ prune-grads see it like any other pass's nodes, and ONNX export lowers it. `merg
 fold-params evaluates it into the base weight, so the merged graph is the plain capture's, op for op.
 
 Optional hooks: `rewrite_weight(site, w, p)` instead of forward (the site computes op(x, W'); merging is folding
-W'), `regularizer(sites)` (a term added to the output's loss), and `peft_type` (HF PEFT's format both ways).
+W'), `regularizer(sites)` (a term added to the output's loss), `before_call(sites)` (in-place updates before each
+call), and `peft_type` (HF PEFT's format both ways).
 """
 
 from __future__ import annotations
@@ -211,6 +212,9 @@ class Method(Rule):
     # def regularizer(self, sites) -> loss term: added to the model output's `loss` (when it has one) on every call,
     # `sites` mapping each module path to its live tensors (AdaLoRA's orthogonality penalty).
     regularizer: ClassVar[Callable | None] = None
+    # def before_call(self, sites) -> None: runs under no_grad before every call, `sites` as for regularizer; it
+    # may change the tensors in place (COFT's projection of OFT's parameters, which HF PEFT does in forward).
+    before_call: ClassVar[Callable | None] = None
 
 
 def _check_kind(cls: type) -> None:
@@ -442,7 +446,8 @@ def _insert_weight(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site
                         f"else also reads, so it cannot be rewritten for this site alone; exclude this module")
     reader, leaf = rewire
     before = set(gm.graph.nodes)
-    tag = {"rule": rule, "site": site, "node": raw.node.name, "params": names}
+    tag = {"rule": rule, "site": site, "node": raw.node.name, "params": names, "leaf": leaf.name,
+           "raw": dataclasses.replace(raw, node=None)}  # by name, as "node": a merge re-traces W' (dropout off)
     result = _merged_weight(gm, ctx.params, tag, raw, reader, leaf, pass_name, fn=type(rule).rewrite_weight,
                             role=rule.kind)
     reader.replace_input_with(leaf, result)
@@ -508,13 +513,26 @@ def add_regularizers(cm, out):
              if getattr(type(r), "regularizer", None) is not None]
     if not rules or not isinstance(getattr(out, "loss", None), torch.Tensor):
         return out
-    cache = cm.__dict__.setdefault("_peftc_regularized_sites", {})
     for rule in rules:
-        if rule not in cache:
-            cache[rule] = site_params(cm, rule)
-        sites = {m: Tensors({k: cm.get_parameter(n) for k, n in names.items()}) for m, names in cache[rule].items()}
-        out.loss = out.loss + rule.regularizer(sites)
+        out.loss = out.loss + rule.regularizer(_live_sites(cm, rule))
     return out
+
+
+def run_before_call(cm) -> None:
+    """rule.before_call(sites) under no_grad, for every rule of cm's spec that has one, before each call (as HF
+    PEFT's COFT projects its parameters in place at the start of forward)."""
+    for rule in (cm.spec.rules if cm.spec is not None else ()):
+        if getattr(type(rule), "before_call", None) is not None:
+            with torch.no_grad():
+                rule.before_call(_live_sites(cm, rule))
+
+
+def _live_sites(cm, rule: Method) -> dict[str, Tensors]:
+    """{module path: the live tensors of that site}, the site table cached on cm."""
+    cache = cm.__dict__.setdefault("_peftc_regularized_sites", {})
+    if rule not in cache:
+        cache[rule] = site_params(cm, rule)
+    return {m: Tensors({k: cm.get_parameter(n) for k, n in names.items()}) for m, names in cache[rule].items()}
 
 
 # ---- merging -------------------------------------------------------------------------------------------------------
@@ -528,15 +546,12 @@ def merge_methods(gm: GraphModule, scope, pass_name: str) -> int:
     from .merge import _weight_leaf
 
     table = scope.ctx.params
+    hits = _untrained_weight_rewrites(gm, scope, pass_name)
     sites = {s.node: s for s in matmul_sites(gm, table, scope.ctx.info) + conv_sites(gm, table, scope.ctx.info)}
-    hits = 0
     for out in list(gm.graph.nodes):
         tag = out.meta.get(TAG)
-        if tag is None or out._erased or type(tag["rule"]).merge is None or tag["site"].kind not in WEIGHT_KINDS:
-            continue
-        per_site = {n for k, n in tag["params"].items() if n != k}
-        shared = set(tag["params"].values()) - per_site
-        if not per_site <= scope.adapters or any(n not in scope.adapters and table[n].trainable for n in shared):
+        if tag is None or out._erased or type(tag["rule"]).merge is None or tag["site"].kind not in WEIGHT_KINDS \
+                or not _merging(tag, scope):
             continue
         by_name = {n.name: n for n in gm.graph.nodes}
         y = by_name.get(tag["node"])
@@ -554,6 +569,38 @@ def merge_methods(gm: GraphModule, scope, pass_name: str) -> int:
             if node in chain and not node.users:
                 gm.graph.erase_node(node)
         scope.count(f"{pass_name}.method-{tag['rule'].kind}")
+        hits += 1
+    return hits
+
+
+def _merging(tag: dict, scope) -> bool:
+    """Whether the merge takes the adapter of this tag: its own tensors chosen, and no shared one left training."""
+    per_site = {n for k, n in tag["params"].items() if n != k}
+    shared = set(tag["params"].values()) - per_site
+    return per_site <= scope.adapters and not any(n not in scope.adapters and scope.ctx.params[n].trainable
+                                                   for n in shared)
+
+
+def _untrained_weight_rewrites(gm: GraphModule, scope, pass_name: str) -> int:
+    """W' = rewrite_weight(site, W, p) of a training graph  ==>  the same with site.training=False, for the chosen
+    adapters: merging evaluates a weight rewrite without its dropout, as HF PEFT's merge does (BOFT's block
+    dropout). Counts `<pass>.untrained-<kind>`; fold-params then folds W' as in an eval graph."""
+    from .rewrite import erase_dead
+
+    hits = 0
+    for out in list(gm.graph.nodes):
+        tag = out.meta.get(TAG)
+        if tag is None or "leaf" not in tag or not tag["site"].training or not _merging(tag, scope):
+            continue
+        by_name = {n.name: n for n in gm.graph.nodes}
+        raw, leaf = dataclasses.replace(tag["raw"], node=by_name[tag["node"]]), by_name[tag["leaf"]]
+        untrained = {**tag, "site": dataclasses.replace(tag["site"], training=False)}
+        for reader in list(out.users):
+            reader.replace_input_with(out, _merged_weight(gm, scope.ctx.params, untrained, raw, reader, leaf,
+                                                          pass_name, fn=type(tag["rule"]).rewrite_weight,
+                                                          role=tag["rule"].kind))
+        erase_dead(gm, [out])
+        scope.count(f"{pass_name}.untrained-{tag['rule'].kind}")
         hits += 1
     return hits
 

@@ -118,7 +118,8 @@ def test_oft_rotation_is_orthogonal_with_exact_cayley():
 
 
 @pytest.mark.parametrize("options, message", [(dict(r=4, oft_block_size=8), "exactly one of"),
-                                               (dict(coft=True), "coft"), (dict(module_dropout=0.1), "never applies"),
+                                               (dict(coft=True, eps=0.0), "eps"),
+                                               (dict(module_dropout=1.5), "module_dropout"),
                                                (dict(num_cayley_neumann_terms=0), "num_cayley_neumann_terms")])
 def test_oft_refuses_what_it_cannot_do(options, message):
     with pytest.raises(peftc.SpecError, match=message):
@@ -182,7 +183,7 @@ def test_boft_conv2d_matches_hf(hf_boft_butterfly):
 
 
 @pytest.mark.parametrize("options, message", [(dict(boft_block_num=4), "exactly one of"),
-                                               (dict(boft_dropout=0.1), "boft_dropout"),
+                                               (dict(boft_dropout=1.0), "boft_dropout"),
                                                (dict(boft_n_butterfly_factor=0), "positive")])
 def test_boft_refuses_what_it_cannot_do(options, message):
     with pytest.raises(peftc.SpecError, match=message):
@@ -228,8 +229,8 @@ def test_peft_format_both_ways(case, tmp_path):
 
 
 def test_from_peft_refuses_what_the_method_does_not_read():
-    with pytest.raises(peftc.SpecError, match="coft"):
-        peftc.Spec.from_peft(peft.OFTConfig(target_modules=["q_proj"], coft=True))
+    with pytest.raises(peftc.SpecError, match="PEFT key `bias` = 'all' is not supported.*supported keys: .*coft"):
+        peftc.Spec.from_peft(peft.OFTConfig(target_modules=["q_proj"], bias="all"))
     with pytest.raises(peftc.SpecError, match="target_modules is not set"):
         peftc.Spec.from_peft(peft.BOFTConfig())
 

@@ -214,6 +214,9 @@ class CompiledModel(HFModelMixin, nn.Module):
     def _call(self, entry: str | None, args: tuple, kwargs: dict[str, Any], config: Any = _ACTIVE) -> Any:
         """Run the graph of this call signature (entering through submodule `entry`, for cm.base_model) for the
         adapter configuration `config` (the active one by default)."""
+        from ..method import run_before_call
+
+        run_before_call(self)
         kwargs = call_kwargs(self._source if entry is None else get_attr_path(self._source, entry), kwargs)
         if self.recompute_plan is not None and self.training:
             from ..recompute import check_tokens

@@ -32,6 +32,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from ..errors import AdapterError, ExportError
+from .onnx_solve import exportable_solves
 
 aten = torch.ops.aten
 # `<module>.lora_A.weight`, and `<module>.lora_B.<slice>.weight` for LoRA on column slices
@@ -398,7 +399,8 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict[str, Any], path: 
     input_names = [name for name, _ in _tensor_leaves(_bind(module, args, kwargs))]
 
     step("lowering with torch.onnx.export (dynamo)")
-    model = _torch_export(module, args, kwargs, dynamic=dynamic, opset=opset, output_names=output_names)
+    exported = exportable_solves(module) if isinstance(module, GraphModule) else module
+    model = _torch_export(exported, args, kwargs, dynamic=dynamic, opset=opset, output_names=output_names)
     graph_inputs = [v.name for v in model.graph.inputs]
     if len(graph_inputs) != len(input_names):
         raise ExportError(f"the exported graph takes {len(graph_inputs)} inputs ({', '.join(graph_inputs)}), the "

@@ -29,6 +29,25 @@ def cayley_exact(data: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye + q, eye - q, left=False)
 
 
+def block_dropout(rotations: torch.Tensor, p: float) -> torch.Tensor:
+    """HF PEFT's BOFT multiplicative dropout, a training-time op: in one butterfly factor drawn uniformly,
+    int(p·blocks) blocks drawn uniformly (without replacement) become the identity; nothing is rescaled. Draws
+    are rand_like on the rotations, so the graph follows the model's device; the mask, not the RNG stream, is
+    HF's."""
+    factors, blocks, size, _ = rotations.shape
+    dropped = int(p * blocks)
+    if dropped == 0:
+        return rotations
+    factor_draw = torch.rand_like(rotations[:, 0, 0, 0])
+    position = torch.ones_like(factor_draw).cumsum(0) - 1
+    in_factor = position == factor_draw.argmax()
+    block_draw = torch.rand_like(rotations[0, :, 0, 0])
+    in_blocks = block_draw.argsort().argsort() < dropped  # the blocks holding the `dropped` smallest draws
+    mask = (in_factor[:, None] & in_blocks[None, :]).to(rotations.dtype)[:, :, None, None]
+    eye = torch.ones_like(rotations[..., 0]).diag_embed()
+    return (1 - mask) * rotations + mask * eye
+
+
 @peftc.register_method
 class BOFT(peftc.Method):
     """BOFT: y = op(x, W)  ==>  y = op(x, s ⊙ W·B_0^T···B_{m-1}^T),  B_i = P_i·BD(R_i)·P_i^T, on matmuls and convs.
@@ -37,7 +56,8 @@ class BOFT(peftc.Method):
     orthogonal by the Cayley transform of its skew part; `<module>.boft_s` [out, 1] ([1, out] on a convolution;
     ones) scales W's rows, which leaves the bias alone. P_i is HF's butterfly permutation for factor i (identity for
     i = 0), m = boft_n_butterfly_factor. HF rotates x before the base op; peftc rewrites the weight (the same
-    product), so merging is evaluating W'.
+    product), so merging is evaluating W'. `boft_dropout` replaces blocks by the identity in training graphs only
+    (block_dropout); a merge evaluates W' without it.
     """
 
     kind = "boft"
@@ -60,9 +80,9 @@ class BOFT(peftc.Method):
         if self.boft_n_butterfly_factor < 1:
             raise peftc.SpecError(f"{where}: `boft_n_butterfly_factor` must be a positive integer, got "
                                   f"{self.boft_n_butterfly_factor}")
-        if self.boft_dropout:
-            raise peftc.SpecError(f"{where}: `boft_dropout` (HF's multiplicative block dropout) is not supported "
-                                  f"yet; set boft_dropout=0")
+        if not 0 <= self.boft_dropout < 1:
+            raise peftc.SpecError(f"{where}: `boft_dropout` is the fraction of blocks set to the identity while "
+                                  f"training, in [0, 1); got {self.boft_dropout}")
 
     def layout(self, site) -> tuple[int, int, int]:
         """(factors, blocks, block size) for this site, checked as HF PEFT's update_layer checks them."""
@@ -98,6 +118,8 @@ class BOFT(peftc.Method):
     def rewrite_weight(self, site, w, p):
         factors, blocks, size = self.layout(site)
         rotations = cayley_exact(p.boft_R.reshape(factors * blocks, size, size)).reshape(factors, blocks, size, size)
+        if site.training and self.boft_dropout:
+            rotations = block_dropout(rotations, self.boft_dropout)
         n = math.prod(site.weight_shape[1:])
         w = w.reshape(w.shape[0], n)
         for i in range(factors):

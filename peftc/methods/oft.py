@@ -56,6 +56,14 @@ def cayley(q: torch.Tensor, neumann: bool, terms: int) -> torch.Tensor:
     return r
 
 
+def coft_project(vec: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF PEFT's COFT projection of [b, n] block parameters: each block's skew matrix Q stays when its Frobenius
+    norm is at most eps/√b, and is scaled onto that sphere otherwise (‖Q‖_F = √2·‖row‖, Q being ±the row)."""
+    radius = eps / math.sqrt(vec.shape[0])
+    norm = (2 * vec.square().sum(-1, keepdim=True)).sqrt()
+    return torch.where(norm <= radius, vec, vec * (radius / norm))
+
+
 def rotate_input_side(w: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """W' = W_flat · BD(R_1, ..., R_k)^T: W (any shape, out first) flattened to [out, k·b], rotations [k, b, b]."""
     k, b, _ = rotations.shape
@@ -71,7 +79,9 @@ class OFT(peftc.Method):
     rewrites the weight instead, so merging is evaluating W'. `<module>.oft_R.weight` [blocks, b(b-1)/2] (zeros:
     R = I at init; one row with `block_share`) holds each block's strict upper triangle. The input side (in, or
     in_channels·kernel on a convolution) splits into blocks of `oft_block_size`, or into `r` blocks, adjusted to
-    a divisor as HF adjusts them. R is the Cayley transform, by default HF's 5-term Neumann series.
+    a divisor as HF adjusts them. R is the Cayley transform, by default HF's 5-term Neumann series. COFT (`coft`)
+    rotates by HF's projection of the parameters (coft_project) and, as HF's forward does, writes it into them
+    before each call (before_call). `module_dropout` does nothing, as in HF PEFT 0.21, whose forward never applies it.
     """
 
     kind = "oft"
@@ -97,13 +107,13 @@ class OFT(peftc.Method):
         if self.num_cayley_neumann_terms < 1:
             raise peftc.SpecError(f"{where}: `num_cayley_neumann_terms` must be >= 1, got "
                                   f"{self.num_cayley_neumann_terms}")
-        if self.coft:
-            raise peftc.SpecError(f"{where}: `coft` (constrained OFT) projects the parameters in place during the "
-                                  f"forward, which a compiled graph does not do; use coft=false")
+        if self.coft and not self.eps > 0:
+            raise peftc.SpecError(f"{where}: `eps` (COFT's radius) must be > 0, got {self.eps}")
+        if not 0 <= self.module_dropout < 1:
+            raise peftc.SpecError(f"{where}: `module_dropout` must be in [0, 1), got {self.module_dropout}")
         if self.module_dropout:
-            raise peftc.SpecError(f"{where}: `module_dropout` = {self.module_dropout}: HF PEFT 0.21 builds the "
-                                  f"multiplicative dropout but its forward never applies it; set module_dropout=0 "
-                                  f"(the model trains the same as in HF PEFT)")
+            warnings.warn(f"{where}: module_dropout={self.module_dropout} has no effect: HF PEFT 0.21 builds OFT's "
+                          f"multiplicative dropout but its forward never applies it, and peftc computes what HF does")
 
     def layout(self, site, warn: bool = False) -> tuple[int, int]:
         """(blocks, block size) for this site, as HF PEFT's update_layer picks them."""
@@ -137,8 +147,18 @@ class OFT(peftc.Method):
 
     def rotations(self, site, p) -> torch.Tensor:
         blocks, size = self.layout(site)
-        r = cayley(skew_symmetric(p["oft_R.weight"], size), self.use_cayley_neumann, self.num_cayley_neumann_terms)
+        vec = p["oft_R.weight"]
+        if self.coft:  # HF's forward computes R from the projected tensor, and its gradient flows to it unchanged
+            vec = vec + (coft_project(vec, self.eps) - vec).detach()
+        r = cayley(skew_symmetric(vec, size), self.use_cayley_neumann, self.num_cayley_neumann_terms)
         return r.expand(blocks, size, size) if self.block_share else r
 
     def rewrite_weight(self, site, w, p):
         return rotate_input_side(w, self.rotations(site, p).to(w.dtype))
+
+    def before_call(self, sites) -> None:
+        """COFT: each call starts by projecting oft_R in place, as HF PEFT's forward does, so training steps from
+        the projected value (the graph projects too, so merge and export see the same R)."""
+        if self.coft:
+            for p in sites.values():
+                p["oft_R.weight"].copy_(coft_project(p["oft_R.weight"], self.eps))
