@@ -197,6 +197,26 @@ def test_toy_identity_at_init_then_load_adapter_matches_peft(toy):
 
 
 @pytest.mark.filterwarnings("ignore")
+def test_two_adapters_switched_and_summed_as_peft(toy, tmp_path):
+    model, _, directory, _, args = toy
+    config = peft.LoraConfig(r=2, lora_alpha=3, target_modules=[], target_parameters=TOY_PARAMETERS)
+    other = randomized(peft.get_peft_model(copy.deepcopy(model), config))
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.requires_grad:
+                p.mul_(-1.7)
+    other.save_pretrained(tmp_path)
+    cm = peftc.compile(copy.deepcopy(model), directory, args=args)
+    cm.load_adapter(tmp_path, adapter_name="other")
+    hf = peft.PeftModel.from_pretrained(copy.deepcopy(model), directory).eval()
+    hf.load_adapter(tmp_path, adapter_name="other")
+    for active in (["other"], ["default", "other"]):
+        cm.set_adapter(active)
+        hf.base_model.set_adapter(active)
+        close(cm(*args), hf(*args))
+
+
+@pytest.mark.filterwarnings("ignore")
 def test_modules_and_parameters_in_one_rule(toy, tmp_path):
     model, _, _, _, args = toy
     rule = peftc.LoRA(target="all-linear", r=2, alpha=3, target_parameters=["experts.up"])
