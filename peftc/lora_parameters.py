@@ -90,22 +90,12 @@ def _site(read: Node, alias: str, tensor: torch.Tensor, info: Any, where: str) -
 
 def parameter_sites(gm: GraphModule, table: Any, info: Any, rule: Any, where: str) -> list[ParameterSite]:
     """Every read of a base parameter one of `rule.target_parameters` names, exactly or as a dotted suffix (HF
-    PEFT's rule); each name must select at least one."""
+    PEFT's rule); each name must select a parameter of the model."""
     from .delta import aliases_of
     from .match import _matches
 
-    sites, candidates, used = [], [], set()
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or node.target not in table or table[node.target].role != BASE or not node.users:
-            continue
-        for alias in aliases_of(info, node.target):
-            candidates.append(alias)
-            hits = [t for t in rule.target_parameters if _matches((t,), alias)]
-            if hits:
-                used.update(hits)
-                sites.append(_site(node, alias, table[node.target].tensor, info, where))
-                break
-    missing = [t for t in rule.target_parameters if t not in used]
+    candidates = [a for aliases in info.aliases.values() for a in aliases]
+    missing = [t for t in rule.target_parameters if not any(_matches((t,), a) for a in candidates)]
     if missing:
         leaves = {c.rpartition(".")[2]: c for c in candidates}
         close = difflib.get_close_matches(missing[0], candidates, n=3, cutoff=0.5) or \
@@ -113,6 +103,13 @@ def parameter_sites(gm: GraphModule, table: Any, info: Any, rule: Any, where: st
         raise SpecError(f"{where}: target_parameters entry {missing[0]!r} names no parameter of the model (give a "
                         f"parameter's name, exactly or as a dotted suffix)"
                         + (f"; closest: {', '.join(close)}" if close else f"; parameters: {', '.join(candidates[:5])}"))
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target not in table or table[node.target].role != BASE or not node.users:
+            continue
+        alias = next((a for a in aliases_of(info, node.target) if _matches(rule.target_parameters, a)), None)
+        if alias is not None:
+            sites.append(_site(node, alias, table[node.target].tensor, info, where))
     return sites
 
 

@@ -578,8 +578,9 @@ def _lora(cm, rule: LoRA) -> tuple[dict, dict]:
               "lora_dropout": rule.dropout, "use_rslora": rule.use_rslora, "use_dora": rule.use_dora,
               "rank_pattern": dict(rule.rank_pattern or {}), "alpha_pattern": dict(rule.alpha_pattern or {}),
               "bias": "none", "init_lora_weights": rule.init,
-              "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in adapted),
-              "target_parameters": lora_parameters.peft_target_parameters(cm, rule) if parameter_keys else None}
+              "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in adapted)}
+    if parameter_keys:
+        config["target_parameters"] = lora_parameters.peft_target_parameters(cm, rule)
     tensors = {MODEL_PREFIX + parameter_keys.get(p.name, p.name): p.tensor.detach() for p in cm.params
                if p.role == ADAPTER and p.method == "lora"}
     _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
