@@ -6,7 +6,8 @@ sees the adapted weight, as HF PEFT's `lora.ParamWrapper` parametrizes it. HF's 
 - a 3-d expert stack of E experts, stored (E, out, in) (transformers' default) or (E, in, out) (a module with
   `is_transposed`, GPT-OSS): A [r·E, in], B [out, r·E], and expert e's ΔW_e = B_e A_e with A_e = A.view(E, r, in)[e]
   and B_e = B.view(out, r, E)[:, :, e] (HF's einsum "o r e, e r i -> e o i"), transposed for (E, in, out).
-s = alpha/r (alpha/√r with rsLoRA), r and alpha by rank_pattern/alpha_pattern on the parameter's name. A is
+s = alpha/r (alpha/√r with rsLoRA), r and alpha by rank_pattern/alpha_pattern on the parameter's name; the adapters
+are float32 on half-precision weights, and, as HF folds them, cast to W's dtype for W + s·ΔW. A is
 Kaiming-uniform over `in`, B zeros, so at init the graph computes what it did. HF PEFT refuses dropout, DoRA,
 lora_bias and the inits that decompose W here, and so does peftc.
 
@@ -37,7 +38,7 @@ TAG = "peftc.lora_parameter"  # on W + s·ΔW: {param, name, A, B, scaling}
 
 
 def check_rule(rule: Any, where: str) -> None:
-    """Normalize `target_parameters` to a tuple of names and refuse what HF PEFT's ParamWrapper refuses."""
+    """Normalize `target_parameters` to a sorted tuple of names and refuse what HF PEFT's ParamWrapper refuses."""
     names = rule.target_parameters
     if names is None:
         return
@@ -46,8 +47,7 @@ def check_rule(rule: Any, where: str) -> None:
         raise SpecError(f"{where}: `target_parameters` must be a non-empty list of parameter names (matched exactly "
                         f"or as a dotted suffix, e.g. ['mlp.experts.gate_up_proj']; HF PEFT takes no regex here), "
                         f"got {names!r}")
-    object.__setattr__(rule, "target_parameters", tuple(sorted(names) if isinstance(names, (set, frozenset))
-                                                         else names))
+    object.__setattr__(rule, "target_parameters", tuple(sorted(set(names))))  # a set, as HF PEFT holds it
     from .lora_init import mutates_base
 
     refused = [key for key, on in (("dropout", rule.dropout > 0), ("use_dora", rule.use_dora),
@@ -140,7 +140,7 @@ def insert_all(pass_name: str, rule: Any, gm: GraphModule, ctx: Any, module_weig
 
 
 def insert(pass_name: str, rule: Any, gm: GraphModule, ctx: Any, site: ParameterSite) -> Node:
-    """W ==> W + cast(s·ΔW), ΔW computed in the adapters' dtype (float32 on half-precision weights)."""
+    """W ==> baddbmm(W, B_e, A_e, alpha=s) (addmm for a 2-d weight), the factors cast to W's dtype, as HF PEFT."""
     from .lora_init import random_factors
     from .passes.insert_lora import adapter_dtype
 
@@ -158,21 +158,21 @@ def insert(pass_name: str, rule: Any, gm: GraphModule, ctx: Any, site: Parameter
     first = min(site.read.users, key=order.__getitem__)
     b = NodeBuilder(gm, first, pass_name, "lora", like=first)
     stem = site.name.replace(".", "_")
-    a_w, b_w = b.attr(a_name), b.attr(b_name)
+    lhs, rhs = b.attr(b_name), b.attr(a_name)  # W + s·lhs @ rhs, laid out as W is stored
     if site.experts:
         e = site.experts
-        a3 = b.call(aten.view.default, a_w, [e, r, site.in_features], name=f"{stem}_lora_A_experts")
-        b3 = b.call(aten.permute.default, b.call(aten.view.default, b_w, [site.out_features, r, e]), [2, 0, 1],
-                    name=f"{stem}_lora_B_experts")
-        delta = b.call(aten.bmm.default, b3, a3, name=f"{stem}_lora_BA")  # (E, out, in)
-        if site.transposed:
-            delta = b.call(aten.transpose.int, delta, 1, 2, name=f"{stem}_lora_BA_t")
-    else:
-        delta = b.call(aten.mm.default, b_w, a_w, name=f"{stem}_lora_BA")
-    delta = b.call(aten.mul.Tensor, delta, scaling, name=f"{stem}_lora_delta")
-    if dtype != weight.dtype:
-        delta = b.call(aten.to.dtype, delta, weight.dtype, name=f"{stem}_lora_delta_cast")
-    eff = b.call(aten.add.Tensor, site.read, delta, name=f"{stem}_lora")
+        rhs = b.call(aten.view.default, rhs, [e, r, site.in_features], name=f"{stem}_lora_A_experts")
+        lhs = b.call(aten.permute.default, b.call(aten.view.default, lhs, [site.out_features, r, e]), [2, 0, 1],
+                     name=f"{stem}_lora_B_experts")  # (E, out, r)
+        if site.transposed:  # (E, in, out) = A_eᵀ B_eᵀ
+            lhs, rhs = (b.call(aten.transpose.int, rhs, 1, 2, name=f"{stem}_lora_A_t"),
+                        b.call(aten.transpose.int, lhs, 1, 2, name=f"{stem}_lora_B_t"))
+    if dtype != weight.dtype:  # as HF PEFT folds the factors: in W's dtype
+        lhs, rhs = (b.call(aten.to.dtype, t, weight.dtype, name=f"{stem}_lora_{k}_cast") for t, k in ((lhs, "B"),
+                                                                                                   (rhs, "A")))
+    # one fused op, so the forward holds one W-sized tensor (HF's baddbmm)
+    fused = aten.baddbmm.default if site.experts else aten.addmm.default
+    eff = b.call(fused, site.read, lhs, rhs, kwargs={"alpha": scaling}, name=f"{stem}_lora")
     eff.meta[TAG] = {"param": site.param, "name": site.name, "A": a_name, "B": b_name, "scaling": scaling}
     eff.meta["peftc.replaces"] = (site.param,)  # merged, W + s·ΔW folds into a tensor named W
     replace_uses(site.read, eff, keep=b.created)

@@ -190,10 +190,30 @@ def test_toy_identity_at_init_then_load_adapter_matches_peft(toy):
     close(cm(*args), pm(*args))
     merged = cm.merge()
     close(merged(*args), pm(*args))
-    close(merged(*args), copy.deepcopy(pm).merge_and_unload()(*args))
+    hf_merged = copy.deepcopy(pm).merge_and_unload()
+    close(merged(*args), hf_merged(*args))
+    unloaded = cm.merge_and_unload()  # the model's own class, merged weights, nothing of peftc
+    assert type(unloaded) is Toy
+    close(unloaded.experts.up, hf_merged.experts.up)
+    close(unloaded(*args), hf_merged(*args))
     assert cm.save_pretrained(directory.parent / "toy_ours") == "peft"
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), directory.parent / "toy_ours").eval()
     close(loaded(*args), cm(*args))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bfloat16_weights_keep_float32_adapters_and_w_dtype(toy):
+    model, _, directory, _, (x, expert) = toy
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    cm = peftc.compile(half, directory, args=(x.bfloat16(), expert))
+    assert all(p.tensor.dtype == torch.float32 for p in cm.params if p.role == "adapter")
+    hf = peft.PeftModel.from_pretrained(copy.deepcopy(half), directory).eval()
+    ours = cm(x.bfloat16(), expert)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, hf(x.bfloat16(), expert), atol=3e-2, rtol=3e-2)
+    merged = cm.merge()
+    assert merged.get_parameter("experts.up").dtype == torch.bfloat16
+    torch.testing.assert_close(merged(x.bfloat16(), expert), ours, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.filterwarnings("ignore")
