@@ -267,3 +267,16 @@ def test_errors_say_what_and_how(toy):
     spec = peftc.Spec.loads('[[lora]]\nr = 2\ntarget_parameters = ["experts.up"]\n', "toml")
     assert spec.rules[0].target is None and spec.rules[0].target_parameters == ("experts.up",)
     assert peftc.Spec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_onnx_export_unmerged(toy, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from peftc.errors import ExportError
+
+    model, _, directory, _, args = toy
+    cm = peftc.compile(copy.deepcopy(model), directory, args=args)
+    # unmerged: the adapters' ops as ONNX ops (merged, the graph is the base model's); checked in onnxruntime
+    assert cm.export_onnx(tmp_path / "toy.onnx", merged=False, dynamic=False).max_abs_diff < 1e-5
+    with pytest.raises(ExportError, match="scaling"):
+        cm.export_onnx(tmp_path / "toy_inputs.onnx", merged=False, dynamic=False, adapters="inputs")
