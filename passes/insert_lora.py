@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from peftc import lora_embedding, lora_init, lora_mha
+from peftc import lora_embedding, lora_init, lora_mha, lora_parameters
 from peftc.errors import SpecError
 from peftc.match import ConvSite, MatmulSite, conv_sites, matmul_sites, select
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
@@ -58,7 +58,8 @@ class InsertLora(Pass):
     `<module>.lora_magnitude_vector`), `freeze_a` (LoRA-FA: A frozen), `lora_bias` (`<module>.lora_B.bias`),
     `rank_pattern`/`alpha_pattern`, convolutions (A: conv with the base kernel/stride/padding/dilation to r
     channels, B: 1x1 conv with the base's groups), and peftc's own `slices`: one adapter per output-column slice of a
-    fused weight, `<module>.lora_A.<slice>.weight`.
+    fused weight, `<module>.lora_A.<slice>.weight`. `target_parameters`: W ==> W + s·ΔW(A, B) where W is read
+    (raw parameters, 3-d expert stacks; peftc/lora_parameters.py).
     """
 
     name: ClassVar[str] = "insert-lora"
@@ -66,13 +67,7 @@ class InsertLora(Pass):
     rule: LoRA = field(default_factory=LoRA)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        sites: list[MatmulSite | ConvSite] = matmul_sites(gm, ctx.params, ctx.info)
-        if self.rule.target != "all-linear":  # HF's "all-linear" leaves convolutions and embeddings alone
-            sites += conv_sites(gm, ctx.params, ctx.info)
-            sites += lora_embedding.embedding_sites(gm, ctx.params, ctx.info)
-        sites = lora_mha.as_hf(sites, ctx.info)
-        sites = lora_mha.with_out_proj(select(sites, self.rule.target, self.rule.exclude, ctx.info,
-                                              where=repr(self.rule)), sites, ctx.info)
+        sites = self._module_sites(gm, ctx) if self.rule.target is not None else []
         modified = False
         for site in sites:
             if adapted(site.node, "lora", self.rule, site.module):
@@ -86,7 +81,18 @@ class InsertLora(Pass):
             mark_adapted(site.node, "lora", self.rule)
             ctx.count("insert-lora.inserted")
             modified = True
+        if self.rule.target_parameters:
+            modified |= lora_parameters.insert_all(self.name, self.rule, gm, ctx, {s.weight for s in sites})
         return PassResult(gm, modified)
+
+    def _module_sites(self, gm: GraphModule, ctx: PassContext) -> list:
+        sites: list = matmul_sites(gm, ctx.params, ctx.info)
+        if self.rule.target != "all-linear":  # HF's "all-linear" leaves convolutions and embeddings alone
+            sites += conv_sites(gm, ctx.params, ctx.info)
+            sites += lora_embedding.embedding_sites(gm, ctx.params, ctx.info)
+        sites = lora_mha.as_hf(sites, ctx.info)
+        return lora_mha.with_out_proj(select(sites, self.rule.target, self.rule.exclude, ctx.info,
+                                             where=repr(self.rule)), sites, ctx.info)
 
     def _check(self, site: MatmulSite | ConvSite) -> None:
         rule, where = self.rule, f"{self.rule!r} on `{site.module}`"

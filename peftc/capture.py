@@ -39,6 +39,8 @@ class ModelInfo:
     # task_type="SEQ_CLS", and the spec's task type (HF PEFT's TaskType name).
     classifier_head: str | None = None
     task_type: str | None = None
+    # Modules whose 3-d expert weights are stored (experts, in, out): transformers' `is_transposed` (GPT-OSS).
+    transposed_experts: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, model: nn.Module, task_type: str | None = None) -> "ModelInfo":
@@ -66,7 +68,8 @@ class ModelInfo:
         heads = (getattr(model, name, None) for name in ("score", "classifier"))  # HF PEFT's SEQ_CLS_HEAD_NAMES
         head = next((h for h in heads if isinstance(h, nn.Module)), None)
         head_path = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-        return cls(type(model).__name__, aliases, output_layer, types, linear, head_path, task_type)
+        transposed = frozenset(n for n, m in model.named_modules() if getattr(m, "is_transposed", False) is True)
+        return cls(type(model).__name__, aliases, output_layer, types, linear, head_path, task_type, transposed)
 
 
 def call_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:

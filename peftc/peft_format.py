@@ -26,6 +26,7 @@ from typing import Any, Iterable
 
 import torch
 
+from . import lora_parameters
 from .capture import ModelInfo
 from .delta import aliases_of
 from .errors import AdapterError, SpecError
@@ -46,7 +47,7 @@ _METADATA = {"peft_type", "auto_mapping", "base_model_name_or_path", "revision",
 _SUPPORTED = {
     "LORA": {"target_modules", "exclude_modules", "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern",
              "alpha_pattern", "lora_dropout", "modules_to_save", "layers_to_transform", "layers_pattern",
-             "fan_in_fan_out", "init_lora_weights", "trainable_token_indices"},
+             "fan_in_fan_out", "init_lora_weights", "trainable_token_indices", "target_parameters"},
     "IA3": {"target_modules", "exclude_modules", "feedforward_modules", "modules_to_save", "fan_in_fan_out",
             "init_ia3_weights"},
     "PREFIX_TUNING": {"num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "token_dim",
@@ -249,7 +250,15 @@ def spec_from_peft(source: Any, *, saved: dict[str, torch.Tensor] | None = None)
     keys = sorted(saved) if saved is not None else None
     rules: list[Rule] = []
     if peft_type == "LORA":
-        rules.append(LoRA(target=_module_target(config, keys, ".lora_A.", where), r=config.get("r", 8),
+        parameters = config.get("target_parameters") or None
+        if parameters and keys is not None:
+            keys = [k for k in keys if not _parameter_key(k, parameters)]
+        if parameters and config.get("target_modules") is None and keys is not None \
+                and not any(".lora_A." in k for k in keys):
+            target = None  # the saved adapter has no module adapter
+        else:
+            target = _module_target(config, keys, ".lora_A.", where)
+        rules.append(LoRA(target=target, target_parameters=parameters, r=config.get("r", 8),
                           init=config.get("init_lora_weights", True),
                           alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout") or 0.0,
                           use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
@@ -388,12 +397,20 @@ def _owner_before(key: str, marker: str) -> str:
     return key.removeprefix(MODEL_PREFIX).split(marker)[0]
 
 
+def _parameter_key(key: str, parameters: list[str]) -> bool:
+    """A saved key of a target_parameters adapter: its module (HF's `.base_layer` nesting removed) owns a name."""
+    module = _owner_before(key, ".lora_").replace(".base_layer", "")
+    owners = [t.rpartition(".")[0] for t in parameters]
+    return any(module == o or module.endswith("." + o) for o in owners if o)
+
+
 def _module_target(config: dict, keys: list[str] | None, marker: str, where: str) -> Target:
     target = config.get("target_modules")
     if target is None:
         if keys is None:
             raise SpecError(f"{where}: target_modules is not set (PEFT then uses its per-architecture defaults); "
-                            f"give target_modules, or load a saved adapter directory")
+                            f"give target_modules ([] for target_parameters alone), or load a saved adapter "
+                            f"directory")
         modules = sorted({_owner_before(k, marker) for k in keys if marker in k})
         return f"^(?:{_alternation(modules)})"
     return _target_from_peft(target, config.get("layers_to_transform"), config.get("layers_pattern"))
@@ -544,7 +561,9 @@ def _with_modules_to_save(cm, config: dict, tensors: dict[str, torch.Tensor], pr
 def _lora(cm, rule: LoRA) -> tuple[dict, dict]:
     if rule.slices:
         raise NotPeftExpressible("per-slice LoRA (`slices`) has no PEFT format")
+    parameter_keys = lora_parameters.peft_names(cm)  # target_parameters adapters, keyed by HF's nesting
     adapted = _adapted(cm, "lora", ".lora_A") | _adapted(cm, "lora", ".lora_embedding_A")
+    adapted -= {n.removesuffix(".lora_A.weight") for n in parameter_keys}
     # an MultiheadAttention's out-projection comes with the MHA (`<mha>.base_layer.out_proj`, HF's key)
     adapted = {m for m in adapted if not (m.endswith(".base_layer.out_proj") and
                                           cm._info.module_types.get(m.rsplit(".", 2)[0]) == "MultiheadAttention")}
@@ -560,7 +579,10 @@ def _lora(cm, rule: LoRA) -> tuple[dict, dict]:
               "rank_pattern": dict(rule.rank_pattern or {}), "alpha_pattern": dict(rule.alpha_pattern or {}),
               "bias": "none", "init_lora_weights": rule.init,
               "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in adapted)}
-    tensors = {MODEL_PREFIX + p.name: p.tensor.detach() for p in cm.params if p.role == ADAPTER and p.method == "lora"}
+    if parameter_keys:
+        config["target_parameters"] = lora_parameters.peft_target_parameters(cm, rule)
+    tensors = {MODEL_PREFIX + parameter_keys.get(p.name, p.name): p.tensor.detach() for p in cm.params
+               if p.role == ADAPTER and p.method == "lora"}
     _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
     tokens = _token_rows(cm)
     if tokens:  # HF's LoraConfig.trainable_token_indices {module: indices}, rows under `token_adapter.`
@@ -956,12 +978,16 @@ def _check_shape(key: str, saved: torch.Tensor, expected: torch.Size | tuple) ->
 def peftc_state_dict(cm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """PEFT's saved tensors ==> cm's adapter tensors (what load_adapter_state_dict takes)."""
     base_of = {alias: table for table, aliases in cm._info.aliases.items() for alias in aliases}
+    parameter_adapters = {key: name for name, key in lora_parameters.peft_names(cm).items()}
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if key == "prompt_embeddings":
             out.update(_prompt_embeddings(cm, value))
             continue
         name = key.removeprefix(MODEL_PREFIX).removeprefix("base_model.")
+        if name in parameter_adapters:  # before `.lora_A.`: HF's nested ParamWrapper keys name the module
+            out[parameter_adapters[name]] = value
+            continue
         if ".ln_tuning_layers." in name:
             module, _, leaf = name.partition(".ln_tuning_layers.")
             alias = f"{module}.{leaf}"

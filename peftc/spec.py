@@ -148,13 +148,17 @@ class LoRA(Rule):
     matched exactly or as a dotted suffix, or "all-linear" (HF PEFT's rule: every Linear/Conv1D module but the output
     layer, and but the classifier head with task_type="SEQ_CLS"). `exclude`
     takes the same forms. With `use_rslora`, s = alpha/sqrt(r).
+
+    `target_parameters` (HF PEFT's): parameter names, each matched exactly or as a dotted suffix, whose reads become
+    `W + s·ΔW(A, B)` wherever the graph reads them (2-d weights and 3-d mixture-of-experts stacks; peftc/
+    lora_parameters.py). `target` then defaults to no module at all; give it too to adapt modules as well.
     """
 
     kind: ClassVar[str] = "lora"
     hf_names: ClassVar[dict[str, str]] = {**Rule.hf_names, "lora_alpha": "alpha", "lora_dropout": "dropout",
                                           "rank": "r", "init_lora_weights": "init"}
 
-    target: Target = "all-linear"
+    target: Target = None  # "all-linear", or no module when only target_parameters are given
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
@@ -174,18 +178,23 @@ class LoRA(Rule):
     lora_bias: bool = False
     # HF PEFT's init_lora_weights: True, False, "gaussian", "pissa", "pissa_niter_<k>", "olora" (peftc/lora_init.py).
     init: bool | str = True
+    # HF PEFT's target_parameters: LoRA on raw parameters, W ==> W + s·ΔW at every read (peftc/lora_parameters.py).
+    target_parameters: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         where = self._where()
         from .lora_init import check as check_init
+        from .lora_parameters import check_rule as check_parameters
 
         check_init(self.init)
+        if self.target is None and not self.target_parameters:
+            object.__setattr__(self, "target", "all-linear")
+        elif self.target_parameters and self.target in ([], ()):  # HF's target_modules=[]: parameters only
+            object.__setattr__(self, "target", None)
         if not isinstance(self.lora_bias, bool) or (self.lora_bias and (self.use_dora or self.slices)):
             raise SpecError(f"{where}: `lora_bias` must be true or false, and does not combine with use_dora or "
                             f"slices; got lora_bias={self.lora_bias!r}")
         self._check_targets(where)
-        if self.target is None:
-            raise SpecError(f"{where}: `target` is required (a regex, a list of module names or 'all-linear')")
         self._check_variants(where)
         for name, r in self._per_slice(self.r, "r").items():
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
@@ -200,6 +209,7 @@ class LoRA(Rule):
         if not isinstance(self.use_rslora, bool):
             raise SpecError(f"{where}: `use_rslora` must be true or false, got {self.use_rslora!r}")
         self._check_scalings(where)
+        check_parameters(self, where)
 
     def _check_scalings(self, where: str) -> None:
         """Every scaling alpha/r this rule can give must be a normal float32: the adapter computes in float32 (or
