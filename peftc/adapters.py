@@ -153,7 +153,7 @@ def load_adapter(cm, directory, name: str | None, is_trainable: bool | None) -> 
 def load_named_adapter(cm, directory, name: str) -> None:
     """Load a saved adapter (HF PEFT's format or peftc's) as a new adapter `name`, inactive and frozen (as HF
     PEFT's load_adapter leaves it); nothing changes when it does not fit."""
-    from .peft_format import peftc_state_dict, read_adapter
+    from .peft_format import MODEL_PREFIX, peftc_state_dict, read_adapter
 
     _check_name(name)
     b = bank(cm)
@@ -161,8 +161,26 @@ def load_named_adapter(cm, directory, name: str) -> None:
         raise AdapterError(f"an adapter named `{name}` is loaded already; delete_adapter({name!r}) first, or load "
                            f"under another name (loaded: {', '.join(b.adapters)})")
     spec, tensors, fmt = read_adapter(directory)
-    state = peftc_state_dict(cm, tensors) if fmt == "peft" else tensors
-    register_adapter(cm, name, spec, state)
+    if fmt == "peft":
+        own = _own_module_tensors(cm, tensors)
+        tensors = {**peftc_state_dict(cm, {k: v for k, v in tensors.items() if k not in own}),
+                   **{k.removeprefix(MODEL_PREFIX): v for k, v in own.items()}}
+    register_adapter(cm, name, spec, tensors)
+
+
+def _own_module_tensors(cm, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF PEFT's saved tensors that sit on a module of the model under a name that is no base parameter: an
+    adapter's own tensors, whatever their layout (LoKr of another rank factors W2), read as they are."""
+    from .peft_format import MODEL_PREFIX
+
+    aliases = {a for names in cm._info.aliases.values() for a in names}
+    out = {}
+    for key, value in saved.items():
+        name = key.removeprefix(MODEL_PREFIX)
+        module = name.rpartition(".")[0]
+        if key.startswith(MODEL_PREFIX) and module in cm._info.module_types and name not in aliases:
+            out[key] = value
+    return out
 
 
 def register_adapter(cm, name: str, spec: Spec | None, state: dict[str, torch.Tensor]) -> None:
@@ -184,8 +202,15 @@ def register_adapter(cm, name: str, spec: Spec | None, state: dict[str, torch.Te
         dtype = ref.dtype if ref is not None else value.dtype
         device = ref.device if ref is not None else value.device
         tensors[key] = nn.Parameter(value.detach().to(device=device, dtype=dtype).clone(), requires_grad=False)
-    trains = {k: not (owners[k] == "lora" and ".lora_A." in k and _freeze_a(spec)) for k in tensors}
-    b.add(cm, LoadedAdapter(name, spec, tensors, trains, owners))
+    b.add(cm, LoadedAdapter(name, spec, tensors, {k: _trains(b, spec, k, owners[k]) for k in tensors}, owners))
+
+
+def _trains(b: AdapterBank, spec: Spec | None, slot: str, method: str) -> bool:
+    """Whether `slot` trains while its adapter is active: LoRA's A unless freeze_a; a tensor another adapter of the
+    method holds frozen (VeRA's shared projections) stays frozen; anything else trains."""
+    if method == "lora":
+        return not (".lora_A." in slot and _freeze_a(spec))
+    return next((a.trains[slot] for a in b.adapters.values() if a.methods.get(slot) == method), True)
 
 
 def _owners(spec: Spec | None, state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -223,7 +248,7 @@ def set_adapter(cm, names: str | Sequence[str]) -> None:
         raise AdapterError(f"set_adapter: give one adapter name or a list of distinct names, got {list(names)}")
     _known(b, names, "set_adapter")
     if not (len(names) == 1 and b.bindable(names[0])):
-        _lora_rules(b, names)  # a graph of its own: refused now, not at the next call
+        adapter_rules(b, "active", names)  # a graph of its own: refused now, not at the next call
     for adapter in b.adapters.values():
         on = adapter.name in names
         for slot, t in adapter.tensors.items():
@@ -333,7 +358,7 @@ def config_stage(cm, config: tuple) -> tuple[Pipeline, ParamTable]:
     for p in cm.params:
         if p.role != ADAPTER:
             table.insert(dataclasses.replace(p))
-    rules = _lora_rules(b, names)
+    rules = adapter_rules(b, kind, names) if names else []
     for n in names:
         adapter = b.adapters[n]
         for slot, t in adapter.tensors.items():
@@ -344,20 +369,45 @@ def config_stage(cm, config: tuple) -> tuple[Pipeline, ParamTable]:
         passes.append(InsertAdapters(tuple(names), tuple(rules)))
     elif kind == "mixed":
         table.insert(Param(MIXED_INDEX, b.index, BUFFER, False))
-        passes.append(InsertMixedLora(tuple(names), tuple(rules)))
+        passes.append(InsertMixedLora(tuple(names), tuple(r for r, in rules)))
     return Pipeline((*passes, *cm.pipeline.training.passes)), table
 
 
-def _lora_rules(b: AdapterBank, names: Sequence[str]) -> list[LoRA]:
-    rules = []
+# Methods whose HF PEFT layers loop over several active adapters (peft 0.21: `for active_adapter in
+# self.active_adapters`), summing (LoRA, LoHa, LoKr, VeRA) or multiplying (IA3) their terms; and the methods whose
+# layers implement `_mixed_batch_forward` (adapter_names=). Prompt learning (prefix, prompt tuning) has one active
+# adapter in HF PEFT; every other method's PEFT forward ignores adapter_names= (runs the active adapter on every
+# sample), which peftc refuses rather than copies.
+SEVERAL_ACTIVE = ("lora", "ia3", "loha", "lokr", "vera")
+MIXED_BATCH = ("lora",)
+
+
+def adapter_rules(b: AdapterBank, kind: str, names: Sequence[str]) -> list[tuple]:
+    """Each adapter's rules for a graph of configuration (kind, names); AdapterError when HF PEFT does not support
+    that configuration for the adapters' method."""
+    out = []
     for n in names:
-        rule = b.adapters[n].lora_rule()
-        if rule is None:
-            raise AdapterError(f"adapter `{n}`: several active adapters, mixed batches and adapters of another "
-                               f"structure than the compiled one need a spec of one LoRA rule; `{n}` has "
-                               f"{b.adapters[n].spec!r}. Activate one adapter of the compiled structure at a time")
-        rules.append(rule)
-    return rules
+        rules = tuple(r for r in (b.adapters[n].spec.rules if b.adapters[n].spec is not None else ()))
+        if not rules:
+            raise AdapterError(f"adapter `{n}` was loaded without a spec, so no graph can be captured for it; "
+                               f"activate one adapter of the compiled structure at a time")
+        where = f"adapter `{n}` ({' + '.join(r.kind for r in rules)})"
+        if kind == "mixed" and (len(rules) != 1 or rules[0].kind not in MIXED_BATCH):
+            raise AdapterError(f"adapter_names= (a mixed batch): {where}: HF PEFT 0.21 implements mixed batches only "
+                               f"for {', '.join(MIXED_BATCH)} adapters of one rule (its other methods ignore "
+                               f"adapter_names); run each adapter's samples as their own batch with set_adapter")
+        if kind == "active" and len(names) > 1:
+            if len(rules) != 1 or rules[0].kind not in SEVERAL_ACTIVE:
+                raise AdapterError(f"set_adapter({list(names)}): {where}: several active adapters are supported for "
+                                   f"adapters of one rule of {', '.join(SEVERAL_ACTIVE)} (as HF PEFT 0.21's layers "
+                                   f"sum them); activate one adapter at a time")
+            first = out[0][0] if out else None
+            if first is not None and first.kind != rules[0].kind:
+                raise AdapterError(f"set_adapter({list(names)}): {where} and adapter `{names[0]}` ({first.kind}) are "
+                                   f"of different methods, which HF PEFT does not combine; activate one method's "
+                                   f"adapters")
+        out.append(rules)
+    return out
 
 
 def mixed_call(cm, adapter_names: Sequence[str], entry: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -374,6 +424,7 @@ def mixed_call(cm, adapter_names: Sequence[str], entry: str | None, args: tuple,
     batch = _batch_size(args, kwargs)
     if batch is not None and batch != len(names):
         raise AdapterError(f"adapter_names has {len(names)} names for a batch of {batch}; give one per sample")
+    adapter_rules(b, "mixed", distinct)
     for n in distinct:
         rule = b.adapters[n].lora_rule()
         if rule is not None and (rule.use_dora or rule.slices or rule.lora_bias):
