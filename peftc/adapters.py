@@ -24,17 +24,20 @@ Only active adapters train: set_adapter sets requires_grad on exactly the active
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .errors import AdapterError
+from .method import regularized
 from .params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from .passes.insert_adapters import InsertAdapters, bank_name
 from .passes.insert_mixed_lora import MIXED_INDEX, InsertMixedLora
@@ -269,6 +272,10 @@ def _reconfigure(cm, b: AdapterBank) -> None:
     else:
         config = ("active", b.active)
     cm.__dict__["_adapter_config"] = config
+    # HF PEFT's AdaLoRA adds its penalty on the compiled adapter's tensors (the slots), disabled or not; a graph of
+    # another configuration holds no adapter with a regularizer (adapter_rules refuses one)
+    cm.__dict__["_regularizers"] = regularized(cm.spec.rules) if cm.spec is not None and \
+        (config is None or b.disabled) else ()
 
 
 def _bind(cm, b: AdapterBank, name: str) -> None:
@@ -380,6 +387,7 @@ def config_stage(cm, config: tuple) -> tuple[Pipeline, ParamTable]:
 # sample), which peftc refuses rather than copies.
 SEVERAL_ACTIVE = ("lora", "ia3", "loha", "lokr", "vera")
 MIXED_BATCH = ("lora",)
+PROMPT_LEARNING = ("prefix", "prompt_tuning", "p_tuning", "adaption_prompt")
 
 
 def adapter_rules(b: AdapterBank, kind: str, names: Sequence[str]) -> list[tuple]:
@@ -392,15 +400,25 @@ def adapter_rules(b: AdapterBank, kind: str, names: Sequence[str]) -> list[tuple
             raise AdapterError(f"adapter `{n}` was loaded without a spec, so no graph can be captured for it; "
                                f"activate one adapter of the compiled structure at a time")
         where = f"adapter `{n}` ({' + '.join(r.kind for r in rules)})"
+        if regularized(rules):
+            raise AdapterError(f"{where} adds a regularizer to the loss (AdaLoRA), which peftc computes on the "
+                               f"compiled adapter's slots only; activate it alone, with the compiled structure")
         if kind == "mixed" and (len(rules) != 1 or rules[0].kind not in MIXED_BATCH):
             raise AdapterError(f"adapter_names= (a mixed batch): {where}: HF PEFT 0.21 implements mixed batches only "
-                               f"for {', '.join(MIXED_BATCH)} adapters of one rule (its other methods ignore "
+                               f"for {', '.join(MIXED_BATCH)} adapters of one rule (its other methods do not implement "
                                f"adapter_names); run each adapter's samples as their own batch with set_adapter")
         if kind == "active" and len(names) > 1:
             if len(rules) != 1 or rules[0].kind not in SEVERAL_ACTIVE:
+                if rules[0].kind in PROMPT_LEARNING:
+                    why = "HF PEFT activates one prompt-learning adapter at a time"
+                elif getattr(rules[0], "rewrite_weight", None):
+                    why = ("HF PEFT rotates the input by each active adapter in turn; peftc rewrites the weight "
+                           "instead and does not compose two weight rewrites yet")
+                else:
+                    why = "peftc does not compose this method's adapters"
                 raise AdapterError(f"set_adapter({list(names)}): {where}: several active adapters are supported for "
                                    f"adapters of one rule of {', '.join(SEVERAL_ACTIVE)} (as HF PEFT 0.21's layers "
-                                   f"sum them); activate one adapter at a time")
+                                   f"sum them); {why}. Activate one adapter at a time")
             first = out[0][0] if out else None
             if first is not None and first.kind != rules[0].kind:
                 raise AdapterError(f"set_adapter({list(names)}): {where} and adapter `{names[0]}` ({first.kind}) are "
@@ -577,3 +595,57 @@ def peft_lora_config(cm, adapter: LoadedAdapter, rule: LoRA) -> dict:
             "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
             "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if not math.isclose(v, alpha)},
             "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in modules)}
+
+
+# ---- saving ------------------------------------------------------------------------------------------------------
+def save_pretrained(cm, directory, format: str | None, *, selected_adapters: Sequence[str] | None = None,
+                    state_dict=None, **options: Any) -> str:
+    """cm.save_pretrained with HF PEFT's layout for several adapters: "default" at `directory`, every other selected
+    adapter (all loaded ones by default) in `directory/<name>/`, each as one adapter would be saved. Returns the
+    format of the first adapter written."""
+    from .peft_format import save_pretrained as save_one
+
+    b = cm.__dict__.get("_adapter_bank")
+    if b is None:  # one adapter, "default": peft_format checks selected_adapters
+        if selected_adapters is not None:
+            options["selected_adapters"] = selected_adapters
+        return save_one(cm, directory, format, state_dict=state_dict, **options)
+    names = list(b.adapters) if selected_adapters is None else \
+        [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters)
+    _known(b, names, "save_pretrained(selected_adapters=...)")
+    written = []
+    for name in names:
+        out = Path(directory) if name == DEFAULT else Path(directory) / name
+        # a trainer's state_dict holds every adapter under its bank name: this adapter's values go in the slots
+        given = None if state_dict is None else {
+            **state_dict, **{slot: state_dict[bank_name(name, slot)] for slot in b.adapters[name].tensors
+                             if bank_name(name, slot) in state_dict}}
+        if b.bindable(name):
+            with serving_slots(cm, name):
+                written.append(save_one(cm, out, format, state_dict=given, **options))
+        else:
+            written.append(_save_other_structure(cm, b.adapters[name], out, format, given, **options))
+    return written[0] if written else (format or "peft")
+
+
+def _save_other_structure(cm, adapter: LoadedAdapter, directory, format: str | None, state_dict,
+                          is_main_process: bool = True, **options: Any) -> str:
+    """An adapter the compiled slots cannot hold (another rank, alpha or targets): a plain LoRA adapter is written
+    in HF PEFT's format from its own tensors and the config that puts exactly them on the model."""
+    from .peft_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_PREFIX, _base_config, _check_peft_options,
+                              _write_adapter)
+
+    _check_peft_options(options)
+    rule = adapter.lora_rule()
+    if format == "peftc" or rule is None or rule.use_dora or rule.lora_bias or rule.slices:
+        raise AdapterError(f"save_pretrained: adapter `{adapter.name}` has another structure than the compiled "
+                           f"adapter and is not plain LoRA ({adapter.spec!r}), so peftc cannot write it yet; save "
+                           f"it from the directory it was loaded from, or leave it out of selected_adapters")
+    tensors = {k: (state_dict[k] if state_dict is not None and k in state_dict else t).detach().cpu().contiguous()
+               .clone() for k, t in adapter.tensors.items()}
+    config = {**_base_config(cm, "LORA", adapter.spec.task_type), "bias": "none", "peft_version": "0.21.2",
+              **peft_lora_config(cm, adapter, rule)}
+    if is_main_process:
+        _write_adapter(Path(directory), ADAPTER_WEIGHTS, {MODEL_PREFIX + k: v for k, v in tensors.items()},
+                       ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return "peft"

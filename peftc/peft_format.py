@@ -1023,7 +1023,8 @@ def _prompt_embeddings(cm, value: torch.Tensor) -> dict[str, torch.Tensor]:
         raise AdapterError("adapter `prompt_embeddings` (prompt learning) fits no prompt or per-layer prefix of the "
                            "model; compile it with PromptTuning, or Prefix(projection=False)")
     shapes = [cm.params[k].tensor.shape for k in keys]
-    kv_heads, length, head_dim = shapes[0]
+    kv_heads, _, head_dim = shapes[0]
+    length = value.shape[0] if value.dim() else 0  # another length fits another adapter; the slots check theirs
     _check_shape("prompt_embeddings", value, (length, len(keys) * 2 * kv_heads * head_dim))
     out = {}
     width = kv_heads * head_dim

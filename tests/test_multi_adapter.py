@@ -240,8 +240,9 @@ def test_ia3_adapters_switch_and_disable_as_in_peft(tmp_path):
     assert not torch.allclose(agree(), first)
     with hf.disable_adapter(), cm.disable_adapters():
         agree()
-    with pytest.raises(AdapterError, match="one LoRA rule"):
-        cm.set_adapter(["default", "x"])
+    hf.base_model.set_adapter(["default", "x"])
+    cm.set_adapter(["default", "x"])  # IA3 multiplies the active adapters' scalings, as HF PEFT does
+    agree()
 
 
 def test_generate_serves_the_bound_adapter_and_refuses_a_configuration_it_cannot(tmp_path):

@@ -47,7 +47,7 @@ def save_adapter(base, method, directory, seed, **changes):
 class Pair:
     def __init__(self, method, tmp):
         torch.manual_seed(0)
-        base = tiny_llama().eval()
+        base = tiny_llama(num_hidden_layers=1).eval()
         _, other = METHODS[method]
         self.names = ["default", "x"] + (["y"] if other else [])
         configs = {"default": {}, "x": {}, "y": other or {}}
@@ -93,16 +93,15 @@ def test_switch_and_disable_agree_with_peft(pair):
 
 
 def test_several_active_agree_with_peft_or_are_refused(pair):
-    combos = [["default", "x"], pair.names[::-1]]
+    names = pair.names[::-1]  # "y" (a structure of its own), then two of the compiled structure
     if pair.method not in SEVERAL:
-        with pytest.raises(AdapterError, match="several active adapters"):
-            pair.cm.set_adapter(combos[0])
+        with pytest.raises(AdapterError, match="several active adapters.*compose two weight rewrites"):
+            pair.cm.set_adapter(names)
         assert pair.cm.active_adapters == ["default"]
         return
-    for names in combos:
-        pair.set_adapter(names)
-        assert pair.cm.active_adapters == names
-        pair.agree()
+    pair.set_adapter(names)
+    assert pair.cm.active_adapters == names
+    pair.agree()
     pair.set_adapter("default")
 
 
