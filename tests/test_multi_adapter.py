@@ -243,6 +243,12 @@ def test_ia3_adapters_switch_and_disable_as_in_peft(tmp_path):
     hf.base_model.set_adapter(["default", "x"])
     cm.set_adapter(["default", "x"])  # IA3 multiplies the active adapters' scalings, as HF PEFT does
     agree()
+    with pytest.raises(AdapterError, match="ia3.*only for lora"):  # HF PEFT's IA3 ignores adapter_names
+        cm(input_ids=x, adapter_names=["default", "x"])
+    hf.delete_adapter("default")
+    cm.delete_adapter("default")
+    assert cm.adapter_names == ["x"] and cm.active_adapters == hf.active_adapters == ["x"]
+    agree()
 
 
 def test_generate_serves_the_bound_adapter_and_refuses_a_configuration_it_cannot(tmp_path):

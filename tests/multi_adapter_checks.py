@@ -1,4 +1,5 @@
-"""Several adapters of every method with an adapter name (peftc/adapters.py), against the real peft package.
+"""Checks of several adapters of one method (peftc/adapters.py) against the real peft package, shared by
+tests/test_multi_adapter_loha_lokr.py and tests/test_multi_adapter_vera_oft.py (each fixes the methods it runs).
 
 For IA3, LoHa, LoKr, VeRA and OFT: adapters "default" and "x" share a config (so "x" is bound into the compiled
 graphs' slots), "y" has another rank (another structure: a graph of its own). Each of load, set_adapter (one and,
@@ -18,16 +19,19 @@ from conftest import ids, tiny_llama
 
 peft = pytest.importorskip("peft")
 
+__all__ = ["Pair", "test_switch_and_disable_agree_with_peft", "test_several_active_agree_with_peft_or_are_refused",
+           "test_only_active_adapters_train", "test_mixed_batches_are_refused_naming_the_method",
+           "test_delete_adapter_agrees_with_peft"]
+
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 # method ==> (PEFT config for adapter "default"/"x", for "y"), random non-zero adapter values
 METHODS = {
-    "ia3": (dict(cls="IA3Config", feedforward_modules=["down_proj"]), None),
     "loha": (dict(cls="LoHaConfig", r=4, alpha=8), dict(r=2, alpha=4)),
     "lokr": (dict(cls="LoKrConfig", r=4, alpha=8), dict(r=2, alpha=6)),
     "vera": (dict(cls="VeraConfig", r=8), dict(d_initial=0.5)),  # HF PEFT shares one projection: one r
     "oft": (dict(cls="OFTConfig", r=0, oft_block_size=8), dict(r=0, oft_block_size=4)),
 }
-SEVERAL = {"ia3", "loha", "lokr", "vera"}  # HF PEFT's layers loop over the active adapters
+SEVERAL = {"loha", "lokr", "vera"}  # HF PEFT's layers loop over the active adapters
 
 
 def save_adapter(base, method, directory, seed, **changes):
@@ -39,7 +43,7 @@ def save_adapter(base, method, directory, seed, **changes):
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if p.requires_grad:
-                p.copy_((1 if method == "ia3" else 0) + torch.randn(p.shape, generator=g) * 0.2)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     pm.save_pretrained(str(directory))
     return str(directory)
 
@@ -68,11 +72,6 @@ class Pair:
     def set_adapter(self, names):
         self.hf.base_model.set_adapter(names)
         self.cm.set_adapter(names)
-
-
-@pytest.fixture(scope="module", params=list(METHODS))
-def pair(request, tmp_path_factory):
-    return Pair(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def test_switch_and_disable_agree_with_peft(pair):
