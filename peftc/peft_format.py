@@ -372,7 +372,8 @@ def _method(cm, rule) -> tuple[dict, dict]:
     config = {**_base_config(cm, rule.peft_type, cm.spec.task_type), "bias": "none", "peft_version": "0.21.2",
               **{key: getattr(rule, field) for key, field in _option_names(type(rule)).items()},
               "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in adapted)}
-    tensors = {MODEL_PREFIX + p.name: p.tensor.detach() for p in cm.params
+    # a shared tensor (no module: VeRA's `vera_A`) is HF's `base_model.vera_A`
+    tensors = {(MODEL_PREFIX if "." in p.name else "base_model.") + p.name: p.tensor.detach() for p in cm.params
                if p.role == ADAPTER and p.method == rule.kind}
     _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
     return _choose_targets(cm, config, rule.target, rule.exclude, adapted, "modules"), tensors

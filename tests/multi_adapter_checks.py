@@ -21,7 +21,7 @@ peft = pytest.importorskip("peft")
 
 __all__ = ["Pair", "test_switch_and_disable_agree_with_peft", "test_several_active_agree_with_peft_or_are_refused",
            "test_only_active_adapters_train", "test_mixed_batches_are_refused_naming_the_method",
-           "test_delete_adapter_agrees_with_peft"]
+           "test_save_pretrained_is_read_by_peft", "test_delete_adapter_agrees_with_peft"]
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 # method ==> (PEFT config for adapter "default"/"x", for "y"), random non-zero adapter values
@@ -51,7 +51,7 @@ def save_adapter(base, method, directory, seed, **changes):
 class Pair:
     def __init__(self, method, tmp):
         torch.manual_seed(0)
-        base = tiny_llama(num_hidden_layers=1).eval()
+        self.base = base = tiny_llama(num_hidden_layers=1).eval()
         _, other = METHODS[method]
         self.names = ["default", "x"] + (["y"] if other else [])
         configs = {"default": {}, "x": {}, "y": other or {}}
@@ -119,6 +119,22 @@ def test_only_active_adapters_train(pair):
 def test_mixed_batches_are_refused_naming_the_method(pair):
     with pytest.raises(AdapterError, match=f"only for lora.*{pair.method}|{pair.method}.*only for lora"):
         pair.cm(input_ids=ids(), adapter_names=["default", "x"])
+
+
+def test_save_pretrained_is_read_by_peft(pair, tmp_path):
+    pair.cm.save_pretrained(tmp_path, selected_adapters=["default", "x"])  # HF PEFT's layout: x in tmp_path/x
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(pair.base), str(tmp_path)).eval()
+    pm.load_adapter(str(tmp_path / "x"), adapter_name="x")
+    for name in ("default", "x"):
+        pm.set_adapter(name)
+        pair.set_adapter(name)
+        with torch.no_grad():
+            torch.testing.assert_close(pm(input_ids=ids()).logits, pair.hf(input_ids=ids()).logits, atol=1e-5,
+                                       rtol=1e-5)
+    if "y" in pair.names:  # another structure, not LoRA: refused, not written wrong
+        with pytest.raises(AdapterError, match="adapter `y` has another structure"):
+            pair.cm.save_pretrained(tmp_path / "y_only", selected_adapters=["y"])
+    pair.set_adapter("default")
 
 
 def test_delete_adapter_agrees_with_peft(pair):
