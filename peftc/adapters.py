@@ -616,8 +616,9 @@ def save_pretrained(cm, directory, format: str | None, *, selected_adapters: Seq
     written = []
     for name in names:
         out = Path(directory) if name == DEFAULT else Path(directory) / name
-        # a trainer's state_dict holds every adapter under its bank name: this adapter's values go in the slots
-        given = None if state_dict is None else {
+        # a trainer's state_dict holds the bound adapter at the slot names and every adapter under its bank name:
+        # another adapter's values go in the slots
+        given = state_dict if state_dict is None or name == b.bound else {
             **state_dict, **{slot: state_dict[bank_name(name, slot)] for slot in b.adapters[name].tensors
                              if bank_name(name, slot) in state_dict}}
         if b.bindable(name):
