@@ -262,3 +262,15 @@ def test_generate_serves_the_bound_adapter_and_refuses_a_configuration_it_cannot
         pair.cm.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
     with pair.cm.disable_adapter(), pytest.raises(AdapterError, match="adapters disabled"):
         pair.cm.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+
+
+def test_a_call_scans_no_rules_for_regularizers(pair, monkeypatch):
+    """Which loss terms a call adds is decided at compile and switch time (cm._regularizers), not per call."""
+    import peftc.method
+
+    monkeypatch.setattr(peftc.method, "add_regularizers", lambda *a: pytest.fail("scanned rules in a call"))
+    assert pair.cm._regularizers == ()
+    for names in ("x", ["x", "y"], "default"):
+        pair.set_adapter(names)
+        assert pair.cm._regularizers == ()
+        pair.agree()
