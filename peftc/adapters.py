@@ -14,9 +14,9 @@ Switching, decided when the active set changes and never per call:
 - *a graph per configuration*: anything else (several active adapters, an adapter of another rank, alpha or
   targets, adapters disabled, a mixed batch) is a configuration key in the CompiledModel's graph cache (the last
   part of `_key`). Its graphs are captured once, through the compiled pipeline with the adapter passes replaced by
-  `insert-adapters` (each active adapter's LoRA, summed), `insert-mixed-lora` (gather + batched matmul) or nothing
-  (disabled), and read the bank's tensors at `peftc_adapters.<adapter>.<slot>` directly; switching back to a seen
-  configuration selects its graphs again.
+  `insert-adapters` (each active adapter's own passes, one after another), `insert-mixed-lora` (gather + batched
+  matmul) or nothing (disabled), and read the bank's tensors at `peftc_adapters.<adapter>.<slot>` directly;
+  switching back to a seen configuration selects its graphs again.
 
 Only active adapters train: set_adapter sets requires_grad on exactly the active adapters' trainable tensors.
 """
@@ -60,7 +60,7 @@ class LoadedAdapter:
     methods: dict[str, str]  # slot ==> the method that owns it ("lora", "ia3", ...)
 
     def lora_rule(self) -> LoRA | None:
-        """The adapter's one LoRA rule, when its spec is exactly one LoRA rule (what several-adapter graphs read)."""
+        """The adapter's one LoRA rule, when its spec is exactly one LoRA rule (what combining and ONNX files read)."""
         rules = list(self.spec.rules) if self.spec is not None else []
         if len(rules) == 1 and isinstance(rules[0], LoRA) and set(self.methods.values()) == {"lora"}:
             return rules[0]
@@ -383,8 +383,8 @@ def config_stage(cm, config: tuple) -> tuple[Pipeline, ParamTable]:
 # Methods whose HF PEFT layers loop over several active adapters (peft 0.21: `for active_adapter in
 # self.active_adapters`), summing (LoRA, LoHa, LoKr, VeRA) or multiplying (IA3) their terms; and the methods whose
 # layers implement `_mixed_batch_forward` (adapter_names=). Prompt learning (prefix, prompt tuning) has one active
-# adapter in HF PEFT; every other method's PEFT forward ignores adapter_names= (runs the active adapter on every
-# sample), which peftc refuses rather than copies.
+# adapter in HF PEFT; the other module methods' PEFT forward drops adapter_names= (runs the active adapter on
+# every sample), which peftc refuses rather than copies.
 SEVERAL_ACTIVE = ("lora", "ia3", "loha", "lokr", "vera")
 MIXED_BATCH = ("lora",)
 PROMPT_LEARNING = ("prefix", "prompt_tuning", "p_tuning", "adaption_prompt")
@@ -395,7 +395,8 @@ def adapter_rules(b: AdapterBank, kind: str, names: Sequence[str]) -> list[tuple
     that configuration for the adapters' method."""
     out = []
     for n in names:
-        rules = tuple(r for r in (b.adapters[n].spec.rules if b.adapters[n].spec is not None else ()))
+        spec = b.adapters[n].spec
+        rules = tuple(spec.rules) if spec is not None else ()
         if not rules:
             raise AdapterError(f"adapter `{n}` was loaded without a spec, so no graph can be captured for it; "
                                f"activate one adapter of the compiled structure at a time")
