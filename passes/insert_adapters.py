@@ -1,4 +1,5 @@
-"""insert-adapters: y = matmul(x, W)  ==>  y + Σ_i s_i·B_i(A_i·dropout_i(x)), one term per active adapter i."""
+"""insert-adapters: y = op(x, W)  ==>  the adapter passes of each active adapter i in turn, on adapter i's own tensors
+(LoRA, LoHa, LoKr, VeRA: y + Σ_i Δ_i(x); IA3: y · Π_i l_i)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ from torch.fx import GraphModule
 
 from peftc.errors import AdapterError
 from peftc.params import ADAPTER, set_attr_path
-from peftc.pipeline import Pass, PassContext, PassResult, register_pass
-from peftc.spec import LoRA
-
-from .insert_lora import InsertLora
+from peftc.pipeline import RULE_PASSES, Pass, PassContext, PassResult, register_pass
+from peftc.spec import Rule
 
 BANK = "peftc_adapters"  # a loaded adapter's tensors: `peftc_adapters.<adapter>.<module>.lora_A.weight`
 
@@ -25,51 +24,64 @@ def bank_name(adapter: str, slot: str) -> str:
 @register_pass
 @dataclass(frozen=True)
 class InsertAdapters(Pass):
-    """insert-adapters: y = matmul(x, W)  ==>  y + Σ_i s_i·B_i(A_i·dropout_i(x)), one term per active adapter i.
+    """insert-adapters: y = op(x, W)  ==>  each active adapter's passes in turn, each on that adapter's tensors.
 
-    Each adapter is inserted by insert-lora with its own rule, on the tensors the parameter table already holds for
-    it under `peftc_adapters.<adapter>.<HF PEFT name>` (the CompiledModel's bank of loaded adapters): nothing is
-    initialized here. A term reads its adapter's own tensors, so one graph serves that set of adapters whatever is
-    bound in the compiled graph's slots. Terms are added in the order given; HF PEFT sums active adapters the same
-    way. An adapter whose tensors do not fit what its rule inserts is an AdapterError.
+    Adapter i is inserted by the passes of its own rules (insert-lora, insert-ia3, insert-loha, ...), on the tensors
+    the parameter table already holds for it under `peftc_adapters.<adapter>.<HF PEFT name>` (the CompiledModel's
+    bank of loaded adapters): nothing is initialized here. A term reads its adapter's own tensors, so one graph serves
+    that set of adapters whatever is bound in the compiled graph's slots. Adapters are inserted in the order given,
+    each on the output of the previous one: additive methods sum y + Δ_1(x) + Δ_2(x) and IA3 multiplies its
+    scalings, as HF PEFT's layers loop over their active adapters. An adapter whose tensors do not fit what its
+    rules insert is an AdapterError.
     """
 
     name: ClassVar[str] = "insert-adapters"
     adapters: tuple[str, ...] = ()
-    rules: tuple[LoRA, ...] = ()
+    rules: tuple[tuple[Rule, ...], ...] = ()  # each adapter's rules, in its spec's order
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         modified = False
-        for adapter, rule in zip(self.adapters, self.rules):
-            modified |= self._insert_one(gm, ctx, adapter, rule)
+        for adapter, rules in zip(self.adapters, self.rules):
+            modified |= self._insert_one(gm, ctx, adapter, rules)
         return PassResult(gm, modified)
 
-    def _insert_one(self, gm: GraphModule, ctx: PassContext, adapter: str, rule: LoRA) -> bool:
+    def _insert_one(self, gm: GraphModule, ctx: PassContext, adapter: str, rules: tuple[Rule, ...]) -> bool:
+        from peftc.method import TAG
+
         prefix = bank_name(adapter, "")
         slots = {p.name[len(prefix):]: p for p in ctx.params if p.name.startswith(prefix)}
-        # insert-lora finds the adapter's tensors under their HF names and reuses them; then they are renamed back.
+        # The passes find the adapter's tensors under their HF names and reuse them; then they are renamed back.
         for slot, p in slots.items():
             ctx.params.insert(dataclasses.replace(p, name=slot))
         before = set(ctx.params.names(ADAPTER))
-        result = InsertLora(rule).run(gm, ctx)
+        modified = False
+        for rule in rules:
+            modified |= RULE_PASSES[type(rule)](rule).run(gm, ctx).modified
         created = sorted(set(ctx.params.names(ADAPTER)) - before)
         for slot in [*slots, *created]:
             ctx.params.pop(slot)
+        described = " + ".join(repr(r) for r in rules)
         if created:
-            raise AdapterError(f"adapter `{adapter}` has no `{created[0]}`, which its LoRA rule {rule!r} puts on this "
+            raise AdapterError(f"adapter `{adapter}` has no `{created[0]}`, which its rules {described} put on this "
                                f"model; it was saved for another model or another spec")
         read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
         unread = sorted(s for s in slots if s not in read)
         if unread:
-            raise AdapterError(f"adapter `{adapter}` has `{unread[0]}`, which its LoRA rule {rule!r} does not put on "
+            raise AdapterError(f"adapter `{adapter}` has `{unread[0]}`, which its rules {described} do not put on "
                                f"this model; it was saved for another model or another spec")
+        kinds = {r.kind for r in rules}
         for node in gm.graph.nodes:
             if node.op == "get_attr" and node.target in slots:
                 node.target = prefix + node.target
                 set_attr_path(gm, node.target, slots[node.target[len(prefix):]].tensor)
-            if node.meta.get("peftc.adapted", {}).get("lora") is not None:
-                # the next adapter's insert-lora adapts the same sites: its term adds to this one
-                node.meta["peftc.adapted"] = {k: v for k, v in node.meta["peftc.adapted"].items() if k != "lora"}
+            done = node.meta.get("peftc.adapted", {})
+            if kinds & done.keys():
+                # the next adapter's passes adapt the same sites: its term adds to (or scales) this one
+                node.meta["peftc.adapted"] = {k: v for k, v in done.items() if k not in kinds}
+            tag = node.meta.get(TAG)
+            if tag is not None and not tag.get("bank"):
+                tag["params"] = {k: prefix + v if v in slots else v for k, v in tag["params"].items()}
+                tag["bank"] = adapter
             lora = node.meta.get("peftc.lora")
             if lora is not None and not lora.get("bank"):
                 lora["adapters"] = {k: (prefix + a, prefix + b, s, span) for k, (a, b, s, span) in
@@ -78,4 +90,4 @@ class InsertAdapters(Pass):
                     if lora.get(key):
                         lora[key] = prefix + lora[key]
                 lora["bank"] = adapter
-        return result.modified
+        return modified

@@ -14,9 +14,9 @@ Switching, decided when the active set changes and never per call:
 - *a graph per configuration*: anything else (several active adapters, an adapter of another rank, alpha or
   targets, adapters disabled, a mixed batch) is a configuration key in the CompiledModel's graph cache (the last
   part of `_key`). Its graphs are captured once, through the compiled pipeline with the adapter passes replaced by
-  `insert-adapters` (each active adapter's LoRA, summed), `insert-mixed-lora` (gather + batched matmul) or nothing
-  (disabled), and read the bank's tensors at `peftc_adapters.<adapter>.<slot>` directly; switching back to a seen
-  configuration selects its graphs again.
+  `insert-adapters` (each active adapter's own passes, one after another), `insert-mixed-lora` (gather + batched
+  matmul) or nothing (disabled), and read the bank's tensors at `peftc_adapters.<adapter>.<slot>` directly;
+  switching back to a seen configuration selects its graphs again.
 
 Only active adapters train: set_adapter sets requires_grad on exactly the active adapters' trainable tensors.
 """
@@ -24,17 +24,20 @@ Only active adapters train: set_adapter sets requires_grad on exactly the active
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .errors import AdapterError
+from .method import regularized
 from .params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from .passes.insert_adapters import InsertAdapters, bank_name
 from .passes.insert_mixed_lora import MIXED_INDEX, InsertMixedLora
@@ -57,7 +60,7 @@ class LoadedAdapter:
     methods: dict[str, str]  # slot ==> the method that owns it ("lora", "ia3", ...)
 
     def lora_rule(self) -> LoRA | None:
-        """The adapter's one LoRA rule, when its spec is exactly one LoRA rule (what several-adapter graphs read)."""
+        """The adapter's one LoRA rule, when its spec is exactly one LoRA rule (what combining and ONNX files read)."""
         rules = list(self.spec.rules) if self.spec is not None else []
         if len(rules) == 1 and isinstance(rules[0], LoRA) and set(self.methods.values()) == {"lora"}:
             return rules[0]
@@ -153,7 +156,7 @@ def load_adapter(cm, directory, name: str | None, is_trainable: bool | None) -> 
 def load_named_adapter(cm, directory, name: str) -> None:
     """Load a saved adapter (HF PEFT's format or peftc's) as a new adapter `name`, inactive and frozen (as HF
     PEFT's load_adapter leaves it); nothing changes when it does not fit."""
-    from .peft_format import peftc_state_dict, read_adapter
+    from .peft_format import MODEL_PREFIX, peftc_state_dict, read_adapter
 
     _check_name(name)
     b = bank(cm)
@@ -161,8 +164,26 @@ def load_named_adapter(cm, directory, name: str) -> None:
         raise AdapterError(f"an adapter named `{name}` is loaded already; delete_adapter({name!r}) first, or load "
                            f"under another name (loaded: {', '.join(b.adapters)})")
     spec, tensors, fmt = read_adapter(directory)
-    state = peftc_state_dict(cm, tensors) if fmt == "peft" else tensors
-    register_adapter(cm, name, spec, state)
+    if fmt == "peft":
+        own = _own_module_tensors(cm, tensors)
+        tensors = {**peftc_state_dict(cm, {k: v for k, v in tensors.items() if k not in own}),
+                   **{k.removeprefix(MODEL_PREFIX): v for k, v in own.items()}}
+    register_adapter(cm, name, spec, tensors)
+
+
+def _own_module_tensors(cm, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF PEFT's saved tensors that sit on a module of the model under a name that is no base parameter: an
+    adapter's own tensors, whatever their layout (LoKr of another rank factors W2), read as they are."""
+    from .peft_format import MODEL_PREFIX
+
+    aliases = {a for names in cm._info.aliases.values() for a in names}
+    out = {}
+    for key, value in saved.items():
+        name = key.removeprefix(MODEL_PREFIX)
+        module = name.rpartition(".")[0]
+        if key.startswith(MODEL_PREFIX) and module in cm._info.module_types and name not in aliases:
+            out[key] = value
+    return out
 
 
 def register_adapter(cm, name: str, spec: Spec | None, state: dict[str, torch.Tensor]) -> None:
@@ -184,8 +205,15 @@ def register_adapter(cm, name: str, spec: Spec | None, state: dict[str, torch.Te
         dtype = ref.dtype if ref is not None else value.dtype
         device = ref.device if ref is not None else value.device
         tensors[key] = nn.Parameter(value.detach().to(device=device, dtype=dtype).clone(), requires_grad=False)
-    trains = {k: not (owners[k] == "lora" and ".lora_A." in k and _freeze_a(spec)) for k in tensors}
-    b.add(cm, LoadedAdapter(name, spec, tensors, trains, owners))
+    b.add(cm, LoadedAdapter(name, spec, tensors, {k: _trains(b, spec, k, owners[k]) for k in tensors}, owners))
+
+
+def _trains(b: AdapterBank, spec: Spec | None, slot: str, method: str) -> bool:
+    """Whether `slot` trains while its adapter is active: LoRA's A unless freeze_a; a tensor another adapter of the
+    method holds frozen (VeRA's shared projections) stays frozen; anything else trains."""
+    if method == "lora":
+        return not (".lora_A." in slot and _freeze_a(spec))
+    return next((a.trains[slot] for a in b.adapters.values() if a.methods.get(slot) == method), True)
 
 
 def _owners(spec: Spec | None, state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -223,7 +251,7 @@ def set_adapter(cm, names: str | Sequence[str]) -> None:
         raise AdapterError(f"set_adapter: give one adapter name or a list of distinct names, got {list(names)}")
     _known(b, names, "set_adapter")
     if not (len(names) == 1 and b.bindable(names[0])):
-        _lora_rules(b, names)  # a graph of its own: refused now, not at the next call
+        adapter_rules(b, "active", names)  # a graph of its own: refused now, not at the next call
     for adapter in b.adapters.values():
         on = adapter.name in names
         for slot, t in adapter.tensors.items():
@@ -244,6 +272,10 @@ def _reconfigure(cm, b: AdapterBank) -> None:
     else:
         config = ("active", b.active)
     cm.__dict__["_adapter_config"] = config
+    # HF PEFT's AdaLoRA adds its penalty on the compiled adapter's tensors (the slots), disabled or not; a graph of
+    # another configuration holds no adapter with a regularizer (adapter_rules refuses one)
+    cm.__dict__["_regularizers"] = regularized(cm.spec.rules) if cm.spec is not None and \
+        (config is None or b.disabled) else ()
 
 
 def _bind(cm, b: AdapterBank, name: str) -> None:
@@ -333,7 +365,7 @@ def config_stage(cm, config: tuple) -> tuple[Pipeline, ParamTable]:
     for p in cm.params:
         if p.role != ADAPTER:
             table.insert(dataclasses.replace(p))
-    rules = _lora_rules(b, names)
+    rules = adapter_rules(b, kind, names) if names else []
     for n in names:
         adapter = b.adapters[n]
         for slot, t in adapter.tensors.items():
@@ -344,20 +376,57 @@ def config_stage(cm, config: tuple) -> tuple[Pipeline, ParamTable]:
         passes.append(InsertAdapters(tuple(names), tuple(rules)))
     elif kind == "mixed":
         table.insert(Param(MIXED_INDEX, b.index, BUFFER, False))
-        passes.append(InsertMixedLora(tuple(names), tuple(rules)))
+        passes.append(InsertMixedLora(tuple(names), tuple(r for r, in rules)))
     return Pipeline((*passes, *cm.pipeline.training.passes)), table
 
 
-def _lora_rules(b: AdapterBank, names: Sequence[str]) -> list[LoRA]:
-    rules = []
+# Methods whose HF PEFT layers loop over several active adapters (peft 0.21: `for active_adapter in
+# self.active_adapters`), summing (LoRA, LoHa, LoKr, VeRA) or multiplying (IA3) their terms; and the methods whose
+# layers implement `_mixed_batch_forward` (adapter_names=). Prompt learning (prefix, prompt tuning) has one active
+# adapter in HF PEFT; the other module methods' PEFT forward drops adapter_names= (runs the active adapter on
+# every sample), which peftc refuses rather than copies.
+SEVERAL_ACTIVE = ("lora", "ia3", "loha", "lokr", "vera")
+MIXED_BATCH = ("lora",)
+PROMPT_LEARNING = ("prefix", "prompt_tuning", "p_tuning", "adaption_prompt")
+
+
+def adapter_rules(b: AdapterBank, kind: str, names: Sequence[str]) -> list[tuple]:
+    """Each adapter's rules for a graph of configuration (kind, names); AdapterError when HF PEFT does not support
+    that configuration for the adapters' method."""
+    out = []
     for n in names:
-        rule = b.adapters[n].lora_rule()
-        if rule is None:
-            raise AdapterError(f"adapter `{n}`: several active adapters, mixed batches and adapters of another "
-                               f"structure than the compiled one need a spec of one LoRA rule; `{n}` has "
-                               f"{b.adapters[n].spec!r}. Activate one adapter of the compiled structure at a time")
-        rules.append(rule)
-    return rules
+        spec = b.adapters[n].spec
+        rules = tuple(spec.rules) if spec is not None else ()
+        if not rules:
+            raise AdapterError(f"adapter `{n}` was loaded without a spec, so no graph can be captured for it; "
+                               f"activate one adapter of the compiled structure at a time")
+        where = f"adapter `{n}` ({' + '.join(r.kind for r in rules)})"
+        if regularized(rules):
+            raise AdapterError(f"{where} adds a regularizer to the loss (AdaLoRA), which peftc computes on the "
+                               f"compiled adapter's slots only; activate it alone, with the compiled structure")
+        if kind == "mixed" and (len(rules) != 1 or rules[0].kind not in MIXED_BATCH):
+            raise AdapterError(f"adapter_names= (a mixed batch): {where}: HF PEFT 0.21 implements mixed batches only "
+                               f"for {', '.join(MIXED_BATCH)} adapters of one rule (its other methods do not implement "
+                               f"adapter_names); run each adapter's samples as their own batch with set_adapter")
+        if kind == "active" and len(names) > 1:
+            if len(rules) != 1 or rules[0].kind not in SEVERAL_ACTIVE:
+                if rules[0].kind in PROMPT_LEARNING:
+                    why = "HF PEFT activates one prompt-learning adapter at a time"
+                elif getattr(rules[0], "rewrite_weight", None):
+                    why = ("HF PEFT rotates the input by each active adapter in turn; peftc rewrites the weight "
+                           "instead and does not compose two weight rewrites yet")
+                else:
+                    why = "peftc does not compose this method's adapters"
+                raise AdapterError(f"set_adapter({list(names)}): {where}: several active adapters are supported for "
+                                   f"adapters of one rule of {', '.join(SEVERAL_ACTIVE)} (as HF PEFT 0.21's layers "
+                                   f"sum them); {why}. Activate one adapter at a time")
+            first = out[0][0] if out else None
+            if first is not None and first.kind != rules[0].kind:
+                raise AdapterError(f"set_adapter({list(names)}): {where} and adapter `{names[0]}` ({first.kind}) are "
+                                   f"of different methods, which HF PEFT does not combine; activate one method's "
+                                   f"adapters")
+        out.append(rules)
+    return out
 
 
 def mixed_call(cm, adapter_names: Sequence[str], entry: str | None, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -374,6 +443,7 @@ def mixed_call(cm, adapter_names: Sequence[str], entry: str | None, args: tuple,
     batch = _batch_size(args, kwargs)
     if batch is not None and batch != len(names):
         raise AdapterError(f"adapter_names has {len(names)} names for a batch of {batch}; give one per sample")
+    adapter_rules(b, "mixed", distinct)
     for n in distinct:
         rule = b.adapters[n].lora_rule()
         if rule is not None and (rule.use_dora or rule.slices or rule.lora_bias):
@@ -526,3 +596,58 @@ def peft_lora_config(cm, adapter: LoadedAdapter, rule: LoRA) -> dict:
             "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
             "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if not math.isclose(v, alpha)},
             "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in modules)}
+
+
+# ---- saving ------------------------------------------------------------------------------------------------------
+def save_pretrained(cm, directory, format: str | None, *, selected_adapters: Sequence[str] | None = None,
+                    state_dict=None, **options: Any) -> str:
+    """cm.save_pretrained with HF PEFT's layout for several adapters: "default" at `directory`, every other selected
+    adapter (all loaded ones by default) in `directory/<name>/`, each as one adapter would be saved. Returns the
+    format of the first adapter written."""
+    from .peft_format import save_pretrained as save_one
+
+    b = cm.__dict__.get("_adapter_bank")
+    if b is None:  # one adapter, "default": peft_format checks selected_adapters
+        if selected_adapters is not None:
+            options["selected_adapters"] = selected_adapters
+        return save_one(cm, directory, format, state_dict=state_dict, **options)
+    names = list(b.adapters) if selected_adapters is None else \
+        [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters)
+    _known(b, names, "save_pretrained(selected_adapters=...)")
+    written = []
+    for name in names:
+        out = Path(directory) if name == DEFAULT else Path(directory) / name
+        # a trainer's state_dict holds the bound adapter at the slot names and every adapter under its bank name:
+        # another adapter's values go in the slots
+        given = state_dict if state_dict is None or name == b.bound else {
+            **state_dict, **{slot: state_dict[bank_name(name, slot)] for slot in b.adapters[name].tensors
+                             if bank_name(name, slot) in state_dict}}
+        if b.bindable(name):
+            with serving_slots(cm, name):
+                written.append(save_one(cm, out, format, state_dict=given, **options))
+        else:
+            written.append(_save_other_structure(cm, b.adapters[name], out, format, given, **options))
+    return written[0] if written else (format or "peft")
+
+
+def _save_other_structure(cm, adapter: LoadedAdapter, directory, format: str | None, state_dict,
+                          is_main_process: bool = True, **options: Any) -> str:
+    """An adapter the compiled slots cannot hold (another rank, alpha or targets): a plain LoRA adapter is written
+    in HF PEFT's format from its own tensors and the config that puts exactly them on the model."""
+    from .peft_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_PREFIX, _base_config, _check_peft_options,
+                              _write_adapter)
+
+    _check_peft_options(options)
+    rule = adapter.lora_rule()
+    if format == "peftc" or rule is None or rule.use_dora or rule.lora_bias or rule.slices:
+        raise AdapterError(f"save_pretrained: adapter `{adapter.name}` has another structure than the compiled "
+                           f"adapter and is not plain LoRA ({adapter.spec!r}), so peftc cannot write it yet; save "
+                           f"it from the directory it was loaded from, or leave it out of selected_adapters")
+    tensors = {k: (state_dict[k] if state_dict is not None and k in state_dict else t).detach().cpu().contiguous()
+               .clone() for k, t in adapter.tensors.items()}
+    config = {**_base_config(cm, "LORA", adapter.spec.task_type), "bias": "none", "peft_version": "0.21.2",
+              **peft_lora_config(cm, adapter, rule)}
+    if is_main_process:
+        _write_adapter(Path(directory), ADAPTER_WEIGHTS, {MODEL_PREFIX + k: v for k, v in tensors.items()},
+                       ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return "peft"

@@ -506,12 +506,16 @@ def site_params(cm, rule: Method) -> dict[str, dict[str, str]]:
     return out
 
 
-def add_regularizers(cm, out):
-    """out.loss += rule.regularizer(sites) for every rule of cm's spec that has one, as HF PEFT's AdaLoRA adds its
-    orthogonality penalty in forward."""
-    rules = [r for r in (cm.spec.rules if cm.spec is not None else ())
-             if getattr(type(r), "regularizer", None) is not None]
-    if not rules or not isinstance(getattr(out, "loss", None), torch.Tensor):
+def regularized(rules) -> tuple:
+    """The rules whose method adds a term to the loss (AdaLoRA's orthogonality penalty): decided when the model is
+    compiled or its adapter configuration changes (cm._regularizers), so a call scans nothing."""
+    return tuple(r for r in rules if getattr(type(r), "regularizer", None) is not None)
+
+
+def add_regularizers(cm, out, rules):
+    """out.loss += rule.regularizer(sites) for each of `rules` (cm's regularized rules), as HF PEFT's AdaLoRA adds
+    its orthogonality penalty in forward."""
+    if not isinstance(getattr(out, "loss", None), torch.Tensor):
         return out
     for rule in rules:
         out.loss = out.loss + rule.regularizer(_live_sites(cm, rule))

@@ -381,7 +381,8 @@ def _method(cm, rule) -> tuple[dict, dict]:
     config = {**_base_config(cm, rule.peft_type, cm.spec.task_type), "bias": "none", "peft_version": "0.21.2",
               **{key: getattr(rule, field) for key, field in _option_names(type(rule)).items()},
               "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in adapted)}
-    tensors = {MODEL_PREFIX + p.name: p.tensor.detach() for p in cm.params
+    # a shared tensor (no module: VeRA's `vera_A`) is HF's `base_model.vera_A`
+    tensors = {(MODEL_PREFIX if "." in p.name else "base_model.") + p.name: p.tensor.detach() for p in cm.params
                if p.role == ADAPTER and p.method == rule.kind}
     _with_modules_to_save(cm, config, tensors, MODEL_PREFIX)
     return _choose_targets(cm, config, rule.target, rule.exclude, adapted, "modules"), tensors
@@ -1049,7 +1050,8 @@ def _prompt_embeddings(cm, value: torch.Tensor) -> dict[str, torch.Tensor]:
         raise AdapterError("adapter `prompt_embeddings` (prompt learning) fits no prompt or per-layer prefix of the "
                            "model; compile it with PromptTuning, or Prefix(projection=False)")
     shapes = [cm.params[k].tensor.shape for k in keys]
-    kv_heads, length, head_dim = shapes[0]
+    kv_heads, _, head_dim = shapes[0]
+    length = value.shape[0] if value.dim() else 0  # another length fits another adapter; the slots check theirs
     _check_shape("prompt_embeddings", value, (length, len(keys) * 2 * kv_heads * head_dim))
     out = {}
     width = kv_heads * head_dim

@@ -240,8 +240,15 @@ def test_ia3_adapters_switch_and_disable_as_in_peft(tmp_path):
     assert not torch.allclose(agree(), first)
     with hf.disable_adapter(), cm.disable_adapters():
         agree()
-    with pytest.raises(AdapterError, match="one LoRA rule"):
-        cm.set_adapter(["default", "x"])
+    hf.base_model.set_adapter(["default", "x"])
+    cm.set_adapter(["default", "x"])  # IA3 multiplies the active adapters' scalings, as HF PEFT does
+    agree()
+    with pytest.raises(AdapterError, match="ia3.*only for lora"):  # HF PEFT's IA3 ignores adapter_names
+        cm(input_ids=x, adapter_names=["default", "x"])
+    hf.delete_adapter("default")
+    cm.delete_adapter("default")
+    assert cm.adapter_names == ["x"] and cm.active_adapters == hf.active_adapters == ["x"]
+    agree()
 
 
 def test_generate_serves_the_bound_adapter_and_refuses_a_configuration_it_cannot(tmp_path):
@@ -255,3 +262,15 @@ def test_generate_serves_the_bound_adapter_and_refuses_a_configuration_it_cannot
         pair.cm.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
     with pair.cm.disable_adapter(), pytest.raises(AdapterError, match="adapters disabled"):
         pair.cm.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+
+
+def test_a_call_scans_no_rules_for_regularizers(pair, monkeypatch):
+    """Which loss terms a call adds is decided at compile and switch time (cm._regularizers), not per call."""
+    import peftc.method
+
+    monkeypatch.setattr(peftc.method, "add_regularizers", lambda *a: pytest.fail("scanned rules in a call"))
+    assert pair.cm._regularizers == ()
+    for names in ("x", ["x", "y"], "default"):
+        pair.set_adapter(names)
+        assert pair.cm._regularizers == ()
+        pair.agree()

@@ -18,6 +18,7 @@ from ..distributed import check_capture, check_sharding, check_source, copy_full
 from ..errors import PassError, PeftcError
 from ..hf import HFModelMixin, autocast_state, compiled_class, source_signature
 from ..instrument import DiffIR, PassRecord, Verify
+from ..method import regularized
 from ..params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from ..pipeline import Instrument, PassContext, Pipeline
 from ..spec import Spec
@@ -137,6 +138,7 @@ class CompiledModel(HFModelMixin, nn.Module):
         self._info = ModelInfo.of(model, task_type=getattr(spec, "task_type", None))
         self._graphs: dict[Any, list[GraphModule]] = {}  # what calls run: the training stage's graphs
         self._method_graphs: dict[Any, list[GraphModule]] = {}  # the same captures before it: what lowerings read
+        self._regularizers = regularized(spec.rules if spec is not None else ())  # loss terms a call adds
         self.train(model.training)
         first = self._lower(tuple(args), call_kwargs(model, kwargs),
                             instruments=[*([Verify()] if verify else []), self.diff_ir, *instruments])
@@ -207,9 +209,12 @@ class CompiledModel(HFModelMixin, nn.Module):
             from ..adapters import mixed_call
 
             return mixed_call(self, kwargs.pop("adapter_names"), None, args, kwargs)
-        from ..method import add_regularizers
+        out = self._call(None, args, kwargs)
+        if self._regularizers:
+            from ..method import add_regularizers
 
-        return add_regularizers(self, self._call(None, args, kwargs))
+            return add_regularizers(self, out, self._regularizers)
+        return out
 
     def _call(self, entry: str | None, args: tuple, kwargs: dict[str, Any], config: Any = _ACTIVE) -> Any:
         """Run the graph of this call signature (entering through submodule `entry`, for cm.base_model) for the
@@ -285,8 +290,10 @@ class CompiledModel(HFModelMixin, nn.Module):
         `state_dict` (this model's state_dict(), e.g. gathered by a trainer) supplies the adapter tensors; on a
         sharded model every rank must call it (the adapters are gathered whole) and only `is_main_process` writes.
         PEFT's `path_initial_model_for_weight_conversion` writes a PiSSA/OLoRA adapter as the rank-2r LoRA of the
-        original base (docs/methods.md). Returns the format written (docs/huggingface.md)."""
-        from ..peft_format import save_pretrained
+        original base (docs/methods.md). With several adapters loaded, HF PEFT's layout: "default" in `directory`,
+        each other adapter (or those in `selected_adapters=[...]`) in `directory/<name>/` (docs/adapters.md).
+        Returns the format written (docs/huggingface.md)."""
+        from ..adapters import save_pretrained
 
         return save_pretrained(self, directory, format, state_dict=state_dict, is_main_process=is_main_process,
                                **peft_options)

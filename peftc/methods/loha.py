@@ -16,6 +16,8 @@ class LoHa(peftc.Method):
     """
 
     kind = "loha"
+    peft_type = "LOHA"  # HF PEFT's format both ways (options and tensor names are HF's)
+    peft_defaults = {"init_weights": True}
     sites = ("matmul", "conv")
 
     r: int = 8

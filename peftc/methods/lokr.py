@@ -36,6 +36,8 @@ class LoKr(peftc.Method):
     """
 
     kind = "lokr"
+    peft_type = "LOKR"  # HF PEFT's format both ways (options and tensor names are HF's)
+    peft_defaults = {"init_weights": True}
     sites = ("matmul", "conv")
 
     r: int = 8

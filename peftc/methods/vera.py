@@ -28,6 +28,8 @@ class VeRA(peftc.Method):
     """
 
     kind = "vera"
+    peft_type = "VERA"  # HF PEFT's format both ways (options and tensor names are HF's)
+    peft_defaults = {"init_weights": True, "save_projection": True, "bias": "none"}
     hf_names = {**peftc.Method.hf_names, "vera_dropout": "dropout"}
 
     r: int = 256
