@@ -127,7 +127,7 @@ def check_against_reference(make, rule, seed=0):
     torch.manual_seed(seed)
     base = make().eval()
     kwargs = dict(input_ids=ids(), attention_mask=torch.tensor([[1] * 8, [1] * 5 + [0] * 3]))
-    cm = peftc.compile(base, rule, kwargs=kwargs)
+    cm = peftc.compile(base, rule, kwargs=kwargs, dynamic=False)
     with torch.no_grad():
         y_base = base(**kwargs).logits
         if rule.init_weights == "mam_adapter":  # up-projection zeros: the model is unchanged
@@ -193,7 +193,7 @@ def test_post_add_residual_on_a_post_norm_model_and_refused_on_a_pre_norm_one():
     rule = peftc.Adapter(config="pfeiffer", residual_before_ln="post_add", mh_adapter=True)
     check_against_reference(tiny_bert, rule)
     with pytest.raises(peftc.PassError, match="post_add"):
-        peftc.compile(tiny_gpt2(), rule, kwargs=dict(input_ids=ids()))
+        peftc.compile(tiny_gpt2(), rule, kwargs=dict(input_ids=ids()), dynamic=False)
     with pytest.raises(peftc.SpecError, match="original_ln_before"):
         peftc.Adapter(config="par_bn", residual_before_ln="post_add")
 
@@ -201,7 +201,7 @@ def test_post_add_residual_on_a_post_norm_model_and_refused_on_a_pre_norm_one():
 def test_inits_are_adapterhubs():
     torch.manual_seed(0)
     cm = peftc.compile(tiny_llama(hidden_size=64, num_hidden_layers=1), peftc.Adapter(reduction_factor=1),
-                       kwargs=dict(input_ids=ids()))
+                       kwargs=dict(input_ids=ids()), dynamic=False)
     key = "model.layers.0.output_adapters.adapters.default."
     bert = cm.adapter_state_dict()
 
@@ -225,7 +225,7 @@ def test_trains_only_the_adapters_with_dropout_in_training_graphs():
     torch.manual_seed(0)
     base = tiny_gpt2()
     kwargs = dict(input_ids=ids(), labels=ids())
-    cm = peftc.compile(base, peftc.Adapter(config="par_bn", dropout=0.5, scaling="learned"), kwargs=kwargs)
+    cm = peftc.compile(base, peftc.Adapter(config="par_bn", dropout=0.5, scaling="learned"), kwargs=kwargs, dynamic=False)
     cm.train()
     cm(**kwargs).loss.backward()
     trained = {n for n, p in cm.named_parameters() if p.grad is not None}
@@ -254,13 +254,13 @@ def test_spec_file_rerun_and_no_sub_block(tmp_path):
     assert rule == peftc.Adapter(config="double_seq_bn", reduction_factor=8, leave_out=(1,))
     assert rule.mh_adapter and rule.non_linearity == "swish"
     assert peftc.Spec.from_dict(spec.to_dict()) == spec
-    cm = peftc.compile(tiny_llama(), spec, kwargs=dict(input_ids=ids()), )
+    cm = peftc.compile(tiny_llama(), spec, kwargs=dict(input_ids=ids()), dynamic=False )
     assert len(cm.adapter_state_dict()) == 2 * 4  # layer 0 only, attention and output
     gm, code = cm.graph_module, cm.graph_module.code
     result = InsertAdapter(rule).run(gm, peftc.PassContext(cm.params, cm._info, training=False))
     assert not result.modified and gm.code == code
     with pytest.raises(peftc.SpecError, match="sub-block"):
         peftc.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), peftc.Adapter(),
-                      args=(torch.randn(2, 8),))
+                      args=(torch.randn(2, 8),), dynamic=False)
     with pytest.raises(peftc.SpecError, match="seq_bn"):
         peftc.Adapter(config="lora")

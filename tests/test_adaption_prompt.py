@@ -32,7 +32,7 @@ def test_llama_matches_hf_adaption_prompt(layers):
     kwargs = batch()
     hf = peft.get_peft_model(copy.deepcopy(base), peft.AdaptionPromptConfig(
         task_type="CAUSAL_LM", adapter_len=4, adapter_layers=layers)).eval()
-    cm = peftc.compile(base, peftc.AdaptionPrompt(adapter_len=4, adapter_layers=layers), kwargs=kwargs)
+    cm = peftc.compile(base, peftc.AdaptionPrompt(adapter_len=4, adapter_layers=layers), kwargs=kwargs, dynamic=False)
     assert cm.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
     with torch.no_grad():  # the gate starts at zero
         torch.testing.assert_close(cm(**kwargs).logits, base(**kwargs).logits, atol=0, rtol=0)
@@ -65,7 +65,7 @@ def test_gpt2_attention_gets_the_papers_adaption_prompt():
     torch.manual_seed(0)
     base = tiny_gpt2().eval()
     kwargs = batch()
-    cm = peftc.compile(base, peftc.AdaptionPrompt(adapter_len=3, adapter_layers=1), kwargs=kwargs)
+    cm = peftc.compile(base, peftc.AdaptionPrompt(adapter_len=3, adapter_layers=1), kwargs=kwargs, dynamic=False)
     assert set(cm.adapter_state_dict()) == {"transformer.h.1.attn.adaption_prompt", "transformer.h.1.attn.adaption_gate"}
     torch.manual_seed(1)
     weights = {k: torch.randn_like(v) for k, v in cm.adapter_state_dict().items()}
@@ -95,14 +95,14 @@ def test_gpt2_attention_gets_the_papers_adaption_prompt():
 def test_too_many_layers_is_a_spec_error():
     with pytest.raises(peftc.SpecError, match="adapter_layers=3"):
         peftc.compile(tiny_llama(), peftc.AdaptionPrompt(adapter_len=2, adapter_layers=3),
-                      kwargs=dict(input_ids=ids()))
+                      kwargs=dict(input_ids=ids()), dynamic=False)
 
 
 def test_peft_format_both_ways(tmp_path):
     torch.manual_seed(0)
     base = tiny_llama().eval()
     kwargs = batch()
-    cm = peftc.compile(base, peftc.AdaptionPrompt(adapter_len=4, adapter_layers=2), kwargs=kwargs)
+    cm = peftc.compile(base, peftc.AdaptionPrompt(adapter_len=4, adapter_layers=2), kwargs=kwargs, dynamic=False)
     torch.manual_seed(1)
     cm.load_adapter_state_dict({k: torch.randn_like(v) for k, v in cm.adapter_state_dict().items()})
     assert cm.save_pretrained(tmp_path / "ours") == "peft"
@@ -111,6 +111,6 @@ def test_peft_format_both_ways(tmp_path):
         y = cm(**kwargs).logits
         torch.testing.assert_close(hf(**kwargs).logits, y, atol=1e-5, rtol=1e-5)
         hf.save_pretrained(str(tmp_path / "theirs"))
-        again = peftc.compile(base, tmp_path / "theirs", kwargs=kwargs)
+        again = peftc.compile(base, tmp_path / "theirs", kwargs=kwargs, dynamic=False)
         assert again.spec.rules == (peftc.AdaptionPrompt(adapter_len=4, adapter_layers=2, target="self_attn"),)
         torch.testing.assert_close(again(**kwargs).logits, y, atol=1e-5, rtol=1e-5)

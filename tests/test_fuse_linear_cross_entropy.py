@@ -131,7 +131,7 @@ def test_gemma2_soft_capping_runs_inside_the_chunks():
 def test_default_compile_fuses_and_reports_the_missing_logits():
     torch.manual_seed(0)
     kwargs = {"input_ids": ids(vocab=V), "labels": labels()}
-    cm = peftc.compile(MODELS["llama"][0]().train(), peftc.LoRA(target="q_proj|v_proj"), kwargs=kwargs)
+    cm = peftc.compile(MODELS["llama"][0]().train(), peftc.LoRA(target="q_proj|v_proj"), kwargs=kwargs, dynamic=False)
     assert [p.name for p in cm.pipeline.passes][-1] == NAME
     assert cm.counters[f"{NAME}.fused"] == 1
     out = cm(**kwargs)
@@ -167,7 +167,7 @@ def test_pipeline_order_option_and_idempotence():
 
     torch.manual_seed(0)
     kwargs = {"input_ids": ids(vocab=V), "labels": labels()}
-    cm = peftc.compile(MODELS["llama"][0]().train(), None, kwargs=kwargs, pipeline=parsed)
+    cm = peftc.compile(MODELS["llama"][0]().train(), None, kwargs=kwargs, pipeline=parsed, dynamic=False)
     gm = cm.graph_module
     assert "chunked_cross_entropy(peftc_chunked_logits_0" in gm.code and ", 3)" in gm.code
     code = gm.code
@@ -266,7 +266,7 @@ def test_fused_step_peak_is_well_below_the_unfused_one_at_a_larger_vocab():
 def test_eval_graphs_and_calls_without_labels_are_untouched():
     torch.manual_seed(0)
     kwargs = {"input_ids": ids(vocab=V), "labels": labels()}
-    cm = peftc.compile(MODELS["llama"][0]().eval(), peftc.LoRA(target="q_proj"), kwargs=kwargs)
+    cm = peftc.compile(MODELS["llama"][0]().eval(), peftc.LoRA(target="q_proj"), kwargs=kwargs, dynamic=False)
     assert NAME in [p.name for p in cm.pipeline.passes] and f"{NAME}.fused" not in cm.counters
     assert cm(**kwargs).logits.shape == (2, 8, V)
     gm, code = cm.graph_module, cm.graph_module.code
@@ -325,7 +325,7 @@ def test_custom_head_with_class_weights_label_smoothing_and_soft_capping():
 def test_declines_when_the_logits_feed_a_distillation_term():
     torch.manual_seed(0)
     kwargs = {"input_ids": ids(vocab=V), "labels": labels(), "teacher": torch.randn(2, 8, V)}
-    cm = peftc.compile(Distilled().train(), peftc.LoRA(target="q_proj"), kwargs=kwargs)
+    cm = peftc.compile(Distilled().train(), peftc.LoRA(target="q_proj"), kwargs=kwargs, dynamic=False)
     assert f"{NAME}.fused" not in cm.counters and cm.counters[f"{NAME}.declined"] == 1
     report = str(cm.report())
     assert "declined" in report and "also feed" in report and "log_softmax" in report
@@ -337,13 +337,13 @@ def test_declines_on_a_classification_head_and_per_token_losses():
     bert = T.BertForSequenceClassification(T.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                         num_hidden_layers=1, num_attention_heads=4, num_labels=3))
     kwargs = {"input_ids": ids(), "labels": torch.tensor([0, 2])}
-    cm = peftc.compile(bert.train(), peftc.LoRA(target="query|value"), kwargs=kwargs)
+    cm = peftc.compile(bert.train(), peftc.LoRA(target="query|value"), kwargs=kwargs, dynamic=False)
     assert cm.counters[f"{NAME}.declined"] == 1 and f"{NAME}.fused" not in cm.counters
     assert "not larger than the hidden size" in str(cm.report())
     assert cm(**kwargs).logits.shape == (2, 3)
 
     per_token = {"x": ids(vocab=V), "y": labels()}
-    cm = peftc.compile(CustomHead(reduction="none").train(), peftc.LoRA(target="head"), kwargs=per_token)
+    cm = peftc.compile(CustomHead(reduction="none").train(), peftc.LoRA(target="head"), kwargs=per_token, dynamic=False)
     assert cm.counters[f"{NAME}.declined"] == 1 and "reduction='none'" in str(cm.report())
 
 

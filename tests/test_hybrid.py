@@ -56,7 +56,7 @@ def check_composition(base, spec, adapter, state, kwargs, extra_hooks=lambda mod
     ref = with_reference_adapters(base, adapter, state)
     extra_hooks(ref)
     prefix = next(r for r in spec.rules if isinstance(r, peftc.Prefix))
-    ref_cm = peftc.compile(ref, prefix, kwargs=kwargs)
+    ref_cm = peftc.compile(ref, prefix, kwargs=kwargs, dynamic=False)
     ref_cm.load_adapter_state_dict(prefix_state(state))
     return ref_cm
 
@@ -68,7 +68,7 @@ def test_mam_adapter_is_prefix_plus_parallel_adapter(make):
     kwargs = dict(input_ids=ids(), attention_mask=torch.tensor([[1] * 8, [0] * 2 + [1] * 6]))
     adapter = peftc.Adapter(config="par_bn", reduction_factor=4)
     spec = peftc.Spec(peftc.Prefix(length=3), adapter)
-    cm = peftc.compile(base, spec, kwargs=kwargs)
+    cm = peftc.compile(base, spec, kwargs=kwargs, dynamic=False)
     methods = {p.method for p in cm.params if p.trainable}
     assert methods == {"prefix", "adapter"}
     state = randomized(cm)
@@ -87,7 +87,7 @@ def test_unipelt_gated_lora_prefix_and_gated_adapter():
     lora = GatedLoRA(target=["q_proj", "v_proj"])
     adapter = peftc.Adapter(config="seq_bn", use_gating=True)
     spec = peftc.Spec(lora, peftc.Prefix(length=3), adapter)
-    cm = peftc.compile(base, spec, kwargs=kwargs)
+    cm = peftc.compile(base, spec, kwargs=kwargs, dynamic=False)
     trainable = {p.name for p in cm.params if p.trainable}
     assert {p.method for p in cm.params if p.trainable} == {"test_unipelt_lora", "prefix", "adapter"}
     assert "model.layers.0.self_attn.q_proj.gate.weight" in trainable

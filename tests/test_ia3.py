@@ -32,7 +32,7 @@ def hf_state(pm) -> dict[str, torch.Tensor]:
 
 
 def check_parity(model_fn, task_type, target, feedforward, batch, out):
-    cm = peftc.compile(model_fn(), peftc.IA3(target=target, feedforward=feedforward), kwargs=batch)
+    cm = peftc.compile(model_fn(), peftc.IA3(target=target, feedforward=feedforward), kwargs=batch, dynamic=False)
     pm = hf_ia3(model_fn(), task_type, list(target), list(feedforward))
     state = hf_state(pm)
     assert {k: tuple(v.shape) for k, v in cm.adapter_state_dict().items()} == \
@@ -106,7 +106,7 @@ def test_golden_diff_and_idempotent(hand):
 
 def test_feedforward_must_be_targeted():
     with pytest.raises(peftc.SpecError, match="subset of `target`"):
-        peftc.compile(HandLM(), peftc.IA3(target=("k", "v"), feedforward=("o",)), kwargs=dict(input_ids=ids()))
+        peftc.compile(HandLM(), peftc.IA3(target=("k", "v"), feedforward=("o",)), kwargs=dict(input_ids=ids()), dynamic=False)
     with pytest.raises(peftc.SpecError, match="target` is required"):
         peftc.IA3()
 
@@ -126,7 +126,7 @@ def test_spec_files_load_all_three_methods(tmp_path):
 def test_bfloat16_base_is_unchanged_at_init_with_float32_vectors():
     x = ids()
     model = HandLM().to(torch.bfloat16)
-    cm = peftc.compile(model, peftc.IA3(target=("k", "v", "o"), feedforward=("o",)), kwargs=dict(input_ids=x))
+    cm = peftc.compile(model, peftc.IA3(target=("k", "v", "o"), feedforward=("o",)), kwargs=dict(input_ids=x), dynamic=False)
     assert {cm.params[n].tensor.dtype for n in cm.params.names("adapter")} == {torch.float32}
     out = cm(input_ids=x)
     assert out.dtype == torch.bfloat16
@@ -138,5 +138,5 @@ def test_cast_chains_after_a_matmul_rewire_cleanly_for_lora_too():
     x = ids()
     model = HandLM().to(torch.bfloat16)
     spec = peftc.Spec(peftc.IA3(target=("k", "v")), peftc.LoRA(target=("q", "k"), r=2))
-    cm = peftc.compile(model, spec, kwargs=dict(input_ids=x))
+    cm = peftc.compile(model, spec, kwargs=dict(input_ids=x), dynamic=False)
     torch.testing.assert_close(cm(input_ids=x), model(x), atol=0, rtol=0)  # both identity at init

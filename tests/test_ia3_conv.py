@@ -36,7 +36,7 @@ def test_conv_ia3_matches_hf_outputs_merge_and_format(feedforward, tmp_path):
     model = Convs().eval()
     x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
     target = ["c1", "c2", "c3", "head"]
-    cm = peftc.compile(copy.deepcopy(model), peftc.IA3(target=target, feedforward=feedforward), kwargs=dict(x=x))
+    cm = peftc.compile(copy.deepcopy(model), peftc.IA3(target=target, feedforward=feedforward), kwargs=dict(x=x), dynamic=False)
     close(cm(x=x), model(x=x))
     pm = peft.get_peft_model(copy.deepcopy(model), peft.IA3Config(target_modules=target,
                                                                   feedforward_modules=feedforward)).eval()
@@ -60,10 +60,10 @@ def test_conv_ia3_matches_hf_outputs_merge_and_format(feedforward, tmp_path):
     assert cm.save_pretrained(tmp_path / "ours") == "peft"
     close(peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "ours")).eval()(x=x), y)
     pm.save_pretrained(str(tmp_path / "theirs"))
-    close(peftc.compile(copy.deepcopy(model), tmp_path / "theirs", kwargs=dict(x=x))(x=x), y)
+    close(peftc.compile(copy.deepcopy(model), tmp_path / "theirs", kwargs=dict(x=x), dynamic=False)(x=x), y)
 
 
 def test_conv1d_ia3_is_refused_as_hf_has_none():
     model = nn.Sequential(nn.Conv1d(3, 4, 3))
     with pytest.raises(SpecError, match="Conv2d and Conv3d"):
-        peftc.compile(model, peftc.IA3(target=["0"]), kwargs=dict(input=torch.randn(2, 3, 8)))
+        peftc.compile(model, peftc.IA3(target=["0"]), kwargs=dict(input=torch.randn(2, 3, 8)), dynamic=False)

@@ -48,7 +48,7 @@ def check_golden(name: str, text: str) -> None:
 
 def test_golden_diff_and_counters():
     torch.manual_seed(0)
-    cm = peftc.compile(MLP().eval(), peftc.LoRA(target="up", r=2, alpha=4), args=(torch.randn(3, 4),))
+    cm = peftc.compile(MLP().eval(), peftc.LoRA(target="up", r=2, alpha=4), args=(torch.randn(3, 4),), dynamic=False)
     check_golden("insert_lora_mlp.diff", cm.diff("insert-lora"))
     assert cm.counters["insert-lora.inserted"] == 1
     assert "up.lora_A.weight  [2x4] float32  trainable  adapter:lora" in cm.diff("insert-lora")
@@ -60,8 +60,8 @@ def test_does_not_fire_on_excluded_or_adapter_matmuls():
     # all-linear on a plain module (no get_output_embeddings) is every Linear, as in HF PEFT; both are excluded here.
     with pytest.raises(peftc.SpecError, match="matches no matmul after exclude"):
         peftc.compile(MLP().eval(), peftc.LoRA(target="all-linear", exclude=["up", "down"], r=2),
-                      args=(torch.randn(3, 4),))
-    cm = peftc.compile(MLP().eval(), peftc.LoRA(target=["up", "down"], r=2), args=(torch.randn(3, 4),))
+                      args=(torch.randn(3, 4),), dynamic=False)
+    cm = peftc.compile(MLP().eval(), peftc.LoRA(target=["up", "down"], r=2), args=(torch.randn(3, 4),), dynamic=False)
     assert cm.counters["insert-lora.inserted"] == 2  # the adapters' own linears are not sites
 
 
@@ -86,7 +86,7 @@ def test_running_twice_changes_nothing():
 def test_overlapping_rules_are_an_error():
     spec = peftc.Spec(peftc.LoRA(target="up", r=2), peftc.LoRA(target="up|down", r=4))
     with pytest.raises(peftc.SpecError, match="already adapts"):
-        peftc.compile(MLP().eval(), spec, args=(torch.randn(3, 4),))
+        peftc.compile(MLP().eval(), spec, args=(torch.randn(3, 4),), dynamic=False)
 
 
 def lora_reference(x, weight, a, b, scale):
@@ -97,7 +97,7 @@ def test_functional_linear_gets_an_adapter_that_changes_the_output():
     torch.manual_seed(0)
     model = nn.Sequential(FunctionalLinear(), nn.Linear(5, 2)).eval()
     x = torch.randn(2, 3, 4)
-    cm = peftc.compile(model, peftc.LoRA(target=["0"], r=2, alpha=2), args=(x,))
+    cm = peftc.compile(model, peftc.LoRA(target=["0"], r=2, alpha=2), args=(x,), dynamic=False)
     assert set(cm.adapter_state_dict()) == {"0.lora_A.weight", "0.lora_B.weight"}
     assert torch.equal(cm(x), model(x))  # B = 0 at init
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_einsum_and_matmul_sites_compute_lora():
 
     torch.manual_seed(0)
     model, x = EinsumProj(), torch.randn(2, 5, 3)
-    cm = peftc.compile(model, peftc.LoRA(target=["proj", "out"], r=2, alpha=6), args=(x,))
+    cm = peftc.compile(model, peftc.LoRA(target=["proj", "out"], r=2, alpha=6), args=(x,), dynamic=False)
     sd = {k: torch.randn_like(v) for k, v in cm.adapter_state_dict().items()}
     cm.load_adapter_state_dict(sd)
     s = 6 / 2
@@ -140,7 +140,7 @@ def test_dropout_only_in_training_graphs():
     torch.manual_seed(0)
     model = MLP()
     x = torch.randn(3, 4)
-    cm = peftc.compile(model, peftc.LoRA(target="up", r=2, dropout=0.5), args=(x,))
+    cm = peftc.compile(model, peftc.LoRA(target="up", r=2, dropout=0.5), args=(x,), dynamic=False)
     # insert-lora's graph (prune-grads, a training pass, then fuses this dropout into the LoRA matmul)
     assert "lora_dropout" in cm.method_graph_for(x).code  # compiled in the model's (training) mode
     with torch.no_grad():
@@ -158,6 +158,6 @@ def test_half_precision_base_trains_float32_adapters_like_hf():
     torch.manual_seed(0)
     model = MLP().to(torch.bfloat16).eval()
     x = torch.randn(3, 4, dtype=torch.bfloat16)
-    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,))
+    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,), dynamic=False)
     assert {v.dtype for v in cm.adapter_state_dict().values()} == {torch.float32}
     assert torch.equal(cm(x), model(x)) and cm(x).dtype == torch.bfloat16

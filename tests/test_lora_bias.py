@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")
 
 def parity(base, rule, config, kwargs, out, prune_grads=False):
     base = base.eval()
-    cm = peftc.compile(base, rule, kwargs=kwargs, prune_grads=prune_grads)
+    cm = peftc.compile(base, rule, kwargs=kwargs, prune_grads=prune_grads, dynamic=False)
     hf = peft.get_peft_model(copy.deepcopy(base), config).eval()
     assert cm.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
     torch.testing.assert_close(out(cm(**kwargs)), out(base(**kwargs)), atol=0, rtol=0)  # zeros at init
@@ -69,7 +69,7 @@ def test_lora_bias_on_a_conv_matches_hf():
 def test_lora_bias_needs_a_base_bias_to_merge_and_refuses_dora():
     torch.manual_seed(0)
     base, x = nn.Sequential(nn.Linear(4, 4, bias=False)), torch.randn(2, 4)
-    cm = peftc.compile(base, peftc.LoRA(target=["0"], r=2, lora_bias=True), args=(x,))
+    cm = peftc.compile(base, peftc.LoRA(target=["0"], r=2, lora_bias=True), args=(x,), dynamic=False)
     with pytest.raises(PassError, match="no merge rule matched how `0.lora_"):
         cm.merge()
     with pytest.raises(SpecError, match="does not combine with use_dora"):

@@ -44,7 +44,7 @@ def randomized(cm, seed=1):
 def test_grouped_conv_matches_hf_peft_and_refuses_to_merge():
     torch.manual_seed(0)
     base, x = Grouped().eval(), torch.randn(2, 4, 5, 5)
-    cm = peftc.compile(base, peftc.LoRA(target=["c1", "c2"], r=4, alpha=6), args=(x,))
+    cm = peftc.compile(base, peftc.LoRA(target=["c1", "c2"], r=4, alpha=6), args=(x,), dynamic=False)
     hf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["c1", "c2"], r=4, lora_alpha=6))
     assert cm.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
     assert cm.params["c1.lora_B.weight"].tensor.shape == (8, 2, 1, 1)  # r / groups input channels
@@ -63,14 +63,14 @@ def test_grouped_conv_matches_hf_peft_and_refuses_to_merge():
     with pytest.raises(PassError, match="no merge rule matched how `c1.lora_"):
         cm.merge()
     with pytest.raises(SpecError, match="rank divisible by the groups"):
-        peftc.compile(base, peftc.LoRA(target=["c1"], r=3), args=(x,))
+        peftc.compile(base, peftc.LoRA(target=["c1"], r=3), args=(x,), dynamic=False)
 
 
 @pytest.mark.parametrize("prune_grads", [False, True])
 def test_dilated_conv_keeps_the_dilation_and_merges(prune_grads):
     torch.manual_seed(0)
     base, x = Dilated().eval(), torch.randn(2, 3, 7, 7)
-    cm = peftc.compile(base, peftc.LoRA(target=["c"], r=2, alpha=4), args=(x,), prune_grads=prune_grads)
+    cm = peftc.compile(base, peftc.LoRA(target=["c"], r=2, alpha=4), args=(x,), prune_grads=prune_grads, dynamic=False)
     w = randomized(cm)
     a, b = w["c.lora_A.weight"], w["c.lora_B.weight"]
     reference = base(x) + F.conv2d(F.conv2d(x, a, padding=2, dilation=2), b) * 2.0
@@ -83,7 +83,7 @@ def test_dilated_conv_keeps_the_dilation_and_merges(prune_grads):
 def test_dilated_conv_dora_equals_the_reweighted_kernel():
     torch.manual_seed(0)
     base, x = Dilated().eval(), torch.randn(2, 3, 7, 7)
-    cm = peftc.compile(base, peftc.LoRA(target=["c"], r=2, alpha=4, use_dora=True), args=(x,))
+    cm = peftc.compile(base, peftc.LoRA(target=["c"], r=2, alpha=4, use_dora=True), args=(x,), dynamic=False)
     w = randomized(cm)
     full = base.c.weight + (w["c.lora_B.weight"].flatten(1) @ w["c.lora_A.weight"].flatten(1)).view(5, 3, 3, 3) * 2
     kernel = full * (w["c.lora_magnitude_vector"].view(-1, 1, 1, 1) / full.flatten(1).norm(dim=1).view(-1, 1, 1, 1))

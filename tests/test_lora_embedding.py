@@ -43,7 +43,7 @@ def test_embedding_lora_matches_hf_peft_outputs_merge_and_format(tmp_path):
     x, x2 = ids(), ids(seed=4)
     plain = logits(model(input_ids=x2))
     cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target=["embed_tokens", "q_proj"], r=4, alpha=8),
-                       kwargs=dict(input_ids=x))
+                       kwargs=dict(input_ids=x), dynamic=False)
     params = {p.name: p.tensor for p in cm.params if p.role == "adapter"}
     a, b = params["model.embed_tokens.lora_embedding_A"], params["model.embed_tokens.lora_embedding_B"]
     assert a.shape == (4, 64) and not a.any() and b.shape == (32, 4) and b.std() > 0.5  # HF's init
@@ -69,7 +69,7 @@ def test_embedding_lora_matches_hf_peft_outputs_merge_and_format(tmp_path):
     back = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "ours")).eval()
     close(logits(back(input_ids=x2)), ours)
     pm.save_pretrained(str(tmp_path / "theirs"))  # also writes the embedding's base weight (save_embedding_layers)
-    loaded = peftc.compile(copy.deepcopy(model), tmp_path / "theirs", kwargs=dict(input_ids=x))
+    loaded = peftc.compile(copy.deepcopy(model), tmp_path / "theirs", kwargs=dict(input_ids=x), dynamic=False)
     close(logits(loaded(input_ids=x2)), ours)
 
 
@@ -80,7 +80,7 @@ def test_tied_lm_head_gets_its_own_adapter_as_in_hf_peft():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     x, x2 = ids(), ids(seed=4)
     cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target=["embed_tokens", "lm_head"], r=4, alpha=8),
-                       kwargs=dict(input_ids=x))
+                       kwargs=dict(input_ids=x), dynamic=False)
     pm, theirs = peft_pair(model, target_modules=["embed_tokens", "lm_head"], r=4, lora_alpha=8)
     assert sorted(theirs) == sorted(p.name for p in cm.params if p.role == "adapter") == [
         "lm_head.lora_A.weight", "lm_head.lora_B.weight", "model.embed_tokens.lora_embedding_A",
@@ -97,10 +97,10 @@ def test_embedding_lora_refuses_variants_hf_refuses_or_that_train_nothing():
     for option in (dict(lora_bias=True), dict(freeze_a=True), dict(use_dora=True)):
         with pytest.raises(SpecError, match="embedding lookup"):
             peftc.compile(tiny_llama(), peftc.LoRA(target=["embed_tokens"], r=2, **option),
-                          kwargs=dict(input_ids=ids()))
+                          kwargs=dict(input_ids=ids()), dynamic=False)
 
 
 def test_all_linear_leaves_embeddings_alone():
     torch.manual_seed(0)
-    cm = peftc.compile(tiny_llama(), peftc.LoRA(target="all-linear", r=2), kwargs=dict(input_ids=ids()))
+    cm = peftc.compile(tiny_llama(), peftc.LoRA(target="all-linear", r=2), kwargs=dict(input_ids=ids()), dynamic=False)
     assert not any("lora_embedding" in p.name for p in cm.params)

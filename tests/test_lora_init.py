@@ -54,7 +54,7 @@ def test_pissa_and_olora_match_hf_adapters_residual_outputs_merge_and_format(lla
     x, x2 = ids(), ids(seed=4)
     plain = logits(llama(input_ids=x2))
     source = copy.deepcopy(llama)
-    cm = peftc.compile(source, peftc.LoRA(target=TARGET, r=4, alpha=8, init=init), kwargs=dict(input_ids=x))
+    cm = peftc.compile(source, peftc.LoRA(target=TARGET, r=4, alpha=8, init=init), kwargs=dict(input_ids=x), dynamic=False)
     close(logits(cm(input_ids=x2)), plain)  # W_res + s·BA = W: unchanged at init
     assert torch.equal(source.model.layers[0].self_attn.q_proj.weight, llama.model.layers[0].self_attn.q_proj.weight)
     pm = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(target_modules=TARGET, r=4, lora_alpha=8,
@@ -81,7 +81,7 @@ def test_pissa_and_olora_match_hf_adapters_residual_outputs_merge_and_format(lla
     assert back.peft_config["default"].init_lora_weights == init
     close(logits(back(input_ids=x2)), trained)
     pm.save_pretrained(str(tmp_path / "theirs"))
-    again = peftc.compile(copy.deepcopy(llama), tmp_path / "theirs", kwargs=dict(input_ids=x))
+    again = peftc.compile(copy.deepcopy(llama), tmp_path / "theirs", kwargs=dict(input_ids=x), dynamic=False)
     close(logits(again(input_ids=x2)), trained)
 
 
@@ -90,7 +90,7 @@ def test_pissa_on_gpt2_conv1d_reads_the_weight_transposed_as_hf():
     model = tiny_gpt2().eval()
     x = ids()
     cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target=["c_attn"], r=2, alpha=4, init="pissa"),
-                       kwargs=dict(input_ids=x))
+                       kwargs=dict(input_ids=x), dynamic=False)
     close(logits(cm(input_ids=x)), logits(model(input_ids=x)))
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=["c_attn"], r=2, lora_alpha=4,
                                                                    init_lora_weights="pissa", fan_in_fan_out=True))
@@ -103,7 +103,7 @@ def test_pissa_on_gpt2_conv1d_reads_the_weight_transposed_as_hf():
 def test_pissa_niter_is_identity_at_init_and_merges(llama):
     x = ids()
     cm = peftc.compile(copy.deepcopy(llama), peftc.LoRA(target=TARGET, r=4, init="pissa_niter_4"),
-                       kwargs=dict(input_ids=x))
+                       kwargs=dict(input_ids=x), dynamic=False)
     close(logits(cm(input_ids=x)), logits(llama(input_ids=x)), atol=1e-4)
     nudge(adapters(cm))
     close(logits(cm.merge()(input_ids=x)), logits(cm(input_ids=x)))
@@ -113,12 +113,12 @@ def test_gaussian_and_false_inits_as_hf(llama):
     x = ids()
     torch.manual_seed(1)
     cm = peftc.compile(copy.deepcopy(llama), peftc.LoRA(target=["down_proj"], r=4, init="gaussian"),
-                       kwargs=dict(input_ids=x))
+                       kwargs=dict(input_ids=x), dynamic=False)
     a = adapters(cm)["model.layers.0.mlp.down_proj.lora_A.weight"]
     assert abs(a.std().item() - 1 / 4) < 0.03 and not adapters(cm)["model.layers.0.mlp.down_proj.lora_B.weight"].any()
     close(logits(cm(input_ids=x)), logits(llama(input_ids=x)))
     off = peftc.compile(copy.deepcopy(llama), peftc.LoRA(target=["down_proj"], r=4, init=False),
-                        kwargs=dict(input_ids=x))
+                        kwargs=dict(input_ids=x), dynamic=False)
     b = adapters(off)["model.layers.0.mlp.down_proj.lora_B.weight"]
     bound = 1 / 4 ** 0.5  # nn.Linear(r, out)'s Kaiming-uniform(a=√5): U(-1/√r, 1/√r)
     assert b.abs().max() <= bound and b.std() > bound / 3
@@ -133,13 +133,13 @@ def test_bad_inits_are_refused():
         peftc.LoRA(target=["q_proj"], init="loftq")
     torch.manual_seed(0)
     with pytest.raises(SpecError, match="olora"):
-        peftc.compile(tiny_gpt2(), peftc.LoRA(target=["c_attn"], r=2, init="olora"), kwargs=dict(input_ids=ids()))
+        peftc.compile(tiny_gpt2(), peftc.LoRA(target=["c_attn"], r=2, init="olora"), kwargs=dict(input_ids=ids()), dynamic=False)
 
 
 def test_pissa_converted_on_save_is_hf_s_lora_of_the_original_base(llama, tmp_path):
     x, x2 = ids(), ids(seed=4)
     cm = peftc.compile(copy.deepcopy(llama), peftc.LoRA(target=TARGET, r=4, alpha=8, init="pissa"),
-                       kwargs=dict(input_ids=x))
+                       kwargs=dict(input_ids=x), dynamic=False)
     pm = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(target_modules=TARGET, r=4, lora_alpha=8,
                                                                    init_lora_weights="pissa")).eval()
     cm.save_pretrained(tmp_path / "init")

@@ -30,7 +30,7 @@ def test_mha_lora_matches_hf_peft_names_outputs_merge_and_format(tmp_path):
     torch.manual_seed(0)
     model = Block().eval()
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
-    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target=["attn"], r=2, alpha=4), kwargs=dict(x=x))
+    cm = peftc.compile(copy.deepcopy(model), peftc.LoRA(target=["attn"], r=2, alpha=4), kwargs=dict(x=x), dynamic=False)
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=["attn"], r=2,
                                                                    lora_alpha=4)).eval()
     theirs = {n.removeprefix("base_model.model.").replace(".default", ""): p for n, p in pm.named_parameters()
@@ -67,13 +67,13 @@ def test_mha_lora_matches_hf_peft_names_outputs_merge_and_format(tmp_path):
         next(p for n, p in back.named_parameters() if "out_proj.lora_B" in n).mul_(0.5)  # HF's double out_proj
     close(back(x=x), y)
     pm.save_pretrained(str(tmp_path / "theirs"))
-    again = peftc.compile(copy.deepcopy(model), tmp_path / "theirs", kwargs=dict(x=x))
+    again = peftc.compile(copy.deepcopy(model), tmp_path / "theirs", kwargs=dict(x=x), dynamic=False)
     loaded = {p.name: p.tensor for p in again.params if p.role == "adapter"}
     assert sorted(loaded) == sorted(theirs)
     for n, t in loaded.items():
         close(t, theirs[n])
     # out_proj alone: HF PEFT's swapped out_proj is never called; peftc's adapter changes the output
-    alone = peftc.compile(copy.deepcopy(model), peftc.LoRA(target=["out_proj"], r=2), kwargs=dict(x=x))
+    alone = peftc.compile(copy.deepcopy(model), peftc.LoRA(target=["out_proj"], r=2), kwargs=dict(x=x), dynamic=False)
     with torch.no_grad():
         for p in alone.trainable_parameters():
             p.add_(0.3)

@@ -63,7 +63,7 @@ def test_merge_and_unload_is_the_original_class_with_merged_weights(case, tmp_pa
 
 def test_merge_and_unload_refuses_prefix_tuning_with_the_reason():
     torch.manual_seed(0)
-    cm = peftc.compile(tiny_llama(num_hidden_layers=1).eval(), peftc.Prefix(length=2), kwargs={"input_ids": ids()})
+    cm = peftc.compile(tiny_llama(num_hidden_layers=1).eval(), peftc.Prefix(length=2), kwargs={"input_ids": ids()}, dynamic=False)
     with pytest.raises(peftc.PeftcError, match="prefix adds learned activations.*cm.merge"):
         cm.merge_and_unload()
 
@@ -72,7 +72,7 @@ def test_merge_and_unload_refuses_a_merged_weight_the_class_has_no_place_for():
     """LoRA on a tied LM head: the merged head would need its own tensor while the embedding stays as it is."""
     torch.manual_seed(0)
     cm = peftc.compile(tiny_llama(num_hidden_layers=1, tie_word_embeddings=True).eval(),
-                       peftc.LoRA(target="lm_head", r=4), kwargs={"input_ids": ids()})
+                       peftc.LoRA(target="lm_head", r=4), kwargs={"input_ids": ids()}, dynamic=False)
     randomize(cm)
     with pytest.raises(peftc.PeftcError, match="reads `peftc_folded_0`, which LlamaForCausalLM has no parameter"):
         cm.merge_and_unload()

@@ -80,10 +80,10 @@ def test_spec_file_and_pipeline_string(tmp_path):
     spec = peftc.Spec.load(path)
     assert spec.rules == (RankGate(target=("up", "down"), r=3),)
     assert peftc.Spec.from_dict(spec.to_dict()) == spec
-    cm = peftc.compile(model(), path, kwargs={"ids": ids()})
+    cm = peftc.compile(model(), path, kwargs={"ids": ids()}, dynamic=False)
     assert cm.counters["insert-test-rank-gate.inserted"] == 2
     assert cm.params["up.gate"].tensor.shape == (3,)
-    cm = peftc.compile(model(), None, pipeline="insert-test-rank-gate{r=4,target=up}", kwargs={"ids": ids()})
+    cm = peftc.compile(model(), None, pipeline="insert-test-rank-gate{r=4,target=up}", kwargs={"ids": ids()}, dynamic=False)
     assert cm.params["up.lora_A.weight"].tensor.shape == (4, 16)
 
 
@@ -93,15 +93,15 @@ def test_spec_errors_say_what_and_where(tmp_path):
     with pytest.raises(SpecError, match="`r` must be a int like its default 2, got '3'"):
         RankGate(r="3")
     with pytest.raises(SpecError, match="matches no matmul"):
-        peftc.compile(model(), RankGate(target="nope"), kwargs={"ids": ids()})
+        peftc.compile(model(), RankGate(target="nope"), kwargs={"ids": ids()}, dynamic=False)
     with pytest.raises(SpecError, match="which RankGate.*already adapts"):
         peftc.compile(model(), peftc.Spec(RankGate(target="up"), RankGate(target=["up", "down"], r=3)),
-                      kwargs={"ids": ids()})
+                      kwargs={"ids": ids()}, dynamic=False)
 
 
 def test_identity_at_init_names_diff_and_idempotence():
     m, x = model(), ids()
-    cm = peftc.compile(m, RankGate(target=TARGET), kwargs={"ids": x})
+    cm = peftc.compile(m, RankGate(target=TARGET), kwargs={"ids": x}, dynamic=False)
     torch.testing.assert_close(cm(x), m(x), atol=0, rtol=0)
     assert set(cm.adapter_state_dict()) == {f"{mod}.{k}" for mod in ("up", "down", "w_adapter")
                                             for k in ("lora_A.weight", "lora_B.weight", "gate")}
@@ -120,7 +120,7 @@ def test_identity_at_init_names_diff_and_idempotence():
 @pytest.mark.parametrize("prune_grads", [False, True])
 def test_trains_exactly_its_parameters(prune_grads):
     m, x = model(), ids()
-    cms = [peftc.compile(m, RankGate(target=TARGET), kwargs={"ids": x}, prune_grads=flag).train()
+    cms = [peftc.compile(m, RankGate(target=TARGET), kwargs={"ids": x}, prune_grads=flag, dynamic=False).train()
            for flag in (False, prune_grads)]
     cms[1].load_adapter_state_dict(perturbed(cms[0]).adapter_state_dict())
     for cm in cms:
@@ -134,12 +134,12 @@ def test_trains_exactly_its_parameters(prune_grads):
 @pytest.mark.parametrize("prune_grads", [False, True])
 def test_merge_folds_into_the_base_weights(prune_grads):
     m, x = model(), ids()
-    cm = perturbed(peftc.compile(m, RankGate(target=TARGET), kwargs={"ids": x}, prune_grads=prune_grads))
+    cm = perturbed(peftc.compile(m, RankGate(target=TARGET), kwargs={"ids": x}, prune_grads=prune_grads, dynamic=False))
     merged = cm.merge()
     torch.testing.assert_close(merged(x), cm(x), atol=1e-5, rtol=1e-5)
     assert merged.counters["merge-reparam.method-test_rank_gate"] == 3
     assert ops(merged.graph_module) == ops(peftc.compile(m, None, pipeline="freeze-base",
-                                                         kwargs={"ids": x}).graph_module)
+                                                         kwargs={"ids": x}, dynamic=False).graph_module)
     assert {n for n, _ in merged.named_parameters()} == {n for n, _ in m.named_parameters()}
     some = cm.merge(adapters=["up"])  # the others stay, trainable
     torch.testing.assert_close(some(x), cm(x), atol=1e-5, rtol=1e-5)
@@ -149,7 +149,7 @@ def test_merge_folds_into_the_base_weights(prune_grads):
 
 def test_half_precision_base_trains_float32_adapters_and_merges():
     m, x = model().to(torch.bfloat16), ids()
-    cm = perturbed(peftc.compile(m, RankGate(target=TARGET), kwargs={"ids": x}))
+    cm = perturbed(peftc.compile(m, RankGate(target=TARGET), kwargs={"ids": x}, dynamic=False))
     assert cm.params["up.gate"].tensor.dtype == torch.float32
     out = cm(x)
     assert out.dtype == torch.bfloat16
@@ -175,7 +175,7 @@ def test_method_without_merge_says_so():
         def forward(self, site, x, y, p):
             return y * (1 + torch.tanh(p.s))
 
-    cm = perturbed(peftc.compile(model(), ScaleOut(target="up"), kwargs={"ids": ids()}))
+    cm = perturbed(peftc.compile(model(), ScaleOut(target="up"), kwargs={"ids": ids()}, dynamic=False))
     with pytest.raises(PassError, match="no merge rule matched how `up.s` is applied"):
         cm.merge()
 
@@ -193,13 +193,13 @@ def test_user_errors_are_peftc_errors():
     x = ids()
     const = _broken(forward=lambda self, site, x, y, p: y + torch.ones(site.out_features) * p.b.sum())
     with pytest.raises(PassError, match="uses a tensor it did not get"):
-        peftc.compile(model(), const(target="up"), kwargs={"ids": x})
+        peftc.compile(model(), const(target="up"), kwargs={"ids": x}, dynamic=False)
     same = _broken(forward=lambda self, site, x, y, p: y)
     with pytest.raises(PassError, match="must return a new tensor"):
-        peftc.compile(model(), same(target="up"), kwargs={"ids": x})
+        peftc.compile(model(), same(target="up"), kwargs={"ids": x}, dynamic=False)
     shape = _broken(forward=lambda self, site, x, y, p: y + p.b.sum(), merge=lambda self, site, w, p: p.b)
     with pytest.raises(PassError, match=r"returned \(24, 2\); it must return W' shaped like W, \(24, 16\)"):
-        peftc.compile(model(), shape(target="up"), kwargs={"ids": x}).merge()
+        peftc.compile(model(), shape(target="up"), kwargs={"ids": x}, dynamic=False).merge()
     with pytest.raises(SpecError, match="set a snake_case name"):
         _broken(kind="Bad-Kind")
 
@@ -261,7 +261,7 @@ def test_module_and_norm_sites_match_hooked_reference():
     base = tiny_llama(num_hidden_layers=1).eval()
     x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     cm = perturbed(peftc.compile(base, peftc.Spec(ParallelAdapter(target=r"layers\.\d+\.mlp"), NormScale()),
-                                 kwargs={"input_ids": x}))
+                                 kwargs={"input_ids": x}, dynamic=False))
     assert cm.counters["insert-test-parallel-adapter.inserted"] == 1
     assert cm.counters["insert-test-norm-scale.inserted"] == 3  # input, post-attention and final norms
 
@@ -286,7 +286,7 @@ def test_attention_sites_in_both_forms_match_a_reweighted_output_projection():
 
     base = HandLM(forms=("softmax", "sdpa")).eval()
     x = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    cm = peftc.compile(base, HeadGate(), kwargs={"input_ids": x})
+    cm = peftc.compile(base, HeadGate(), kwargs={"input_ids": x}, dynamic=False)
     assert cm.counters["insert-test-head-gate.inserted"] == 2
     torch.testing.assert_close(cm(x), base(x), atol=0, rtol=0)
     gates = {f"blocks.{i}": torch.tensor([1.0, 0.0, 2.0, -0.5]) for i in range(2)}
@@ -304,4 +304,4 @@ def test_output_sites_need_module_paths():
     with pytest.raises(SpecError, match="`target` is required"):
         ParallelAdapter()
     with pytest.raises(SpecError, match="matches no norm module"):
-        peftc.compile(model(), NormScale(), kwargs={"ids": ids()})
+        peftc.compile(model(), NormScale(), kwargs={"ids": ids()}, dynamic=False)

@@ -36,7 +36,7 @@ def test_rewrite_weight_trains_merges_and_folds():
     torch.manual_seed(0)
     model = TwoLayers().eval()
     x = torch.randn(4, 6)
-    cm = peftc.compile(model, ColumnGate(target=["a", "b"]), kwargs={"x": x})
+    cm = peftc.compile(model, ColumnGate(target=["a", "b"]), kwargs={"x": x}, dynamic=False)
     torch.testing.assert_close(cm(x=x), model(x), atol=0, rtol=0)
     ga, gb = torch.rand(6) + 0.5, torch.rand(5) + 0.5
     cm.load_adapter_state_dict({"a.gate": ga, "b.gate": gb})
@@ -52,7 +52,7 @@ def test_rewrite_weight_trains_merges_and_folds():
     assert {n for n, p in merged.named_parameters() if p.requires_grad} == {"b.gate"}
     full = cm.merge()
     assert {n for n, _ in full.named_parameters()} == {n for n, _ in model.named_parameters()}
-    plain = peftc.compile(model, None, pipeline="freeze-base", kwargs={"x": x}).graph_module
+    plain = peftc.compile(model, None, pipeline="freeze-base", kwargs={"x": x}, dynamic=False).graph_module
     assert [n.target for n in full.graph_module.graph.nodes if n.op == "call_function"] == \
         [n.target for n in plain.graph.nodes if n.op == "call_function"]
 
@@ -81,14 +81,14 @@ def test_rewrite_weight_of_the_wrong_shape_is_a_pass_error():
             return w.t() * p.g
 
     with pytest.raises(peftc.PassError, match="must return W' shaped like W"):
-        peftc.compile(TwoLayers(), Wrong(target=["a"]), kwargs={"x": torch.randn(2, 6)})
+        peftc.compile(TwoLayers(), Wrong(target=["a"]), kwargs={"x": torch.randn(2, 6)}, dynamic=False)
 
 
 def test_rewrite_weight_on_a_bfloat16_base_computes_in_float32():
     torch.manual_seed(0)
     model = TwoLayers().to(torch.bfloat16).eval()
     x = torch.randn(4, 6, dtype=torch.bfloat16)
-    cm = peftc.compile(model, ColumnGate(target=["a"]), kwargs={"x": x})
+    cm = peftc.compile(model, ColumnGate(target=["a"]), kwargs={"x": x}, dynamic=False)
     assert cm.params["a.gate"].tensor.dtype == torch.float32
     g = torch.rand(6) + 0.5
     cm.load_adapter_state_dict({"a.gate": g})

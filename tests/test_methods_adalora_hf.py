@@ -25,7 +25,7 @@ def twins(seed=0, **options):
     base = tiny_llama(num_hidden_layers=1).eval()
     x = ids()
     cm = peftc.compile(copy.deepcopy(base), peftc.AdaLoRA(target=TARGETS, **{**SCHEDULE, **options}),
-                       kwargs={"input_ids": x, "labels": x})
+                       kwargs={"input_ids": x, "labels": x}, dynamic=False)
     # task_type: HF's plain PeftModel.forward calls the base model directly, skipping AdaLoraModel.forward, where
     # the orthogonality penalty is added; PeftModelForCausalLM goes through it
     hf = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM",
@@ -49,7 +49,7 @@ def hf_param(hf, name):
 def test_adalora_is_identity_at_init():
     torch.manual_seed(0)
     base = tiny_llama(num_hidden_layers=1).eval()
-    cm = peftc.compile(base, peftc.AdaLoRA(target=TARGETS, **SCHEDULE), kwargs={"input_ids": ids()})
+    cm = peftc.compile(base, peftc.AdaLoRA(target=TARGETS, **SCHEDULE), kwargs={"input_ids": ids()}, dynamic=False)
     with torch.no_grad():
         torch.testing.assert_close(cm(input_ids=ids()).logits, base(input_ids=ids()).logits, atol=0, rtol=0)
 
@@ -139,7 +139,7 @@ def test_adalora_peft_format_both_ways(tmp_path):
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
         torch.testing.assert_close(loaded(input_ids=x).logits, ours, atol=1e-5, rtol=1e-5)
         hf.save_pretrained(str(tmp_path / "hf"))
-        again = peftc.compile(copy.deepcopy(base), tmp_path / "hf", kwargs={"input_ids": x})
+        again = peftc.compile(copy.deepcopy(base), tmp_path / "hf", kwargs={"input_ids": x}, dynamic=False)
         torch.testing.assert_close(again(input_ids=x).logits, hf(input_ids=x).logits, atol=1e-5, rtol=1e-5)
         assert again.spec.rules[0].total_step == SCHEDULE["total_step"]
     with pytest.raises(peftc.SpecError, match="rank_pattern"):

@@ -34,7 +34,7 @@ def plain_ops(model, kwargs) -> int:
     """call_function nodes of the model's own capture (no method), the count a merged graph must have."""
     key = (type(model).__name__, tuple((k, tuple(v.shape)) for k, v in kwargs.items()))
     if key not in _PLAIN:
-        _PLAIN[key] = _ops(peftc.compile(model, None, pipeline="freeze-base", kwargs=kwargs).graph_module)
+        _PLAIN[key] = _ops(peftc.compile(model, None, pipeline="freeze-base", kwargs=kwargs, dynamic=False).graph_module)
     return _PLAIN[key]
 
 
@@ -52,7 +52,7 @@ def hf_key(name: str, hf_state: dict) -> str:
 
 def check_parity(base, rule, config, kwargs, out, prune_grads: bool):
     base = base.eval()
-    cm = peftc.compile(base, rule, kwargs=kwargs, prune_grads=prune_grads)
+    cm = peftc.compile(base, rule, kwargs=kwargs, prune_grads=prune_grads, dynamic=False)
     hf = peft.get_peft_model(copy.deepcopy(base), config).eval()
     assert cm.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
 
@@ -130,7 +130,7 @@ def test_vera_init_is_hf_peft_init():
     torch.manual_seed(0)
     base = tiny_llama(num_hidden_layers=1).eval()
     kwargs = {"input_ids": ids()}
-    cm = peftc.compile(base, peftc.VeRA(target=["q_proj", "v_proj"], r=4, d_initial=0.2), kwargs=kwargs)
+    cm = peftc.compile(base, peftc.VeRA(target=["q_proj", "v_proj"], r=4, d_initial=0.2), kwargs=kwargs, dynamic=False)
     hf = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(target_modules=["q_proj", "v_proj"], r=4,
                                                                    d_initial=0.2))
     hf_state = peft.get_peft_model_state_dict(hf)

@@ -34,7 +34,7 @@ def check_weight_rewrite(base, rule, config, kwargs, out, prune_grads=False, hf_
     """A rewrite_weight method: identity at init, HF's outputs/grads (when HF's unmerged forward is its own
     merge: `hf_forward`), HF's merge, and merge = fold-params to the plain op count."""
     base = base.eval()
-    cm = peftc.compile(base, rule, kwargs=kwargs, prune_grads=prune_grads)
+    cm = peftc.compile(base, rule, kwargs=kwargs, prune_grads=prune_grads, dynamic=False)
     hf = peft.get_peft_model(copy.deepcopy(base), config).eval()
     assert cm.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
     with torch.no_grad():
@@ -107,7 +107,7 @@ def test_oft_rotation_is_orthogonal_with_exact_cayley():
     torch.manual_seed(0)
     cm = peftc.compile(tiny_llama(num_hidden_layers=1), peftc.OFT(target=["q_proj"], oft_block_size=8,
                                                                   use_cayley_neumann=False),
-                       kwargs={"input_ids": ids()})
+                       kwargs={"input_ids": ids()}, dynamic=False)
     rule = cm.spec.rules[0]
     name = "model.layers.0.self_attn.q_proj.oft_R.weight"
     site = peftc.Site("matmul", "q", "w", (32, 32), 32, 32, False, torch.float32)
@@ -128,7 +128,7 @@ def test_oft_refuses_what_it_cannot_do(options, message):
 
 def test_oft_refuses_grouped_convolutions():
     with pytest.raises(peftc.PeftcError, match="grouped"):
-        peftc.compile(TinyCNN(), peftc.OFT(target=["c2"], oft_block_size=4), kwargs={"x": torch.randn(2, 4, 6, 6)})
+        peftc.compile(TinyCNN(), peftc.OFT(target=["c2"], oft_block_size=4), kwargs={"x": torch.randn(2, 4, 6, 6)}, dynamic=False)
 
 
 @pytest.fixture
@@ -194,7 +194,7 @@ def test_boft_refuses_a_layout_hf_refuses():
     with pytest.raises(peftc.SpecError, match="does not split"):
         peftc.compile(tiny_llama(num_hidden_layers=1), peftc.BOFT(target=["q_proj"], boft_block_size=8,
                                                                   boft_n_butterfly_factor=4),
-                      kwargs={"input_ids": ids()})
+                      kwargs={"input_ids": ids()}, dynamic=False)
 
 
 FORMAT_CASES = {"oft": (peftc.OFT(target=["q_proj", "v_proj"], oft_block_size=8),
@@ -211,7 +211,7 @@ def test_peft_format_both_ways(case, tmp_path):
     torch.manual_seed(0)
     model = tiny_llama(num_hidden_layers=1).eval()
     x, x2 = ids(), ids(seed=3)
-    cm = peftc.compile(copy.deepcopy(model), rule, kwargs={"input_ids": x})
+    cm = peftc.compile(copy.deepcopy(model), rule, kwargs={"input_ids": x}, dynamic=False)
     hf = peft.get_peft_model(copy.deepcopy(model), config).eval()
     load_same_weights(cm, hf)
     with torch.no_grad():
@@ -222,7 +222,7 @@ def test_peft_format_both_ways(case, tmp_path):
         torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "ours"))
                                    .eval()(input_ids=x2).logits, ours, atol=1e-5, rtol=1e-5)
         hf.save_pretrained(str(tmp_path / "hf"))
-        again = peftc.compile(copy.deepcopy(model), tmp_path / "hf", kwargs={"input_ids": x})
+        again = peftc.compile(copy.deepcopy(model), tmp_path / "hf", kwargs={"input_ids": x}, dynamic=False)
         assert again.spec.rules[0] == dataclasses.replace(rule, target=again.spec.rules[0].target)
         torch.testing.assert_close(again(input_ids=x2).logits, hf(input_ids=x2).logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(again(input_ids=x2).logits, ours, atol=1e-5, rtol=1e-5)
@@ -258,7 +258,7 @@ def test_oft_on_gpt2_conv1d_rotates_the_input_side_of_its_in_out_weight():
     model = tiny_gpt2(n_layer=1).eval()
     x = ids()
     cm = peftc.compile(copy.deepcopy(model), peftc.OFT(target=["c_attn", "c_fc"], oft_block_size=8),
-                       kwargs={"input_ids": x})
+                       kwargs={"input_ids": x}, dynamic=False)
     torch.manual_seed(1)
     weights = {k: torch.randn_like(v) * 0.3 for k, v in cm.adapter_state_dict().items()}
     cm.load_adapter_state_dict(weights)

@@ -52,7 +52,7 @@ class Pair:
         base = make().eval()
         dirs = {n: save_adapter(base, targets, tmp / n, **c) for n, c in CONFIGS.items()}
         self.hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), dirs["default"]).eval()
-        self.cm = peftc.compile(copy.deepcopy(base), dirs["default"], kwargs=dict(input_ids=ids())).eval()
+        self.cm = peftc.compile(copy.deepcopy(base), dirs["default"], kwargs=dict(input_ids=ids()), dynamic=False).eval()
         for n in ("x", "y"):
             self.hf.load_adapter(dirs[n], adapter_name=n)
             self.cm.load_adapter(dirs[n], name=n)
@@ -224,7 +224,7 @@ def test_ia3_adapters_switch_and_disable_as_in_peft(tmp_path):
         dirs[n] = str(tmp_path / n)
     hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), dirs["default"]).eval()
     hf.load_adapter(dirs["x"], adapter_name="x")
-    cm = peftc.compile(copy.deepcopy(base), dirs["default"], kwargs=dict(input_ids=ids())).eval()
+    cm = peftc.compile(copy.deepcopy(base), dirs["default"], kwargs=dict(input_ids=ids()), dynamic=False).eval()
     cm.load_adapter(dirs["x"], name="x")
     x = ids()
 

@@ -41,7 +41,7 @@ def test_lora_matches_hf_peft(case, use_rslora):
         target_modules=hf_targets, r=4, lora_alpha=8, use_rslora=use_rslora,
         fan_in_fan_out=case.startswith("gpt2")))
     inputs = make_inputs()
-    cm = peftc.compile(base, peftc.LoRA(target=targets, r=4, alpha=8, use_rslora=use_rslora), kwargs=inputs)
+    cm = peftc.compile(base, peftc.LoRA(target=targets, r=4, alpha=8, use_rslora=use_rslora), kwargs=inputs, dynamic=False)
 
     hf_trainable = sum(p.numel() for p in hf_model.parameters() if p.requires_grad)
     assert cm.parameter_counts()[0] == hf_trainable
@@ -81,7 +81,7 @@ def test_hf_peft_misses_functional_linear_but_peftc_does_not():
     torch.manual_seed(0)
     model, x = Head().eval(), torch.randn(2, 4)
     hf = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=["proj"], r=2))
-    cm = peftc.compile(model, peftc.LoRA(target=["proj"], r=2), args=(x,))
+    cm = peftc.compile(model, peftc.LoRA(target=["proj"], r=2), args=(x,), dynamic=False)
     for adapters in ({k: v for k, v in hf.named_parameters() if "lora_B" in k}.values(),
                      [cm.get_parameter("proj.lora_B.weight")]):
         with torch.no_grad():

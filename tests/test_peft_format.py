@@ -77,7 +77,8 @@ def test_saved_adapter_loads_in_peft_with_the_same_outputs(case, tmp_path):
     model = make().eval()
     base, fresh = copy.deepcopy(model), copy.deepcopy(model)
     x = ids()
-    cm = peftc.compile(model, spec, kwargs=dict(input_ids=x))
+    lengthens = "prompt" in case  # prompt tuning needs a dynamic sequence length
+    cm = peftc.compile(model, spec, kwargs=dict(input_ids=x), dynamic=lengthens)
     perturb(cm)
     assert cm.save_pretrained(tmp_path) == "peft"
     assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
@@ -88,7 +89,7 @@ def test_saved_adapter_loads_in_peft_with_the_same_outputs(case, tmp_path):
     assert not torch.allclose(ours[:, -plain.shape[1]:], plain, atol=1e-3)  # the adapter is read
     assert_close(logits(pm(input_ids=x2)), ours)
     # The same directory back into peftc, both ways in.
-    again = peftc.compile(fresh, tmp_path, kwargs=dict(input_ids=x))
+    again = peftc.compile(fresh, tmp_path, kwargs=dict(input_ids=x), dynamic=lengthens)
     assert_close(logits(again(input_ids=x2)), ours)
     assert again.parameter_counts()[0] == cm.parameter_counts()[0]
 
@@ -96,7 +97,7 @@ def test_saved_adapter_loads_in_peft_with_the_same_outputs(case, tmp_path):
 def test_saved_keys_and_config_are_peft_s(tmp_path):
     torch.manual_seed(0)
     cm = peftc.compile(tiny_llama(), peftc.LoRA(target="q_proj|v_proj", r=4, alpha=8, use_dora=True,
-                                                rank_pattern={"v_proj": 2}), kwargs=dict(input_ids=ids()))
+                                                rank_pattern={"v_proj": 2}), kwargs=dict(input_ids=ids()), dynamic=False)
     cm.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 
@@ -117,7 +118,7 @@ def test_modules_to_save_is_a_full_trainable_copy_under_peft_s_names(tmp_path):
     model = tiny_bert().eval()
     head = model.classifier.weight.detach().clone()
     cm = peftc.compile(model, peftc.Spec(peftc.LoRA(target=["query"], r=4), peftc.ModulesToSave(target=["classifier"])),
-                       kwargs=dict(input_ids=ids()))
+                       kwargs=dict(input_ids=ids()), dynamic=False)
     trainable = {p.name for p in cm.params if p.trainable}
     assert {"classifier.modules_to_save.weight", "classifier.modules_to_save.bias"} <= trainable
     assert "classifier.lora_A.weight" not in trainable
@@ -142,7 +143,7 @@ def test_prefix_saves_as_peft_prompt_embeddings(tmp_path):
     x = ids()
     for projection, directory in ((False, tmp_path / "plain"), (True, tmp_path / "projected")):
         cm = peftc.compile(copy.deepcopy(model), peftc.Prefix(length=LENGTH, projection=projection),
-                           kwargs=dict(input_ids=x))
+                           kwargs=dict(input_ids=x), dynamic=False)
         perturb(cm)
         assert cm.save_pretrained(directory) == "peft"
         pm = peft_model(copy.deepcopy(base), directory)
@@ -151,7 +152,7 @@ def test_prefix_saves_as_peft_prompt_embeddings(tmp_path):
         ours = logits(cm(input_ids=x, position_ids=positions))
         assert_close(logits(pm(input_ids=x)), ours)
     # the projected prefix comes back as the prefixes it computes (PEFT's saved form), per layer
-    again = peftc.CompiledModel.from_pretrained(fresh, tmp_path / "projected", kwargs=dict(input_ids=x))
+    again = peftc.CompiledModel.from_pretrained(fresh, tmp_path / "projected", kwargs=dict(input_ids=x), dynamic=False)
     assert again.spec.rules == (peftc.Prefix(length=LENGTH),)
     assert_close(logits(again(input_ids=x, position_ids=positions)), ours)
 
@@ -173,13 +174,13 @@ def test_methods_peft_has_no_format_for_save_in_peftc_layout(case, tmp_path):
     model = make().eval()
     fresh = copy.deepcopy(model)
     x = ids()
-    cm = peftc.compile(model, spec, kwargs=dict(input_ids=x))
+    cm = peftc.compile(model, spec, kwargs=dict(input_ids=x), dynamic=False)
     perturb(cm)
     with pytest.raises(peftc.SpecError, match="format='peftc'"):
         cm.save_pretrained(tmp_path / "peft", format="peft")
     assert cm.save_pretrained(tmp_path / "out") == "peftc"
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"peftc_spec.json", "peftc_adapter.safetensors"}
-    again = peftc.compile(fresh, tmp_path / "out", kwargs=dict(input_ids=x))
+    again = peftc.compile(fresh, tmp_path / "out", kwargs=dict(input_ids=x), dynamic=False)
     assert again.spec == cm.spec
     assert_close(logits(again(input_ids=x)), logits(cm(input_ids=x)))
 
@@ -192,10 +193,10 @@ def test_sparse_delta_masks_travel_with_the_peftc_layout(tmp_path):
     mask[0, :5] = True
     x = ids()
     cm = peftc.compile(model, peftc.SparseDelta(masks={"model.layers.0.mlp.down_proj.weight": mask}),
-                       kwargs=dict(input_ids=x))
+                       kwargs=dict(input_ids=x), dynamic=False)
     perturb(cm)
     cm.save_pretrained(tmp_path)
-    again = peftc.compile(copy.deepcopy(model), tmp_path, kwargs=dict(input_ids=x))
+    again = peftc.compile(copy.deepcopy(model), tmp_path, kwargs=dict(input_ids=x), dynamic=False)
     torch.testing.assert_close(again.spec.rules[0].masks["model.layers.0.mlp.down_proj.weight"], mask)
     assert_close(logits(again(input_ids=x)), logits(cm(input_ids=x)))
 
@@ -243,7 +244,7 @@ def test_peft_adapters_compile_from_their_directory(case, tmp_path):
     theirs = logits(pm(input_ids=x2))
     plain = logits(plain_base(input_ids=x2))
     assert not torch.allclose(theirs[:, -plain.shape[1]:], plain, atol=1e-3)
-    cm = peftc.compile(base, tmp_path, kwargs=dict(input_ids=x))
+    cm = peftc.compile(base, tmp_path, kwargs=dict(input_ids=x), dynamic=case == "prompt-tuning")
     assert_close(logits(cm(input_ids=x2)), theirs)
     assert cm.parameter_counts()[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
 
@@ -254,9 +255,9 @@ def test_from_pretrained_and_load_adapter_agree_with_peft(tmp_path):
     pm, (b1, b2, _) = _peft_trained(tiny_llama, config, tmp_path)
     x, x2 = ids(), ids(seed=4)
     theirs = logits(pm(input_ids=x2))
-    cm = peftc.CompiledModel.from_pretrained(b1, tmp_path / "adapter_config.json", kwargs=dict(input_ids=x))
+    cm = peftc.CompiledModel.from_pretrained(b1, tmp_path / "adapter_config.json", kwargs=dict(input_ids=x), dynamic=False)
     assert_close(logits(cm(input_ids=x2)), theirs)
-    loaded = peftc.compile(b2, peftc.Spec.from_peft(pm.peft_config["default"]), kwargs=dict(input_ids=x))
+    loaded = peftc.compile(b2, peftc.Spec.from_peft(pm.peft_config["default"]), kwargs=dict(input_ids=x), dynamic=False)
     loaded.load_adapter(tmp_path)
     assert_close(logits(loaded(input_ids=x2)), theirs)
 
@@ -266,7 +267,7 @@ def test_peft_prefix_tuning_loads_given_peft_s_positions(tmp_path):
                                      encoder_hidden_size=16)
     pm, (b1, _, _) = _peft_trained(tiny_llama, config, tmp_path)
     x = ids()
-    cm = peftc.compile(b1, tmp_path, kwargs=dict(input_ids=x))
+    cm = peftc.compile(b1, tmp_path, kwargs=dict(input_ids=x), dynamic=False)
     assert cm.spec.rules[0] == peftc.Prefix(length=LENGTH)  # PEFT saved the projected prefixes
     positions = torch.arange(LENGTH, LENGTH + x.shape[1]).expand(x.shape[0], -1)
     assert_close(logits(cm(input_ids=x, position_ids=positions)), logits(pm(input_ids=x)))
@@ -302,7 +303,7 @@ def test_from_peft_selects_what_peft_selects(form):
     model = tiny_llama(num_hidden_layers=2)
     config = peft.LoraConfig(r=2, **form)
     spec = peftc.Spec.from_peft(config)
-    cm = peftc.compile(copy.deepcopy(model), spec, kwargs=dict(input_ids=ids()))
+    cm = peftc.compile(copy.deepcopy(model), spec, kwargs=dict(input_ids=ids()), dynamic=False)
     expected = adapted_by_peft(copy.deepcopy(model), peft.LoraConfig(r=2, **form))
     assert adapted_by_peftc(cm) == expected
     # the save side's reading of a PEFT config agrees with PEFT too
@@ -324,7 +325,7 @@ def test_from_peft_refuses_unsupported_types_and_keys():
 def test_a_base_that_does_not_fit_raises_and_leaves_cm_unchanged(tmp_path):
     _peft_trained(lambda: tiny_llama(), peft.LoraConfig(target_modules=["q_proj"], r=4), tmp_path / "small")
     cm = peftc.compile(tiny_llama(hidden_size=48, num_attention_heads=4, num_key_value_heads=2),
-                       peftc.LoRA(target=["q_proj"], r=4), kwargs=dict(input_ids=ids()))
+                       peftc.LoRA(target=["q_proj"], r=4), kwargs=dict(input_ids=ids()), dynamic=False)
     before = {k: v.clone() for k, v in cm.adapter_state_dict().items()}
     with pytest.raises(peftc.AdapterError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight.*\(4, 32\)"
                                                  r".*\(4, 48\)"):
@@ -333,7 +334,7 @@ def test_a_base_that_does_not_fit_raises_and_leaves_cm_unchanged(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(peftc.AdapterError):
         peftc.compile(tiny_llama(hidden_size=48, num_attention_heads=4, num_key_value_heads=2), tmp_path / "small",
-                      kwargs=dict(input_ids=ids()))
+                      kwargs=dict(input_ids=ids()), dynamic=False)
 
 
 # ---- all-linear and the task type ----------------------------------------------------------------------------------
@@ -379,7 +380,7 @@ def test_all_linear_trains_what_hf_peft_trains(case):
     hf = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear", r=4,
                                                                    task_type=task_type))
     inputs = {key: ids() if key == "input_ids" else torch.randn(2, 3, 8, 8)}
-    cm = peftc.compile(model, peftc.Spec(peftc.LoRA(target="all-linear", r=4), task_type=task_type), kwargs=inputs)
+    cm = peftc.compile(model, peftc.Spec(peftc.LoRA(target="all-linear", r=4), task_type=task_type), kwargs=inputs, dynamic=False)
     assert cm.parameter_counts()[0] == sum(p.numel() for p in hf.parameters() if p.requires_grad)
     hf_lora = {n.removeprefix("base_model.model.").split(".lora_A")[0] for n, _ in hf.named_parameters()
                if ".lora_A" in n}
@@ -387,10 +388,10 @@ def test_all_linear_trains_what_hf_peft_trains(case):
 
 
 def test_bert_classifier_gets_lora_without_a_task_type_and_a_full_copy_with_seq_cls():
-    cm = peftc.compile(tiny_bert(), peftc.LoRA(target="all-linear", r=4), kwargs=dict(input_ids=ids()))
+    cm = peftc.compile(tiny_bert(), peftc.LoRA(target="all-linear", r=4), kwargs=dict(input_ids=ids()), dynamic=False)
     assert "classifier" in adapted_by_peftc(cm)
     seq = peftc.compile(tiny_bert(), peftc.Spec(peftc.LoRA(target="all-linear", r=4), task_type="SEQ_CLS"),
-                        kwargs=dict(input_ids=ids()))
+                        kwargs=dict(input_ids=ids()), dynamic=False)
     assert "classifier" not in adapted_by_peftc(seq)
     assert {"classifier.modules_to_save.weight", "classifier.modules_to_save.bias"} <= \
         {p.name for p in seq.params if p.trainable}

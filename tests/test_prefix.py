@@ -43,7 +43,7 @@ def llama():
     x = ids()
     mask = torch.ones_like(x)
     mask[1, :2] = 0  # left padding
-    cm = peftc.compile(tiny_llama(), peftc.Prefix(length=LENGTH), kwargs=dict(input_ids=x, attention_mask=mask))
+    cm = peftc.compile(tiny_llama(), peftc.Prefix(length=LENGTH), kwargs=dict(input_ids=x, attention_mask=mask), dynamic=False)
     return cm, x, mask
 
 
@@ -93,7 +93,7 @@ def test_llama_matches_hf_prefix_tuning_given_its_positions(llama):
 def test_sdpa_and_written_out_forms_agree(llama):
     cm, x, mask = llama
     eager = peftc.compile(tiny_llama("eager"), peftc.Prefix(length=LENGTH),
-                          kwargs=dict(input_ids=x, attention_mask=mask))
+                          kwargs=dict(input_ids=x, attention_mask=mask), dynamic=False)
     assert eager.counters["insert-prefix.softmax"] == 1
     eager.load_adapter_state_dict(cm.adapter_state_dict())
     torch.testing.assert_close(logits(eager(input_ids=x, attention_mask=mask))[mask.bool()],
@@ -103,7 +103,7 @@ def test_sdpa_and_written_out_forms_agree(llama):
 def test_gpt2_eager_with_projection_is_causal_and_counts_match_hf():
     x = ids()
     cm = peftc.compile(tiny_gpt2("eager"), peftc.Prefix(length=LENGTH, projection=True, encoder_hidden_size=24),
-                       kwargs=dict(input_ids=x))
+                       kwargs=dict(input_ids=x), dynamic=False)
     assert cm.parameter_counts()[0] == hf_trainable(tiny_gpt2(), task_type="CAUSAL_LM", prefix_projection=True,
                                                     encoder_hidden_size=24)
     assert {p.name for p in cm.params if p.trainable} == {
@@ -129,7 +129,7 @@ def test_bert_padding_is_kept_and_counts_match_hf():
     mask = torch.ones_like(x)
     mask[0, -3:] = 0
     cm = peftc.compile(tiny_bert(head="base"), peftc.Prefix(length=LENGTH),
-                       kwargs=dict(input_ids=x, attention_mask=mask))
+                       kwargs=dict(input_ids=x, attention_mask=mask), dynamic=False)
     assert cm.parameter_counts()[0] == hf_trainable(tiny_bert(head="base"), task_type="FEATURE_EXTRACTION")
     out = cm(input_ids=x, attention_mask=mask).last_hidden_state
     other = x.clone()
@@ -158,7 +158,7 @@ def test_hand_written_matches_reference(hand):
 
 def test_multi_query_broadcast_and_float_mask_match_reference():
     x = ids()
-    cm = peftc.compile(HandLM(("broadcast", "sdpa_float")), peftc.Prefix(length=LENGTH), kwargs=dict(input_ids=x))
+    cm = peftc.compile(HandLM(("broadcast", "sdpa_float")), peftc.Prefix(length=LENGTH), kwargs=dict(input_ids=x), dynamic=False)
     prefixes = [tuple(cm.params[f"blocks.{i}.prefix_{w}"].tensor for w in ("key", "value")) for i in range(2)]
     assert prefixes[0][0].shape == (1, LENGTH, 4) and prefixes[1][0].shape == (2, LENGTH, 4)
     other = ids(3, 5, seed=4)  # another batch and length through the same dynamic graph
@@ -187,7 +187,7 @@ def test_golden_diff_and_idempotent(hand):
 def test_projection_matches_reference():
     x = ids()
     cm = peftc.compile(HandLM(("softmax", "sdpa")), peftc.Prefix(length=LENGTH, projection=True),
-                       kwargs=dict(input_ids=x))
+                       kwargs=dict(input_ids=x), dynamic=False)
     p = {name.removeprefix("prefix_encoder."): cm.params[name].tensor for name in cm.params.names()
          if name.startswith("prefix_encoder.")}
     assert tuple(p["transform.2.weight"].shape) == (2 * 2 * 8, 8)  # sites · (key, value) · kv_heads·head_dim
@@ -202,7 +202,7 @@ def test_two_projected_prefix_rules_are_refused():
     spec = peftc.Spec(peftc.Prefix(length=2, target="blocks.0", projection=True),
                       peftc.Prefix(length=2, target="blocks.1", projection=True))
     with pytest.raises(peftc.SpecError, match="one projected prefix"):
-        peftc.compile(HandLM(("softmax", "sdpa")), spec, kwargs=dict(input_ids=ids()))
+        peftc.compile(HandLM(("softmax", "sdpa")), spec, kwargs=dict(input_ids=ids()), dynamic=False)
 
 
 def test_spec_validation():
@@ -229,7 +229,7 @@ def test_train_mode_capture_reuses_the_prefix(hand):
 def test_bfloat16_base_trains_float32_prefix():
     x = ids()
     cm = peftc.compile(HandLM(("softmax", "sdpa")).to(torch.bfloat16), peftc.Prefix(length=LENGTH),
-                       kwargs=dict(input_ids=x))
+                       kwargs=dict(input_ids=x), dynamic=False)
     assert {cm.params[n].tensor.dtype for n in cm.params.names("adapter")} == {torch.float32}
     out = cm(input_ids=x)
     assert out.dtype == torch.bfloat16

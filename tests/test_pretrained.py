@@ -36,7 +36,7 @@ def embed(output, mask):
 def test_real_weights_identity_at_init_keeps_sentence_similarity(minilm):
     model, batch = minilm
     model = copy.deepcopy(model)
-    cm = peftc.compile(model, peftc.LoRA(target="query|value", r=8, alpha=16), kwargs=batch)
+    cm = peftc.compile(model, peftc.LoRA(target="query|value", r=8, alpha=16), kwargs=batch, dynamic=False)
     out = cm(**batch)
     assert torch.equal(out.last_hidden_state, model(**batch).last_hidden_state)
     sim = embed(out, batch["attention_mask"])
@@ -47,7 +47,7 @@ def test_real_weights_identity_at_init_keeps_sentence_similarity(minilm):
 def test_real_model_matches_hf_peft_with_the_same_adapters(minilm):
     model, batch = minilm
     ours_base, hf_base = copy.deepcopy(model), copy.deepcopy(model)
-    cm = peftc.compile(ours_base, peftc.LoRA(target="query|value", r=4, alpha=8), kwargs=batch)
+    cm = peftc.compile(ours_base, peftc.LoRA(target="query|value", r=4, alpha=8), kwargs=batch, dynamic=False)
     hf = peft.get_peft_model(hf_base, peft.LoraConfig(target_modules=["query", "value"], r=4, lora_alpha=8))
     torch.manual_seed(0)
     weights = {k: torch.randn_like(v) * 0.05 for k, v in cm.adapter_state_dict().items()}
@@ -67,7 +67,7 @@ def test_real_model_matches_hf_peft_with_the_same_adapters(minilm):
 def test_lora_fine_tuning_moves_real_embeddings_and_merges(minilm):
     model, batch = minilm
     model = copy.deepcopy(model)
-    cm = peftc.compile(model, peftc.LoRA(target="query|value", r=4, alpha=8), kwargs=batch)
+    cm = peftc.compile(model, peftc.LoRA(target="query|value", r=4, alpha=8), kwargs=batch, dynamic=False)
     opt = torch.optim.AdamW(cm.trainable_parameters(), lr=5e-3)
 
     def similarity():

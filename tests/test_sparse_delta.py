@@ -273,7 +273,7 @@ def test_compiled_model_trains_saves_and_reloads():
     model = tiny_gpt2().eval()
     x = ids()
     spec = peftc.Spec(peftc.SparseDelta(target="c_fc", density=0.05), peftc.BitFit(target="c_proj"))
-    cm = peftc.compile(model, spec, kwargs=dict(input_ids=x))
+    cm = peftc.compile(model, spec, kwargs=dict(input_ids=x), dynamic=False)
     ref = cm(input_ids=x).logits.detach()
     opt = torch.optim.AdamW(cm.trainable_parameters(), lr=1e-2)
     cm.train()
@@ -288,7 +288,7 @@ def test_compiled_model_trains_saves_and_reloads():
     state = cm.adapter_state_dict()
     assert {k.rpartition(".")[2] for k in state} == {"weight", "weight_index", "bias", "bias_index"}  # c_fc: both
     assert state["transformer.h.0.mlp.c_fc.sparse_delta.weight_index"].dtype == torch.int64
-    other = peftc.compile(copy.deepcopy(model), spec, kwargs=dict(input_ids=x))
+    other = peftc.compile(copy.deepcopy(model), spec, kwargs=dict(input_ids=x), dynamic=False)
     other.load_adapter_state_dict(state)
     torch.testing.assert_close(other(input_ids=x).logits, trained)
     assert "insert-sparse-delta" in str(cm.report()) and "index_add" in cm.diff("insert-sparse-delta")
@@ -340,7 +340,7 @@ def test_deltas_merge_into_the_base_weights():
     x = ids()
     spec = peftc.Spec(peftc.SparseDelta(target=r".*c_fc\.weight", density=0.1, structure="columns"),
                       peftc.BitFit(exclude=r".*ln_.*"), peftc.NormTuning())
-    cm = peftc.compile(model, spec, kwargs=dict(input_ids=x))
+    cm = peftc.compile(model, spec, kwargs=dict(input_ids=x), dynamic=False)
     with torch.no_grad():
         for p in cm.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.1)

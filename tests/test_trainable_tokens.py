@@ -34,7 +34,7 @@ def test_rows_train_as_in_hf_peft_with_merge_and_format(tied, tmp_path):
     model = tiny_llama(tie_word_embeddings=tied).eval()
     x = torch.tensor([[1, 5, 2, 7, 30, 3, 4, 5]] * 2)
     plain = logits(model(input_ids=x))
-    cm = peftc.compile(copy.deepcopy(model), peftc.TrainableTokens(indices=INDICES), kwargs=dict(input_ids=x))
+    cm = peftc.compile(copy.deepcopy(model), peftc.TrainableTokens(indices=INDICES), kwargs=dict(input_ids=x), dynamic=False)
     rows = cm.params["model.embed_tokens.trainable_tokens_delta"].tensor
     assert cm.parameter_counts()[0] == len(INDICES) * 32 == rows.numel()
     close(rows, model.model.embed_tokens.weight[INDICES])  # HF's init: the rows themselves
@@ -60,7 +60,7 @@ def test_rows_train_as_in_hf_peft_with_merge_and_format(tied, tmp_path):
     back = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "ours")).eval()
     close(logits(back(input_ids=x)), ours)
     pm.save_pretrained(str(tmp_path / "theirs"))
-    again = peftc.compile(copy.deepcopy(model), tmp_path / "theirs", kwargs=dict(input_ids=x))
+    again = peftc.compile(copy.deepcopy(model), tmp_path / "theirs", kwargs=dict(input_ids=x), dynamic=False)
     close(logits(again(input_ids=x)), ours)
 
 
@@ -70,7 +70,7 @@ def test_bad_indices_are_refused():
             peftc.TrainableTokens(indices=bad)
     torch.manual_seed(0)
     with pytest.raises(SpecError, match="out of range"):
-        peftc.compile(tiny_llama(), peftc.TrainableTokens(indices=[64]), kwargs=dict(input_ids=ids()))
+        peftc.compile(tiny_llama(), peftc.TrainableTokens(indices=[64]), kwargs=dict(input_ids=ids()), dynamic=False)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -87,7 +87,7 @@ def test_lora_with_trainable_token_indices_round_trips_hf_s_lora_config(tmp_path
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     theirs = logits(pm(input_ids=x))
     pm.save_pretrained(str(tmp_path / "theirs"))
-    cm = peftc.compile(copy.deepcopy(model), tmp_path / "theirs", kwargs=dict(input_ids=x))
+    cm = peftc.compile(copy.deepcopy(model), tmp_path / "theirs", kwargs=dict(input_ids=x), dynamic=False)
     assert [type(r).__name__ for r in cm.spec.rules] == ["LoRA", "TrainableTokens"]
     assert cm.parameter_counts()[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
     close(logits(cm(input_ids=x)), theirs)
