@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError
-from .method import regularized
+from .method import with_hook
 from .params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from .passes.insert_adapters import InsertAdapters, bank_name
 from .passes.insert_mixed_lora import MIXED_INDEX, InsertMixedLora
@@ -274,8 +274,9 @@ def _reconfigure(cm, b: AdapterBank) -> None:
     cm.__dict__["_adapter_config"] = config
     # HF PEFT's AdaLoRA adds its penalty on the compiled adapter's tensors (the slots), disabled or not; a graph of
     # another configuration holds no adapter with a regularizer (adapter_rules refuses one)
-    cm.__dict__["_regularizers"] = regularized(cm.spec.rules) if cm.spec is not None and \
-        (config is None or b.disabled) else ()
+    compiled = cm.spec.rules if cm.spec is not None and (config is None or b.disabled) else ()
+    cm.__dict__["_regularizers"] = with_hook(compiled, "regularizer")
+    cm.__dict__["_before_call"] = with_hook(compiled, "before_call")
 
 
 def _bind(cm, b: AdapterBank, name: str) -> None:
@@ -401,7 +402,7 @@ def adapter_rules(b: AdapterBank, kind: str, names: Sequence[str]) -> list[tuple
             raise AdapterError(f"adapter `{n}` was loaded without a spec, so no graph can be captured for it; "
                                f"activate one adapter of the compiled structure at a time")
         where = f"adapter `{n}` ({' + '.join(r.kind for r in rules)})"
-        if regularized(rules):
+        if with_hook(rules, "regularizer"):
             raise AdapterError(f"{where} adds a regularizer to the loss (AdaLoRA), which peftc computes on the "
                                f"compiled adapter's slots only; activate it alone, with the compiled structure")
         if kind == "mixed" and (len(rules) != 1 or rules[0].kind not in MIXED_BATCH):

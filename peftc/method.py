@@ -506,10 +506,11 @@ def site_params(cm, rule: Method) -> dict[str, dict[str, str]]:
     return out
 
 
-def regularized(rules) -> tuple:
-    """The rules whose method adds a term to the loss (AdaLoRA's orthogonality penalty): decided when the model is
-    compiled or its adapter configuration changes (cm._regularizers), so a call scans nothing."""
-    return tuple(r for r in rules if getattr(type(r), "regularizer", None) is not None)
+def with_hook(rules, hook: str) -> tuple:
+    """The rules whose method has `hook` ("regularizer": AdaLoRA's orthogonality penalty; "before_call": COFT's
+    projection): decided when the model is compiled or its adapter configuration changes (cm._regularizers,
+    cm._before_call), so a call scans nothing."""
+    return tuple(r for r in rules if getattr(type(r), hook, None) is not None)
 
 
 def add_regularizers(cm, out, rules):
@@ -522,13 +523,12 @@ def add_regularizers(cm, out, rules):
     return out
 
 
-def run_before_call(cm) -> None:
-    """rule.before_call(sites) under no_grad, for every rule of cm's spec that has one, before each call (as HF
-    PEFT's COFT projects its parameters in place at the start of forward)."""
-    for rule in (cm.spec.rules if cm.spec is not None else ()):
-        if getattr(type(rule), "before_call", None) is not None:
-            with torch.no_grad():
-                rule.before_call(_live_sites(cm, rule))
+def run_before_call(cm, rules) -> None:
+    """rule.before_call(sites) under no_grad for each of `rules` (cm._before_call), before each call (as HF PEFT's
+    COFT projects its parameters in place at the start of forward)."""
+    with torch.no_grad():
+        for rule in rules:
+            rule.before_call(_live_sites(cm, rule))
 
 
 def _live_sites(cm, rule: Method) -> dict[str, Tensors]:

@@ -18,7 +18,7 @@ from ..distributed import check_capture, check_sharding, check_source, copy_full
 from ..errors import PassError, PeftcError
 from ..hf import HFModelMixin, autocast_state, compiled_class, source_signature
 from ..instrument import DiffIR, PassRecord, Verify
-from ..method import regularized
+from ..method import with_hook
 from ..params import ADAPTER, BUFFER, Param, ParamTable, get_attr_path, set_attr_path
 from ..pipeline import Instrument, PassContext, Pipeline
 from ..spec import Spec
@@ -138,7 +138,9 @@ class CompiledModel(HFModelMixin, nn.Module):
         self._info = ModelInfo.of(model, task_type=getattr(spec, "task_type", None))
         self._graphs: dict[Any, list[GraphModule]] = {}  # what calls run: the training stage's graphs
         self._method_graphs: dict[Any, list[GraphModule]] = {}  # the same captures before it: what lowerings read
-        self._regularizers = regularized(spec.rules if spec is not None else ())  # loss terms a call adds
+        rules = spec.rules if spec is not None else ()
+        self._regularizers = with_hook(rules, "regularizer")  # loss terms a call adds
+        self._before_call = with_hook(rules, "before_call")  # in-place updates before a call
         self.train(model.training)
         first = self._lower(tuple(args), call_kwargs(model, kwargs),
                             instruments=[*([Verify()] if verify else []), self.diff_ir, *instruments])
@@ -219,9 +221,10 @@ class CompiledModel(HFModelMixin, nn.Module):
     def _call(self, entry: str | None, args: tuple, kwargs: dict[str, Any], config: Any = _ACTIVE) -> Any:
         """Run the graph of this call signature (entering through submodule `entry`, for cm.base_model) for the
         adapter configuration `config` (the active one by default)."""
-        from ..method import run_before_call
+        if self._before_call:
+            from ..method import run_before_call
 
-        run_before_call(self)
+            run_before_call(self, self._before_call)
         kwargs = call_kwargs(self._source if entry is None else get_attr_path(self._source, entry), kwargs)
         if self.recompute_plan is not None and self.training:
             from ..recompute import check_tokens
