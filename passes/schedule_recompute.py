@@ -43,18 +43,49 @@ def op_key(func, index: int) -> str:
 observer = None
 
 
+MATMUL_RULE = "matmul>"  # a save entry `matmul>16`: keep costly outputs (`is_costly`) of matmuls contracting > 16
+_MATMULS = {"mm": 0, "addmm": 1, "bmm": 0, "baddbmm": 1}  # aten op ==> which argument's last dim is contracted
+
+
+def is_random(func, args, kwargs) -> bool:
+    """Whether an aten op call draws random numbers (dropout, attention with dropout_p > 0)."""
+    name = func.__name__
+    dropout = next((v for a, v in zip(func._schema.arguments, args) if a.name == "dropout_p"),
+                   kwargs.get("dropout_p", 0.0))
+    return any(w in name for w in ("dropout", "bernoulli", "rand", "normal")) or bool(dropout)
+
+
+def is_costly(func, args, kwargs, max_cheap_k: int) -> bool:
+    """Whether recomputing this aten op call costs real work: attention, or an op FlopCounterMode counts (matmuls,
+    convolutions), except a matmul whose contraction is at most `max_cheap_k` (a low-rank product such as LoRA's
+    B(Ax): few FLOPs per output byte). Random and in-place ops are never costly: they are replayed, not kept."""
+    from torch.utils.flop_counter import flop_registry
+
+    if func._schema.is_mutable or is_random(func, args, kwargs):
+        return False
+    name = func.__name__.split(".")[0]
+    if "scaled_dot_product" in name or "attention" in name:
+        return True
+    if func._overloadpacket not in flop_registry:
+        return False
+    return name not in _MATMULS or args[_MATMULS[name]].shape[-1] > max_cheap_k
+
+
 def _save_policy(save: frozenset[str]):
-    """A selective-checkpoint policy that keeps the outputs of the op calls `save` names and recomputes the rest."""
+    """A selective-checkpoint policy that keeps the outputs of the op calls `save` names and recomputes the rest;
+    a `matmul>K` entry keeps every costly op output (is_costly with max_cheap_k=K)."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     calls: dict = {}
+    rule = next((int(s[len(MATMUL_RULE):]) for s in save if s.startswith(MATMUL_RULE)), None)
 
     def policy(ctx, func, *args, **kwargs):
         index = calls.get(func, 0)
         calls[func] = index + 1
         if observer is not None:
             observer(op_key(func, index), func, args, kwargs, ctx.op_output)
-        return CheckpointPolicy.MUST_SAVE if op_key(func, index) in save else CheckpointPolicy.PREFER_RECOMPUTE
+        keep = op_key(func, index) in save or (rule is not None and is_costly(func, args, kwargs, rule))
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
     return policy
 
@@ -197,6 +228,10 @@ class ScheduleRecompute(Pass):
         modified = False
         for path in chosen:
             nodes = blocks[path]
+            if any(REGION_KEY in n.meta for n in nodes):
+                raise SpecError(f"{NAME}: block `{path}` already has regions recomputed (by recompute-cheap or "
+                                f"regions=...); recompute whole blocks or regions, not both: leave recompute-cheap "
+                                f"out (peftc.compile(..., recompute=False))")
             if any(n.meta.get("peftc.pass") == NAME for n in nodes):
                 continue  # already checkpointed
             self._checkpoint(gm, path, nodes)
