@@ -380,7 +380,9 @@ def _compile(args: argparse.Namespace, progress: Progress):
     model, margs, mkwargs = load_model(args.model, args.inputs, args.seq_len, args.batch)
     progress.step("capturing with torch.export")
     instruments = [progress, *([PrintIR()] if args.print_ir_after_change else [])]
-    cm = peftc.compile(model, spec, margs, mkwargs, pipeline=pipeline, instruments=instruments)
+    # With a budget, the planner's schedule replaces the default recompute-cheap.
+    cm = peftc.compile(model, spec, margs, mkwargs, pipeline=pipeline, instruments=instruments,
+                       recompute=budget is None)
     if budget is not None:
         progress.step("planning recomputation for the memory budget")
         plan_recompute(cm, budget)
@@ -521,8 +523,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                   "alive for backward, outputs and loss included):")
     console.print(str(step))
     plan = cm.recompute_plan
-    console.print(f"recomputed in backward: {', '.join(plan.recomputed) or 'nothing'}\n{plan}" if plan is not None
-                  else "recomputed in backward: nothing (give --memory-budget to plan recomputation)")
+    if plan is not None:
+        console.print(f"recomputed in backward: {', '.join(plan.recomputed) or 'nothing'}\n{plan}")
+    else:
+        from .recompute import recomputed_regions
+
+        regions = recomputed_regions(cm)
+        console.print(f"recomputed in backward: {', '.join(regions) or 'nothing'} (the default recompute-cheap: norms, "
+                      f"activations, rotary, low-rank products; give --memory-budget to plan for a budget)")
     return 0
 
 

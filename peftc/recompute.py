@@ -557,6 +557,16 @@ def check_tokens(cm, args: tuple, kwargs: dict) -> None:
                   f"train on", stacklevel=3)
 
 
+def recomputed_regions(cm) -> tuple[str, ...]:
+    """The regions the training graph of a CompiledModel's example inputs recomputes in backward, as
+    schedule-recompute{regions=...} names them (`model.layers.0#1:matmul>16`)."""
+    from .passes.schedule_recompute import REGION_KEY
+
+    with _training(cm) as base:
+        return tuple(n.meta[REGION_KEY] + (":" + "+".join(n.args[1]) if n.args[1] else "")
+                     for n in base.graph.nodes if REGION_KEY in n.meta)
+
+
 def repeated_block_paths(cm) -> tuple[str, ...]:
     """The repeated blocks (ModuleList children) of a CompiledModel's training graph, in the order they run."""
     from .passes.schedule_recompute import repeated_blocks
