@@ -33,7 +33,8 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     full-size matmul and attention outputs, within 2% more FLOPs, decided from the graph; `recompute=False` leaves
     it out; a `memory_budget` replaces it with a planned schedule). Exports and
     merges never see training passes. `pipeline` overrides the spec's default pipeline
-    (`"insert-lora{r=8,target=q_proj},prune-grads"`). `memory_budget` (bytes, or a size such as "2GiB") is what the
+    (`"insert-lora{r=8,target=q_proj},prune-grads"`). `memory_budget` (bytes, or a size such as "2GiB"; default: the
+    spec's `[memory] budget`, and `optimizer_state_bytes` likewise) is what the
     device may hold during one training step on the example inputs: parameters, buffers, inputs, optimizer state
     (AdamW's two fp32 moments per trainable parameter unless `optimizer_state_bytes=`) and the activation peak.
     The planner decides per region of each repeated block, and per matmul/attention output inside it, what
@@ -55,6 +56,10 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     elif spec is not None and not isinstance(spec, Spec):
         raise SpecError(f"spec must be a peftc.Spec, a rule such as peftc.LoRA(...) or a spec file path, "
                         f"got {type(spec).__name__}")
+    if spec is not None and spec.memory is not None:  # the spec's [memory] table; the keywords win
+        memory_budget = spec.memory.budget if memory_budget is None else memory_budget
+        if optimizer_state_bytes is None:
+            optimizer_state_bytes = spec.memory.optimizer_state_bytes
     if isinstance(pipeline, str):
         pipeline = Pipeline.parse(pipeline)
     elif pipeline is None:

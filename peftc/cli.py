@@ -364,7 +364,6 @@ def _check_adapter_scaling(cm, directory: Path) -> None:
 def _compile(args: argparse.Namespace, progress: Progress):
     import peftc
     from .instrument import PrintIR
-    from .recompute import plan_recompute
     from .spec import Spec
 
     if args.spec is None and args.pipeline is None:
@@ -380,12 +379,10 @@ def _compile(args: argparse.Namespace, progress: Progress):
     model, margs, mkwargs = load_model(args.model, args.inputs, args.seq_len, args.batch)
     progress.step("capturing with torch.export")
     instruments = [progress, *([PrintIR()] if args.print_ir_after_change else [])]
-    # With a budget, the planner's schedule replaces the default recompute-cheap.
+    if budget is not None or (spec is not None and spec.memory is not None and spec.memory.budget is not None):
+        progress.step("capturing, then planning recomputation for the memory budget")
     cm = peftc.compile(model, spec, margs, mkwargs, pipeline=pipeline, instruments=instruments,
-                       recompute=budget is None)
-    if budget is not None:
-        progress.step("planning recomputation for the memory budget")
-        plan_recompute(cm, budget)
+                       memory_budget=budget)
     progress.done()
     if adapter is not None:
         _check_adapter_scaling(cm, Path(adapter_dir))
