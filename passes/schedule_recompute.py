@@ -21,12 +21,12 @@ from typing import ClassVar
 
 import torch
 import torch.utils.checkpoint
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
 
 from peftc.capture import ModelInfo
 from peftc.errors import PassError, SpecError
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
-from peftc.rewrite import NodeBuilder
+from peftc.rewrite import NodeBuilder, extract_region, interleaved_reader, shape_meta
 
 NAME = "schedule-recompute"
 BLOCK_KEY = "peftc.recompute_block"  # on the checkpoint call: the module path of the block it runs
@@ -268,28 +268,12 @@ class ScheduleRecompute(Pass):
                                 f"running the block again in backward would apply it twice")
         # The call goes right after the block's last node: nothing outside the block may read a block value
         # before that point, or it would run before the value exists.
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        reader = interleaved_reader(gm.graph, nodes)
+        if reader is not None:
+            raise PassError(f"{NAME}: `{reader.name}` runs inside block `{path}` but outside its modules and reads "
+                            f"block values; the block cannot run as one call")
         last = nodes[-1]
-        for node in gm.graph.nodes:
-            if order[nodes[0]] < order[node] < order[last] and node not in inside and \
-                    any(a in inside for a in node.all_input_nodes):
-                raise PassError(f"{NAME}: `{node.name}` runs inside block `{path}` but outside its modules and reads "
-                                f"block values; the block cannot run as one call")
-        inputs: list[Node] = []
-        for node in nodes:
-            for a in node.all_input_nodes:
-                if a not in inside and a not in inputs:
-                    inputs.append(a)
-        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-
-        sub = Graph()
-        env: dict[Node, Node] = {}
-        for a in inputs:
-            env[a] = sub.placeholder(a.name)
-            env[a].meta.update({k: v for k, v in a.meta.items() if k in ("val", "tensor_meta")})
-        for node in nodes:
-            env[node] = sub.node_copy(node, lambda a: env[a])
-        sub.output(tuple(env[n] for n in outputs))
+        sub, inputs, outputs = extract_region(nodes)
         qualname = f"peftc_recompute_{(region or path).replace('.', '_').replace('#', '_r')}"
         gm.add_submodule(qualname, GraphModule(torch.nn.Module(), sub, class_name="RecomputeBlock"))
 
@@ -303,7 +287,7 @@ class ScheduleRecompute(Pass):
         call.meta[BLOCK_KEY] = path
         for i, out in enumerate(outputs):
             value = nb.call(operator.getitem, call, i, name=f"{out.name}_recomputed")
-            value.meta.update({k: v for k, v in out.meta.items() if k in ("val", "tensor_meta")})
+            value.meta.update(shape_meta(out))
             out.replace_all_uses_with(value, delete_user_cb=lambda user: user not in inside)
         for node in reversed(nodes):
             gm.graph.erase_node(node)
