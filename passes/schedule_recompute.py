@@ -172,7 +172,8 @@ class ScheduleRecompute(Pass):
     `blocks`: how many repeated blocks to recompute (the first ones to run), a tuple of block paths, or a
     `|`-separated string of them; None recomputes every block. `regions` instead names regions of blocks
     (`block_regions`), each with the op calls whose outputs backward keeps rather than recomputes:
-    `model.layers.0#0:mm.0+mm.4|model.layers.1#1` (the memory-budget planner writes these). Training graphs only:
+    `model.layers.0#0:mm.0+mm.4|model.layers.1#1` (the memory-budget planner writes these), or with the rule
+    `matmul>16`: keep every matmul output contracting over more than 16, and attention's (recompute-cheap writes it). Training graphs only:
     eval graphs keep no activations for backward, so they are left unchanged. Gradients are unchanged: the block
     runs the same ops on the same inputs again, with the RNG state it first ran with (dropout draws the same masks).
     """
