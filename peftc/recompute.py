@@ -455,25 +455,20 @@ def _plan(cm, budget: int | None, optimizer_state_bytes: int | None) -> Recomput
     from .passes.schedule_recompute import block_regions
 
     with _training(cm) as base:
-        if not block_regions(base, cm._info):
+        if budget is not None or not block_regions(base, cm._info):
             report = _measure(cm, base, base, optimizer_state_bytes)
             if budget is None or report.device_peak_bytes <= budget:  # fits as it is: nothing to plan
                 return _record(cm, budget, (), report.device_peak_bytes, report, 0, report.forward_flops
                                + report.backward_flops, 1)
-            raise BudgetError(
-                f"memory budget {_fmt_bytes(budget)} ({budget:,} bytes) is too small for one training step on "
-                f"the example inputs, which needs {report.device_peak_bytes:,} bytes "
-                f"({_fmt_bytes(report.device_peak_bytes)}), and the model has no repeated blocks (ModuleList "
-                f"children) to recompute; raise the budget to at least that, or shrink the batch or sequence",
-                report.device_peak_bytes)
-        # The unscheduled calibration step is the measured step of the unscheduled graph (its marks are views):
-        # when it fits the budget, there is nothing to plan.
-        full = _calibrate(cm, base, False, optimizer_state_bytes)
-        report = full.report
-        if budget is not None and report.device_peak_bytes <= budget:
-            return _record(cm, budget, (), report.device_peak_bytes, report, 0, report.forward_flops
-                           + report.backward_flops, 1)
-        model = _Model(full, _calibrate(cm, base, True, optimizer_state_bytes))
+            if not block_regions(base, cm._info):
+                raise BudgetError(
+                    f"memory budget {_fmt_bytes(budget)} ({budget:,} bytes) is too small for one training step on "
+                    f"the example inputs, which needs {report.device_peak_bytes:,} bytes "
+                    f"({_fmt_bytes(report.device_peak_bytes)}), and the model has no repeated blocks (ModuleList "
+                    f"children) to recompute; raise the budget to at least that, or shrink the batch or sequence",
+                    report.device_peak_bytes)
+        model = _Model(_calibrate(cm, base, False, optimizer_state_bytes),
+                       _calibrate(cm, base, True, optimizer_state_bytes))
         fixed = model.fixed
         target = None if budget is None else budget - fixed
         rounds = 0
