@@ -12,3 +12,4 @@ from . import prune_grads  # noqa: F401
 from . import fold_params, merge_reparam  # noqa: F401
 from . import schedule_recompute  # noqa: F401
 from . import fuse_linear_cross_entropy  # noqa: F401
+from . import recompute_cheap  # noqa: F401

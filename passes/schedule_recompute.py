@@ -21,12 +21,12 @@ from typing import ClassVar
 
 import torch
 import torch.utils.checkpoint
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
 
 from peftc.capture import ModelInfo
 from peftc.errors import PassError, SpecError
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
-from peftc.rewrite import NodeBuilder
+from peftc.rewrite import NodeBuilder, extract_region, interleaved_reader, shape_meta
 
 NAME = "schedule-recompute"
 BLOCK_KEY = "peftc.recompute_block"  # on the checkpoint call: the module path of the block it runs
@@ -43,18 +43,49 @@ def op_key(func, index: int) -> str:
 observer = None
 
 
+MATMUL_RULE = "matmul>"  # a save entry `matmul>16`: keep costly outputs (`is_costly`) of matmuls contracting > 16
+_MATMULS = {"mm": 0, "addmm": 1, "bmm": 0, "baddbmm": 1}  # aten op ==> which argument's last dim is contracted
+
+
+def is_random(func, args, kwargs) -> bool:
+    """Whether an aten op call draws random numbers (dropout, attention with dropout_p > 0)."""
+    name = func.__name__
+    dropout = next((v for a, v in zip(func._schema.arguments, args) if a.name == "dropout_p"),
+                   kwargs.get("dropout_p", 0.0))
+    return any(w in name for w in ("dropout", "bernoulli", "rand", "normal")) or bool(dropout)
+
+
+def is_costly(func, args, kwargs, max_cheap_k: int) -> bool:
+    """Whether recomputing this aten op call costs real work: attention, or an op FlopCounterMode counts (matmuls,
+    convolutions), except a matmul whose contraction is at most `max_cheap_k` (a low-rank product such as LoRA's
+    B(Ax): few FLOPs per output byte). Random and in-place ops are never costly: they are replayed, not kept."""
+    from torch.utils.flop_counter import flop_registry
+
+    if func._schema.is_mutable or is_random(func, args, kwargs):
+        return False
+    name = func.__name__.split(".")[0]
+    if "scaled_dot_product" in name or "attention" in name:
+        return True
+    if func._overloadpacket not in flop_registry:
+        return False
+    return name not in _MATMULS or args[_MATMULS[name]].shape[-1] > max_cheap_k
+
+
 def _save_policy(save: frozenset[str]):
-    """A selective-checkpoint policy that keeps the outputs of the op calls `save` names and recomputes the rest."""
+    """A selective-checkpoint policy that keeps the outputs of the op calls `save` names and recomputes the rest;
+    a `matmul>K` entry keeps every costly op output (is_costly with max_cheap_k=K)."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     calls: dict = {}
+    rule = next((int(s[len(MATMUL_RULE):]) for s in save if s.startswith(MATMUL_RULE)), None)
 
     def policy(ctx, func, *args, **kwargs):
         index = calls.get(func, 0)
         calls[func] = index + 1
         if observer is not None:
             observer(op_key(func, index), func, args, kwargs, ctx.op_output)
-        return CheckpointPolicy.MUST_SAVE if op_key(func, index) in save else CheckpointPolicy.PREFER_RECOMPUTE
+        keep = op_key(func, index) in save or (rule is not None and is_costly(func, args, kwargs, rule))
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
     return policy
 
@@ -141,7 +172,8 @@ class ScheduleRecompute(Pass):
     `blocks`: how many repeated blocks to recompute (the first ones to run), a tuple of block paths, or a
     `|`-separated string of them; None recomputes every block. `regions` instead names regions of blocks
     (`block_regions`), each with the op calls whose outputs backward keeps rather than recomputes:
-    `model.layers.0#0:mm.0+mm.4|model.layers.1#1` (the memory-budget planner writes these). Training graphs only:
+    `model.layers.0#0:mm.0+mm.4|model.layers.1#1` (the memory-budget planner writes these), or with the rule
+    `matmul>16`: keep every matmul output contracting over more than 16, and attention's (recompute-cheap writes it). Training graphs only:
     eval graphs keep no activations for backward, so they are left unchanged. Gradients are unchanged: the block
     runs the same ops on the same inputs again, with the RNG state it first ran with (dropout draws the same masks).
     """
@@ -197,6 +229,10 @@ class ScheduleRecompute(Pass):
         modified = False
         for path in chosen:
             nodes = blocks[path]
+            if any(REGION_KEY in n.meta for n in nodes):
+                raise SpecError(f"{NAME}: block `{path}` already has regions recomputed (by recompute-cheap or "
+                                f"regions=...); recompute whole blocks or regions, not both: leave recompute-cheap "
+                                f"out (peftc.compile(..., recompute=False))")
             if any(n.meta.get("peftc.pass") == NAME for n in nodes):
                 continue  # already checkpointed
             self._checkpoint(gm, path, nodes)
@@ -233,28 +269,12 @@ class ScheduleRecompute(Pass):
                                 f"running the block again in backward would apply it twice")
         # The call goes right after the block's last node: nothing outside the block may read a block value
         # before that point, or it would run before the value exists.
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        reader = interleaved_reader(gm.graph, nodes)
+        if reader is not None:
+            raise PassError(f"{NAME}: `{reader.name}` runs inside block `{path}` but outside its modules and reads "
+                            f"block values; the block cannot run as one call")
         last = nodes[-1]
-        for node in gm.graph.nodes:
-            if order[nodes[0]] < order[node] < order[last] and node not in inside and \
-                    any(a in inside for a in node.all_input_nodes):
-                raise PassError(f"{NAME}: `{node.name}` runs inside block `{path}` but outside its modules and reads "
-                                f"block values; the block cannot run as one call")
-        inputs: list[Node] = []
-        for node in nodes:
-            for a in node.all_input_nodes:
-                if a not in inside and a not in inputs:
-                    inputs.append(a)
-        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-
-        sub = Graph()
-        env: dict[Node, Node] = {}
-        for a in inputs:
-            env[a] = sub.placeholder(a.name)
-            env[a].meta.update({k: v for k, v in a.meta.items() if k in ("val", "tensor_meta")})
-        for node in nodes:
-            env[node] = sub.node_copy(node, lambda a: env[a])
-        sub.output(tuple(env[n] for n in outputs))
+        sub, inputs, outputs = extract_region(nodes)
         qualname = f"peftc_recompute_{(region or path).replace('.', '_').replace('#', '_r')}"
         gm.add_submodule(qualname, GraphModule(torch.nn.Module(), sub, class_name="RecomputeBlock"))
 
@@ -268,7 +288,7 @@ class ScheduleRecompute(Pass):
         call.meta[BLOCK_KEY] = path
         for i, out in enumerate(outputs):
             value = nb.call(operator.getitem, call, i, name=f"{out.name}_recomputed")
-            value.meta.update({k: v for k, v in out.meta.items() if k in ("val", "tensor_meta")})
+            value.meta.update(shape_meta(out))
             out.replace_all_uses_with(value, delete_user_cb=lambda user: user not in inside)
         for node in reversed(nodes):
             gm.graph.erase_node(node)

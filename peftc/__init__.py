@@ -6,7 +6,7 @@ from .delta import fisher_masks
 from .errors import AdapterError, BudgetError, CaptureError, ExportError, GenerationError, PassError, PeftcError, SpecError
 from .lower.eager import CompiledModel
 from .pipeline import Pass, PassContext, PassResult, Pipeline, register_pass
-from .spec import IA3, BitFit, LoRA, ModulesToSave, NormTuning, Prefix, PromptTuning, Rule, SparseDelta, Spec
+from .spec import IA3, BitFit, LoRA, Memory, ModulesToSave, NormTuning, Prefix, PromptTuning, Rule, SparseDelta, Spec
 from .bottleneck import Adapter
 from .soft_prompts import AdaptionPrompt, PTuning
 from .method import Method, Param, Site, register_method
@@ -15,7 +15,7 @@ from .passes.insert_trainable_tokens import TrainableTokens
 from .passes.insert_ln_tuning import LNTuning
 
 __all__ = [
-    "compile", "Spec", "Rule", "LoRA", "Prefix", "PromptTuning", "IA3", "SparseDelta", "BitFit", "NormTuning",
+    "compile", "Spec", "Memory", "Rule", "LoRA", "Prefix", "PromptTuning", "IA3", "SparseDelta", "BitFit", "NormTuning",
     "ModulesToSave", "TrainableTokens", "LNTuning", "Adapter", "PTuning", "AdaptionPrompt", "Method", "Param", "Site",
     "register_method", "LoHa", "LoKr", "VeRA", "OFT", "BOFT", "AdaLoRA",
     "fisher_masks", "CompiledModel", "Pipeline", "Pass", "PassContext", "PassResult", "register_pass",

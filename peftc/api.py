@@ -16,7 +16,7 @@ from .spec import Rule, Spec
 
 def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple = (),
             kwargs: dict[str, Any] | None = None, *, dynamic: bool = True, prune_grads: bool = True,
-            fuse_loss: bool = True, pipeline: Pipeline | str | None = None,
+            fuse_loss: bool = True, recompute: bool = True, pipeline: Pipeline | str | None = None,
             verify: bool = True, instruments: Sequence[Instrument] = (),
             memory_budget: int | str | None = None, optimizer_state_bytes: int | None = None) -> CompiledModel:
     """Compile `model` for parameter-efficient fine-tuning as `spec` says.
@@ -28,9 +28,13 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     that change only how a training step runs (docs/optimize.md): prune-grads (nothing saved only for frozen
     weights, dropout masks replayed, not stored; `prune_grads=False` leaves it out) and fuse-linear-cross-entropy
     (a training step's cross-entropy loss computed in chunks of tokens without keeping the [tokens, vocab] logits,
-    so `.logits` of a training call with labels raises PeftcError; `fuse_loss=False` computes them). Exports and
+    so `.logits` of a training call with labels raises PeftcError; `fuse_loss=False` computes them), then
+    recompute-cheap (backward recomputes norms, activations, rotary and LoRA's low-rank products and keeps the
+    full-size matmul and attention outputs, within 2% more FLOPs, decided from the graph; `recompute=False` leaves
+    it out; a `memory_budget` replaces it with a planned schedule). Exports and
     merges never see training passes. `pipeline` overrides the spec's default pipeline
-    (`"insert-lora{r=8,target=q_proj},prune-grads"`). `memory_budget` (bytes, or a size such as "2GiB") is what the
+    (`"insert-lora{r=8,target=q_proj},prune-grads"`). `memory_budget` (bytes, or a size such as "2GiB"; default: the
+    spec's `[memory] budget`, and `optimizer_state_bytes` likewise) is what the
     device may hold during one training step on the example inputs: parameters, buffers, inputs, optimizer state
     (AdamW's two fp32 moments per trainable parameter unless `optimizer_state_bytes=`) and the activation peak.
     The planner decides per region of each repeated block, and per matmul/attention output inside it, what
@@ -52,12 +56,17 @@ def compile(model: nn.Module, spec: Spec | Rule | str | Path | None, args: tuple
     elif spec is not None and not isinstance(spec, Spec):
         raise SpecError(f"spec must be a peftc.Spec, a rule such as peftc.LoRA(...) or a spec file path, "
                         f"got {type(spec).__name__}")
+    if spec is not None and spec.memory is not None:  # the spec's [memory] table; the keywords win
+        memory_budget = spec.memory.budget if memory_budget is None else memory_budget
+        if optimizer_state_bytes is None:
+            optimizer_state_bytes = spec.memory.optimizer_state_bytes
     if isinstance(pipeline, str):
         pipeline = Pipeline.parse(pipeline)
     elif pipeline is None:
         if spec is None:
             raise SpecError("give a spec (e.g. peftc.LoRA(target='q_proj|v_proj')) or a pipeline")
-        pipeline = Pipeline.for_spec(spec, prune_grads=prune_grads, fuse_loss=fuse_loss)
+        pipeline = Pipeline.for_spec(spec, prune_grads=prune_grads, fuse_loss=fuse_loss,
+                                     recompute=recompute and memory_budget is None)
     if memory_budget is not None and memory_budget != "auto":
         memory_budget = parse_bytes(memory_budget)  # a bad budget fails before minutes of compiling
     if not isinstance(args, tuple):

@@ -364,7 +364,6 @@ def _check_adapter_scaling(cm, directory: Path) -> None:
 def _compile(args: argparse.Namespace, progress: Progress):
     import peftc
     from .instrument import PrintIR
-    from .recompute import plan_recompute
     from .spec import Spec
 
     if args.spec is None and args.pipeline is None:
@@ -380,10 +379,10 @@ def _compile(args: argparse.Namespace, progress: Progress):
     model, margs, mkwargs = load_model(args.model, args.inputs, args.seq_len, args.batch)
     progress.step("capturing with torch.export")
     instruments = [progress, *([PrintIR()] if args.print_ir_after_change else [])]
-    cm = peftc.compile(model, spec, margs, mkwargs, pipeline=pipeline, instruments=instruments)
-    if budget is not None:
-        progress.step("planning recomputation for the memory budget")
-        plan_recompute(cm, budget)
+    if budget is not None or (spec is not None and spec.memory is not None and spec.memory.budget is not None):
+        progress.step("capturing, then planning recomputation for the memory budget")
+    cm = peftc.compile(model, spec, margs, mkwargs, pipeline=pipeline, instruments=instruments,
+                       memory_budget=budget)
     progress.done()
     if adapter is not None:
         _check_adapter_scaling(cm, Path(adapter_dir))
@@ -521,8 +520,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                   "alive for backward, outputs and loss included):")
     console.print(str(step))
     plan = cm.recompute_plan
-    console.print(f"recomputed in backward: {', '.join(plan.recomputed) or 'nothing'}\n{plan}" if plan is not None
-                  else "recomputed in backward: nothing (give --memory-budget to plan recomputation)")
+    if plan is not None:
+        console.print(f"recomputed in backward: {', '.join(plan.recomputed) or 'nothing'}\n{plan}")
+    else:
+        from .recompute import recomputed_regions
+
+        regions = recomputed_regions(cm)
+        console.print(f"recomputed in backward: {', '.join(regions) or 'nothing'} (the default recompute-cheap: norms, "
+                      f"activations, rotary, low-rank products; give --memory-budget to plan for a budget)")
     return 0
 
 

@@ -121,7 +121,7 @@ class HFModelMixin:
 
     supports_gradient_checkpointing = True
     model_tags: list[str] | None = None
-    _checkpointing = None  # (the schedule-recompute pass, {scheduled graph: graph it replaced}) while enabled
+    _checkpointing = None  # (the pipeline before, {scheduled graph: graph it replaced}) while enabled
 
     # ---- what the source model says --------------------------------------------------------------------------
     @property
@@ -215,10 +215,13 @@ class HFModelMixin:
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:
         """Recompute every `every_n_layers`-th repeated block (decoder/encoder layer) in backward: the
-        schedule-recompute pass on every training graph, cached and future. Gradients are unchanged."""
+        schedule-recompute pass on every training graph, cached and future, in place of the default recompute-cheap
+        (whole blocks recompute what it would). Gradients are unchanged."""
+        from .adapters import config_stage
+        from .instrument import Verify
+        from .passes.recompute_cheap import RecomputeCheap
         from .passes.schedule_recompute import ScheduleRecompute
-        from .pipeline import Pipeline
-        from .recompute import _scheduled
+        from .pipeline import PassContext, Pipeline
 
         unknown = sorted(set(activation_checkpointing_kwargs or {}) - _CHECKPOINT_KWARGS)
         if unknown:
@@ -235,30 +238,36 @@ class HFModelMixin:
             raise PeftcError(f"{type(self._source).__name__} has no repeated blocks (ModuleList children) to "
                              f"recompute")
         p = ScheduleRecompute(blocks=None if every_n_layers == 1 else tuple(blocks[::every_n_layers]))
+        before = self.pipeline
+        self.pipeline = Pipeline((*(q for q in before.passes if not isinstance(q, RecomputeCheap)), p))
+        # The training stage again, from each graph's method graph: the one served ran recompute-cheap.
+        training = Pipeline(tuple(q for q in self.pipeline.passes if q.stage == "training"))
         replaced = {}
         for key, graphs in list(self._graphs.items()):
             if key[0]:  # training graphs; eval graphs keep nothing for backward
-                for gm in list(graphs):
-                    scheduled = _scheduled(gm, p, self)
+                params = self.params if key[-1] is None else config_stage(self, key[-1])[1]
+                ctx = PassContext(params, self._info, training=True)
+                for gm, method in zip(list(graphs), self._method_graphs[key]):
+                    scheduled = training.run_stages(method, ctx, [Verify()] if self.verify else []).training
                     self._replace_graph(gm, scheduled)
                     replaced[scheduled] = gm
-        self.pipeline = Pipeline((*self.pipeline.passes, p))
-        self._checkpointing = (p, replaced)
+        self._checkpointing = (before, replaced)
 
     def activation_checkpointing_disable(self) -> None:
-        """Undo activation_checkpointing_enable: the graphs it scheduled are served unscheduled again."""
-        from .pipeline import Pipeline
-
+        """Undo activation_checkpointing_enable: the graphs it scheduled are served as before again."""
         if self._checkpointing is None:
             return
-        p, replaced = self._checkpointing
+        before, replaced = self._checkpointing
         for key, graphs in list(self._graphs.items()):
             if key[0]:
-                # Graphs captured while it was enabled ran the pass during capture: drop them, to be captured again.
-                graphs[:] = [replaced.get(gm) for gm in graphs if gm in replaced]
+                # Graphs captured while it was enabled ran the pass during capture: drop them (and their method
+                # graphs, which stay paired with them), to be captured again.
+                kept = [(replaced[gm], m) for gm, m in zip(graphs, self._method_graphs[key]) if gm in replaced]
+                graphs[:] = [gm for gm, _ in kept]
+                self._method_graphs[key][:] = [m for _, m in kept]
         if self.graph_module in replaced:
             object.__setattr__(self, "graph_module", replaced[self.graph_module])
-        self.pipeline = Pipeline(tuple(q for q in self.pipeline.passes if q is not p))
+        self.pipeline = before
         self._checkpointing = None
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:

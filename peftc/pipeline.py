@@ -155,12 +155,14 @@ class Pipeline:
         return Pipeline(tuple(p for p in self.passes if p.stage == TRAINING))
 
     @classmethod
-    def for_spec(cls, spec: Spec, *, prune_grads: bool = True, fuse_loss: bool = True) -> "Pipeline":
-        """Method stage: freeze-base, one pass per rule. Training stage: prune-grads, then fuse-linear-cross-entropy
-        (each unless turned off)."""
+    def for_spec(cls, spec: Spec, *, prune_grads: bool = True, fuse_loss: bool = True,
+                 recompute: bool = True) -> "Pipeline":
+        """Method stage: freeze-base, one pass per rule. Training stage: prune-grads, fuse-linear-cross-entropy, then
+        recompute-cheap (each unless turned off)."""
         from .passes.freeze_base import FreezeBase
         from .passes.fuse_linear_cross_entropy import FuseLinearCrossEntropy
         from .passes.prune_grads import PruneGrads
+        from .passes.recompute_cheap import RecomputeCheap
 
         # Freeze first, so adapter passes mark as trainable exactly what they add. Adapter rules run in spec
         # order: a later rule sees the earlier rules' adapters and leaves them alone.
@@ -178,9 +180,12 @@ class Pipeline:
         # Training stage. Pruning needs the final trainable set to know which values carry gradients.
         if prune_grads:
             passes.append(PruneGrads())
-        # The fused loss last: it moves the head's final form (adapters, pruned dropout) into its chunks.
+        # The fused loss after pruning: it moves the head's final form (adapters, pruned dropout) into its chunks.
         if fuse_loss:
             passes.append(FuseLinearCrossEntropy())
+        # Recomputation last: it decides on the graph the step will run, and keeps what the others left to keep.
+        if recompute:
+            passes.append(RecomputeCheap())
         return cls(tuple(passes))
 
     @classmethod

@@ -172,6 +172,7 @@ class _Op:
         from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
         from .memory import _storage_ids
+        from .passes.schedule_recompute import is_random
 
         arg_storages = _storage_ids(tree_leaves((args, kwargs)))
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
@@ -183,11 +184,8 @@ class _Op:
         name = func.__name__
         if not flops and "scaled_dot_product" in name:
             weight = int(sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape))
-        schema = func._schema
-        dropout = next((v for a, v in zip(schema.arguments, args) if a.name == "dropout_p"),
-                       kwargs.get("dropout_p", 0.0))
-        random = any(w in name for w in ("dropout", "bernoulli", "rand", "normal")) or dropout
-        savable = bool(weight) and bool(new) and len(new) == len(outs) and not schema.is_mutable and not random
+        savable = bool(weight) and bool(new) and len(new) == len(outs) and not func._schema.is_mutable \
+            and not is_random(func, args, kwargs)
         return _Op(key, nbytes, flops, weight, savable)
 
 
@@ -431,13 +429,16 @@ def plan_recompute(cm, budget: int | str | None, optimizer_state_bytes: int | No
     FLOPs; budget "auto" (or None) lowers the peak as far as 2% more FLOPs allow. Appends the chosen
     `schedule-recompute{regions=...}` to its pipeline and records the plan on `cm.recompute_plan`. Raises
     BudgetError, with the smallest feasible budget, when nothing fits."""
+    from .passes.recompute_cheap import RecomputeCheap
     from .passes.schedule_recompute import ScheduleRecompute
 
     if budget == "auto":
         budget = None
     budget = parse_bytes(budget) if budget is not None else None
-    if any(isinstance(p, ScheduleRecompute) for p in cm.pipeline.passes):
-        raise SpecError("the pipeline already has schedule-recompute; give either it or a memory budget")
+    scheduled = next((p for p in cm.pipeline.passes if isinstance(p, (ScheduleRecompute, RecomputeCheap))), None)
+    if scheduled is not None:
+        raise SpecError(f"the pipeline already has {scheduled.name}; give either it or a memory budget (compile with "
+                        f"memory_budget=..., which leaves recompute-cheap out)")
     # Each measured step collects garbage first; the compiler's own objects are many and live on, so keep them out
     # of those collections.
     gc.collect()
@@ -554,6 +555,16 @@ def check_tokens(cm, args: tuple, kwargs: dict) -> None:
                   f"{plan.tokens:,} (predicted peak {_fmt_bytes(plan.predicted_peak)} at that size): activations grow "
                   f"with the tokens, so the step may exceed the memory budget; compile with the largest inputs you "
                   f"train on", stacklevel=3)
+
+
+def recomputed_regions(cm) -> tuple[str, ...]:
+    """The regions the training graph of a CompiledModel's example inputs recomputes in backward, as
+    schedule-recompute{regions=...} names them (`model.layers.0#1:matmul>16`)."""
+    from .passes.schedule_recompute import REGION_KEY
+
+    with _training(cm) as base:
+        return tuple(n.meta[REGION_KEY] + (":" + "+".join(n.args[1]) if n.args[1] else "")
+                     for n in base.graph.nodes if REGION_KEY in n.meta)
 
 
 def repeated_block_paths(cm) -> tuple[str, ...]:

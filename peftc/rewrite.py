@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 from torch.fx.subgraph_rewriter import replace_pattern_with_filters
 
 from .errors import SpecError
@@ -39,6 +39,46 @@ class NodeBuilder:
     def attr(self, qualname: str) -> Node:
         with self.graph.inserting_before(self.anchor):
             return self._tag(self.graph.get_attr(qualname))
+
+
+def shape_meta(node: Node) -> dict[str, Any]:
+    """The shape metadata of `node` (its fake value), for a node that stands for it in another graph."""
+    return {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
+
+
+def interleaved_reader(graph: Graph, nodes: list[Node]) -> Node | None:
+    """A node outside `nodes` that runs between the first and the last of them and reads one of their values (so
+    they cannot run as one call), or None."""
+    inside = set(nodes)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first, last = order[nodes[0]], order[nodes[-1]]
+    return next((n for n in graph.nodes if first < order[n] < last and n not in inside
+                 and any(a in inside for a in n.all_input_nodes)), None)
+
+
+def extract_region(nodes: list[Node], attrs: Iterable[Node] = (),
+                   attr_target: Callable[[str], str] = lambda target: target) -> tuple[Graph, list[Node], list[Node]]:
+    """nodes (in graph order) ==> (a graph of their own, the values it reads from outside, the values read after it).
+
+    The new graph takes one placeholder per outside value (named and shaped like it), reads the `attrs` get_attr
+    nodes itself (as `attr_target(target)`), copies `nodes`, and returns a tuple of the outputs. The original graph
+    is not changed: the caller puts a call of the new graph in place of `nodes`.
+    """
+    attrs = list(attrs)
+    inside = {*nodes, *attrs}
+    inputs = [a for a in dict.fromkeys(a for n in nodes for a in n.all_input_nodes) if a not in inside]
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    region = Graph()
+    env: dict[Node, Node] = {}
+    for a in inputs:
+        env[a] = region.placeholder(a.name)
+        env[a].meta.update(shape_meta(a))
+    for a in attrs:
+        env[a] = region.get_attr(attr_target(a.target))
+    for node in nodes:
+        env[node] = region.node_copy(node, env.__getitem__)
+    region.output(tuple(env[n] for n in outputs))
+    return region, inputs, outputs
 
 
 def adapted(node: Node, method: str, rule: Any, module: str) -> bool:

@@ -338,20 +338,64 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 
 
 @dataclass(frozen=True)
+class Memory:
+    """A spec's `[memory]` table: what one training step may hold on the device.
+
+    `budget`: bytes, a size such as "1.5GiB" (binary units with `i`, decimal without), or "auto" (the lowest peak
+    within 2% more FLOPs); peftc.compile plans recomputation for it (`memory_budget=` overrides it).
+    `optimizer_state_bytes`: what the optimizer keeps, counted in the budget (default: AdamW's two fp32 moments per
+    trainable parameter).
+    """
+
+    budget: int | str | None = None
+    optimizer_state_bytes: int | None = None
+
+    def __post_init__(self):
+        from .recompute import parse_bytes
+
+        if self.budget is not None and self.budget != "auto":
+            parse_bytes(self.budget, "[memory] budget")
+        if self.optimizer_state_bytes is not None and (isinstance(self.optimizer_state_bytes, bool) or not isinstance(
+                self.optimizer_state_bytes, int) or not 0 <= self.optimizer_state_bytes <= MAX_SIZE):
+            raise SpecError(f"[memory] optimizer_state_bytes must be a number of bytes >= 0, got "
+                            f"{_shown(self.optimizer_state_bytes)}")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "Memory":
+        if not isinstance(data, dict):
+            raise SpecError(f"{where}: [memory] must be a table (budget = \"1.5GiB\"), got {type(data).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                raise SpecError(f"{where}: [memory] has no key `{key}`" + (f"; did you mean `{close[0]}`?" if close
+                                                                           else f"; keys: {', '.join(known)}"))
+        try:
+            return cls(**data)
+        except SpecError as e:
+            raise SpecError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
 class Spec:
     """An ordered set of method rules: `Spec(LoRA(target="q_proj|v_proj", r=8, alpha=16))`.
 
-    `task_type` is HF PEFT's (`"SEQ_CLS"`, `"CAUSAL_LM"`, ...); see TASK_TYPES.
+    `task_type` is HF PEFT's (`"SEQ_CLS"`, `"CAUSAL_LM"`, ...); see TASK_TYPES. `memory` is the `[memory]` table
+    (`Memory(budget="1.5GiB")`): the training memory budget peftc.compile plans for.
     """
 
     rules: tuple[Rule, ...] = field(default_factory=tuple)
     task_type: str | None = None
+    memory: Memory | None = None
 
-    def __init__(self, *rules: Rule, task_type: str | None = None):
+    def __init__(self, *rules: Rule, task_type: str | None = None, memory: Memory | None = None):
         if task_type is not None and task_type not in TASK_TYPES:
             raise SpecError(f"Spec: unknown task_type {task_type!r}; HF PEFT's task types are "
                             f"{', '.join(TASK_TYPES)}")
+        if memory is not None and not isinstance(memory, Memory):
+            raise SpecError(f"Spec: memory must be a peftc.Memory(budget=...), got {type(memory).__name__}")
         object.__setattr__(self, "task_type", task_type)
+        object.__setattr__(self, "memory", memory)
         flat: list[Rule] = []
         for rule in rules:
             if isinstance(rule, (list, tuple)):
@@ -373,8 +417,9 @@ class Spec:
                             f"{type(data).__name__}")
         rules: list[Rule] = []
         task_type = data.get("task_type")
+        memory = Memory.from_dict(data["memory"], source) if "memory" in data else None
         for kind, entries in data.items():
-            if kind == "task_type":
+            if kind in ("task_type", "memory"):
                 continue
             if kind not in RULE_KINDS:
                 close = difflib.get_close_matches(kind, list(RULE_KINDS), n=3)
@@ -390,7 +435,7 @@ class Spec:
                 rules.append(RULE_KINDS[kind].from_dict(entry, f"{source}: [[{kind}]] #{i + 1}"))
         if not rules:
             raise SpecError(f"{source}: the spec is empty: give at least one method table, e.g. [[lora]]")
-        return cls(*rules, task_type=task_type)
+        return cls(*rules, task_type=task_type, memory=memory)
 
     @classmethod
     def from_peft(cls, config: Any) -> "Spec":
@@ -451,6 +496,8 @@ class Spec:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"task_type": self.task_type} if self.task_type is not None else {}
+        if self.memory is not None:
+            out["memory"] = {k: v for k, v in dataclasses.asdict(self.memory).items() if v is not None}
         for rule in self.rules:
             entry = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(rule).items()
                      if v is not None}

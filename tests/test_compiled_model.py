@@ -165,7 +165,7 @@ def test_report_and_diff_filters():
     assert "freeze-base" in text and "insert-lora" in text
     records = cm.report().records
     assert [r.name for r in records] == ["freeze-base", "insert-lora", "prune-grads",  # the default pipeline
-                                         "fuse-linear-cross-entropy"]
+                                         "fuse-linear-cross-entropy", "recompute-cheap"]
     assert records[1].params_added == 4 and records[1].trainable == cm.parameter_counts()[0]
     layer0 = cm.diff("insert-lora", module="model.layers.0")
     assert "model.layers.0.self_attn.q_proj.lora_A.weight" in layer0 and "layers_1" not in layer0

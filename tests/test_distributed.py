@@ -49,7 +49,7 @@ def build(recompute: bool, source=None):
     model, ids, labels = tiny()
     model = model if source is None else source
     spec = peftc.Spec(peftc.LoRA(target="q_proj|v_proj|down_proj", r=4, alpha=8))
-    pipeline = Pipeline.for_spec(spec, prune_grads=True)
+    pipeline = Pipeline.for_spec(spec, prune_grads=True, recompute=not recompute)  # the default recompute-cheap
     if recompute:
         pipeline = Pipeline((*pipeline.passes, ScheduleRecompute()))
     torch.manual_seed(2)  # the LoRA A init

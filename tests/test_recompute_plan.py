@@ -200,3 +200,26 @@ def test_the_planned_pass_is_in_the_report_and_diff(planned):
     assert records[-1].modified and "checkpoint_saving(" in cm.diff("schedule-recompute")
     assert "04-schedule-recompute/code.py" in cm.diff("schedule-recompute")
     assert cm.pipeline.passes[-1].regions == tuple(r.spec for r in cm.recompute_plan.regions if r.recompute)
+
+
+def test_spec_memory_table_loads_validates_and_budgets(tmp_path, plain):
+    toml = tmp_path / "s.toml"
+    toml.write_text('[memory]\nbudget = "1.5GiB"\noptimizer_state_bytes = 1000\n\n[[lora]]\ntarget = "q_proj"\nr = 4\n')
+    spec = peftc.Spec.load(toml)
+    assert spec.memory == peftc.Memory(budget="1.5GiB", optimizer_state_bytes=1000)
+    assert peftc.Spec.loads(__import__("json").dumps(spec.to_dict()), "json") == spec  # JSON, and a round trip
+    for text, needle in [('budget = "2 parsecs"', "write a size such as 2GiB"), ("budget = 0", "at least one byte"),
+                         ("budgett = 5", "did you mean `budget`"), ("optimizer_state_bytes = -1", ">= 0"),
+                         ("budget = true", "a number of bytes")]:
+        with pytest.raises(peftc.SpecError, match=needle) as e:
+            peftc.Spec.loads(f'[memory]\n{text}\n\n[[lora]]\ntarget = "q_proj"\n', "toml", "s.toml")
+        assert str(e.value).startswith("s.toml: ")
+    with pytest.raises(peftc.SpecError, match="must be a table"):
+        peftc.Spec.loads('memory = "1GiB"\n[[lora]]\ntarget = "q_proj"\n', "toml")
+    # compile reads the table: the budget replaces recompute-cheap; optimizer state counts what the table says.
+    spec = peftc.Spec(peftc.LoRA(target="q_proj|v_proj|down_proj|up_proj", r=4, dropout=0.1),
+                      memory=peftc.Memory(budget="1GiB", optimizer_state_bytes=12345))
+    cm = peftc.compile(_model(), spec, kwargs=_inputs())
+    plan = cm.recompute_plan
+    assert plan.budget == 2 ** 30 and plan.breakdown["optimizer state"] == 12345 and plan.regions == ()
+    assert "recompute-cheap" not in str(cm.pipeline)

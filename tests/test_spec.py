@@ -79,12 +79,14 @@ def test_pipeline_text():
 def test_prune_grads_is_on_by_default_and_last():
     spec = peftc.Spec(peftc.LoRA(target="q_proj"), peftc.IA3(target="down_proj"))
     pipeline = Pipeline.for_spec(spec)
-    assert str(pipeline) == "freeze-base,insert-lora,insert-ia3,prune-grads,fuse-linear-cross-entropy"
+    assert str(pipeline) == \
+        "freeze-base,insert-lora,insert-ia3,prune-grads,fuse-linear-cross-entropy,recompute-cheap"
     assert str(pipeline.method) == "freeze-base,insert-lora,insert-ia3"
-    assert str(pipeline.training) == "prune-grads,fuse-linear-cross-entropy"
+    assert str(pipeline.training) == "prune-grads,fuse-linear-cross-entropy,recompute-cheap"
     assert str(Pipeline.for_spec(spec, prune_grads=False)) == \
-        "freeze-base,insert-lora,insert-ia3,fuse-linear-cross-entropy"
-    assert str(Pipeline.for_spec(spec, prune_grads=False, fuse_loss=False)) == "freeze-base,insert-lora,insert-ia3"
+        "freeze-base,insert-lora,insert-ia3,fuse-linear-cross-entropy,recompute-cheap"
+    assert str(Pipeline.for_spec(spec, prune_grads=False, fuse_loss=False, recompute=False)) == \
+        "freeze-base,insert-lora,insert-ia3"
 
 
 def test_training_passes_go_after_every_method_pass():

@@ -28,6 +28,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from ..capture import ModelInfo
 from ..params import Param, get_attr_path
+from ..rewrite import extract_region, interleaved_reader, shape_meta
 
 LOCAL = "peftc_local"  # the runnable's own attributes: graph-only submodules, tensors no module registers
 
@@ -138,33 +139,20 @@ def _block_nodes(graph: Graph, path: str, info: ModelInfo) -> list[Node]:
 def split_block(graph: Graph, path: str, nodes: list[Node], attrs: dict[str, Any], block: Block) -> bool:
     """Move `nodes` into a body graph called through `block`; False (graph unchanged) when they cannot run as one
     call: a node outside the block runs between the block's nodes and reads one of its values."""
+    if interleaved_reader(graph, nodes) is not None:
+        return False
     inside = set(nodes)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    first, last = nodes[0], nodes[-1]
-    for node in graph.nodes:
-        if order[first] < order[node] < order[last] and node not in inside and \
-                any(a in inside for a in node.all_input_nodes):
-            return False
+    last = nodes[-1]
     # Tensors read only inside the block are read in the block's call, after its hooks gathered them.
     moved = [a for a in dict.fromkeys(a for n in nodes for a in n.all_input_nodes)
              if a.op == "get_attr" and a not in inside and all(u in inside for u in a.users)]
     inside.update(moved)
-    inputs = [a for a in dict.fromkeys(a for n in nodes for a in n.all_input_nodes) if a not in inside]
-    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
 
-    body = Graph()
-    env: dict[Node, Node] = {}
-    for a in inputs:
-        env[a] = body.placeholder(a.name)
-        env[a].meta.update({k: v for k, v in a.meta.items() if k in ("val", "tensor_meta")})
-    body_attrs: dict[str, Any] = {}
-    for a in moved:
-        target = a.target.removeprefix(path + ".") if a.target.startswith(path + ".") else a.target
-        env[a] = body.get_attr(target)
-        body_attrs[target] = attrs[a.target]
-    for node in nodes:
-        env[node] = body.node_copy(node, lambda a: env[a])
-    body.output(tuple(env[n] for n in outputs))
+    def local(target: str) -> str:  # a block tensor by its name on the block
+        return target.removeprefix(path + ".")
+
+    body, inputs, outputs = extract_region(nodes, moved, local)
+    body_attrs = {local(a.target): attrs[a.target] for a in moved}
     body_name = f"peftc_body_{path.replace('.', '_')}"
     attrs[body_name] = bound_module(body, body_attrs, block, "BlockBody")
     attrs[path] = block
@@ -173,7 +161,7 @@ def split_block(graph: Graph, path: str, nodes: list[Node], attrs: dict[str, Any
         call = graph.call_module(path, (graph.get_attr(body_name), *inputs))
         for i, out in enumerate(outputs):
             value = graph.call_function(operator.getitem, (call, i))
-            value.meta.update({k: v for k, v in out.meta.items() if k in ("val", "tensor_meta")})
+            value.meta.update(shape_meta(out))
             out.replace_all_uses_with(value, delete_user_cb=lambda user: user not in inside)
     for node in reversed([n for n in graph.nodes if n in inside]):
         graph.erase_node(node)

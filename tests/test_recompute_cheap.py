@@ -1,0 +1,155 @@
+"""recompute-cheap, the default schedule: decided from the graph, it lowers the measured peak at <= 2% more FLOPs,
+keeps gradients (dropout replayed), stays out of exports, and gives way to budgets and HF checkpointing."""
+
+import pytest
+import torch
+
+import peftc
+from peftc.memory import measure_step
+from peftc.passes.recompute_cheap import RecomputeCheap
+from peftc.passes.schedule_recompute import REGION_KEY, ScheduleRecompute, is_costly
+from peftc.pipeline import PassContext, Pipeline
+from peftc.recompute import recomputed_regions
+from tests.conftest import ids, tiny_llama
+
+LAYERS = 3
+SPEC = peftc.LoRA(target="q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj", r=2, alpha=4, dropout=0.1)
+
+
+def _model():
+    torch.manual_seed(0)
+    return tiny_llama(num_hidden_layers=LAYERS, hidden_size=64, intermediate_size=128, vocab_size=128,
+                      attention_dropout=0.1).train()
+
+
+def _inputs(batch=2, seq=16, seed=0):
+    x = ids(batch, seq, seed=seed)
+    return {"input_ids": x, "labels": x}
+
+
+def _regions(gm):
+    return [n.meta[REGION_KEY] for n in gm.graph.nodes if REGION_KEY in n.meta]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The same model and adapters compiled with the default pipeline and with recompute=False."""
+    plain = peftc.compile(_model(), SPEC, kwargs=_inputs(), recompute=False)
+    with torch.no_grad():  # non-zero B, so that every adapter tensor gets a gradient
+        g = torch.Generator().manual_seed(5)
+        for p in plain.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    default = peftc.compile(_model(), SPEC, kwargs=_inputs())
+    default.load_adapter_state_dict(plain.adapter_state_dict())
+    return plain, default
+
+
+def _grads(cm, inputs, seed):
+    for p in cm.trainable_parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    loss = cm(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in cm.named_parameters() if p.requires_grad}
+
+
+def test_default_pipeline_recomputes_cheap_ops_of_every_region_but_the_last(pair):
+    plain, default = pair
+    assert str(default.pipeline.training) == "prune-grads,fuse-linear-cross-entropy,recompute-cheap"
+    assert str(plain.pipeline.training) == "prune-grads,fuse-linear-cross-entropy"
+    gm = default.graph_for(**_inputs())
+    # 2 regions per layer; the last one runs first in backward and is left alone. The low-rank products contract
+    # over r=2, the full-size matmuls over hidden 64 or intermediate 128.
+    assert _regions(gm) == [f"model.layers.{i}#{k}" for i in range(LAYERS) for k in (0, 1)][:-1]
+    assert gm.code.count("('matmul>2',)") == 2 * LAYERS - 1
+    assert default.counters["fuse-linear-cross-entropy.fused"] == 1  # the fused loss works under it
+    assert recomputed_regions(default) == tuple(f"{r}:matmul>2" for r in _regions(gm))
+    assert _regions(plain.graph_for(**_inputs())) == []
+    assert default.counters["recompute-cheap.regions"] == 2 * LAYERS - 1
+
+
+def test_it_lowers_the_measured_peak_within_two_percent_more_flops(pair):
+    plain, default = pair
+    before, after = measure_step(plain, (), _inputs()), measure_step(default, (), _inputs())
+    flops = (before.forward_flops + before.backward_flops, after.forward_flops + after.backward_flops)
+    assert after.peak_bytes < 0.9 * before.peak_bytes, (after.peak_bytes, before.peak_bytes)
+    assert flops[0] <= flops[1] <= 1.02 * flops[0], flops
+
+
+@pytest.mark.parametrize("shape", [(2, 16), (3, 11)])  # the second shape runs the dynamic (SymInt) graph
+def test_gradients_equal_the_unscheduled_graph_dropout_included(pair, shape):
+    plain, default = pair
+    inputs = _inputs(*shape, seed=1)
+    (loss0, grads0), (loss1, grads1) = _grads(plain, inputs, seed=3), _grads(default, inputs, seed=3)
+    assert torch.allclose(loss0, loss1, rtol=1e-6, atol=0)
+    assert grads0.keys() == grads1.keys() and len(grads0) == 14 * LAYERS
+    for name, g in grads0.items():
+        assert g.abs().sum() > 0, name
+        assert torch.allclose(grads1[name], g, rtol=1e-6, atol=1e-6 * g.abs().max().item()), name
+
+
+def test_exports_and_eval_graphs_never_see_it(pair):
+    _, default = pair
+    assert not _regions(default.method_graph_for(**_inputs()))  # what every lowering reads
+    default.eval()
+    try:
+        assert not _regions(default.graph_for(**_inputs()))
+    finally:
+        default.train()
+
+
+def test_rerun_changes_nothing_and_options_are_checked(pair):
+    _, default = pair
+    gm = default.graph_for(**_inputs())
+    ctx = PassContext(default.params, default._info, training=True)
+    before = gm.code
+    assert RecomputeCheap().run(gm, ctx).modified is False and gm.code == before
+    with pytest.raises(peftc.SpecError, match="regions recomputed"):  # whole blocks on top: a clear error
+        ScheduleRecompute(blocks=1).run(gm, ctx)
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(peftc.SpecError, match="fraction"):
+            RecomputeCheap(flops=bad)
+    assert Pipeline.parse("insert-lora{r=2},recompute-cheap{flops=0.05}").passes[-1] == RecomputeCheap(0.05)
+
+
+def test_flop_cap_and_regions_without_gradients(pair):
+    plain, _ = pair
+    gm = plain.graph_for(**_inputs())
+    ctx = PassContext(plain.params, plain._info, training=True)
+    assert RecomputeCheap(flops=0.0).choose(gm, ctx) == ()  # every low-rank product costs something
+    assert len(RecomputeCheap(flops=0.002).choose(gm, ctx)) < 2 * LAYERS - 1
+    top = peftc.compile(_model(), peftc.LoRA(target=r"model\.layers\.2\..*(q_proj|down_proj)", r=2),
+                        kwargs=_inputs())
+    # Layers 0 and 1 carry no gradient: nothing of them is kept for backward, so nothing to recompute.
+    assert _regions(top.graph_for(**_inputs())) == ["model.layers.2#0"]
+
+
+def test_budgets_and_checkpointing_replace_it(pair):
+    plain, default = pair
+    budgeted = peftc.compile(_model(), SPEC, kwargs=_inputs(), memory_budget="1GiB")
+    assert "recompute-cheap" not in str(budgeted.pipeline) and budgeted.recompute_plan.regions == ()
+    with pytest.raises(peftc.SpecError, match="already has recompute-cheap"):
+        peftc.recompute.plan_recompute(default, "1GiB")
+
+    grads = _grads(default, _inputs(), seed=1)
+    default.gradient_checkpointing_enable()
+    try:
+        gm = default.graph_for(**_inputs())
+        assert "recompute-cheap" not in str(default.pipeline) and not _regions(gm)
+        assert gm.code.count("torch.utils.checkpoint.checkpoint(") == LAYERS  # whole blocks, HF-style
+        loss, g = _grads(default, _inputs(), seed=1)
+        assert torch.allclose(loss, grads[0]) and all(torch.allclose(g[k], v, rtol=1e-6, atol=1e-7)
+                                                      for k, v in grads[1].items())
+    finally:
+        default.gradient_checkpointing_disable()
+    assert str(default.pipeline).endswith("recompute-cheap") and len(_regions(default.graph_for(**_inputs()))) == 5
+
+
+def test_the_cheap_rule_keeps_full_size_matmuls_and_attention():
+    a, small, big = torch.randn(8, 32), torch.randn(32, 2), torch.randn(32, 32)
+    aten = torch.ops.aten
+    assert is_costly(aten.mm.default, (a, big), {}, 2)
+    assert not is_costly(aten.mm.default, (a[:, :2], small.T), {}, 2)  # contracts over 2: recomputed
+    assert is_costly(aten.addmm.default, (torch.zeros(32), a, big), {}, 2)
+    assert not is_costly(aten.silu.default, (a,), {}, 2) and not is_costly(aten.native_dropout.default, (a, 0.1,
+                                                                                                         True), {}, 2)
