@@ -44,7 +44,7 @@ def test_coft_trains_from_the_projected_weights_as_hf_does():
     torch.manual_seed(0)
     base = tiny_llama(num_hidden_layers=1).eval()
     options = dict(oft_block_size=8, coft=True, eps=0.05)
-    cm = peftc.compile(copy.deepcopy(base), peftc.OFT(target=TARGETS, **options), kwargs={"input_ids": ids()})
+    cm = peftc.compile(copy.deepcopy(base), peftc.OFT(target=TARGETS, **options), kwargs={"input_ids": ids()}, dynamic=False)
     hf = peft.get_peft_model(copy.deepcopy(base), peft.OFTConfig(target_modules=TARGETS, r=0, **options))
     load_same_weights(cm, hf, scale=0.3)
     cm.train(), hf.train()
@@ -90,7 +90,7 @@ def test_boft_dropout_in_training_is_hf_block_dropout(hf_boft_butterfly):  # noq
     model = OneLinear()
     x = torch.eye(8)  # the output is the rotated weight
     options = dict(boft_block_size=2, boft_n_butterfly_factor=2, boft_dropout=0.5)
-    cm = peftc.compile(copy.deepcopy(model), peftc.BOFT(target=["lin"], **options), kwargs={"x": x})
+    cm = peftc.compile(copy.deepcopy(model), peftc.BOFT(target=["lin"], **options), kwargs={"x": x}, dynamic=False)
     hf = peft.get_peft_model(copy.deepcopy(model), peft.BOFTConfig(target_modules=["lin"], **options))
     load_same_weights(cm, hf, scale=0.5)
     layer = hf.base_model.model.lin
@@ -139,7 +139,7 @@ def test_peft_format_round_trips_the_options(case, tmp_path):
     x = ids()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # module_dropout's warning, again on every load
-        cm = peftc.compile(copy.deepcopy(model), rule, kwargs={"input_ids": x})
+        cm = peftc.compile(copy.deepcopy(model), rule, kwargs={"input_ids": x}, dynamic=False)
         hf = peft.get_peft_model(copy.deepcopy(model), config).eval()
         load_same_weights(cm, hf)
         assert cm.save_pretrained(tmp_path / "ours") == "peft"

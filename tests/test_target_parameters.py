@@ -57,7 +57,7 @@ def moe(tmp_path_factory):
     directory = tmp_path_factory.mktemp("moe_peft")
     pm.save_pretrained(directory)
     x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
-    cm = peftc.compile(copy.deepcopy(model), directory, kwargs=dict(input_ids=x, labels=x))
+    cm = peftc.compile(copy.deepcopy(model), directory, kwargs=dict(input_ids=x, labels=x), dynamic=False)
     return model, pm, directory, cm, x
 
 
@@ -205,7 +205,7 @@ def test_toy_identity_at_init_then_load_adapter_matches_peft(toy):
 def test_bfloat16_weights_keep_float32_adapters_and_w_dtype(toy):
     model, _, directory, _, (x, expert) = toy
     half = copy.deepcopy(model).to(torch.bfloat16)
-    cm = peftc.compile(half, directory, args=(x.bfloat16(), expert))
+    cm = peftc.compile(half, directory, args=(x.bfloat16(), expert), dynamic=False)
     assert all(p.tensor.dtype == torch.float32 for p in cm.params if p.role == "adapter")
     hf = peft.PeftModel.from_pretrained(copy.deepcopy(half), directory).eval()
     ours = cm(x.bfloat16(), expert)
@@ -226,7 +226,7 @@ def test_two_adapters_switched_and_summed_as_peft(toy, tmp_path):
             if p.requires_grad:
                 p.mul_(-1.7)
     other.save_pretrained(tmp_path)
-    cm = peftc.compile(copy.deepcopy(model), directory, args=args)
+    cm = peftc.compile(copy.deepcopy(model), directory, args=args, dynamic=False)
     cm.load_adapter(tmp_path, adapter_name="other")
     hf = peft.PeftModel.from_pretrained(copy.deepcopy(model), directory).eval()
     hf.load_adapter(tmp_path, adapter_name="other")
@@ -240,7 +240,7 @@ def test_two_adapters_switched_and_summed_as_peft(toy, tmp_path):
 def test_modules_and_parameters_in_one_rule(toy, tmp_path):
     model, _, _, _, args = toy
     rule = peftc.LoRA(target="all-linear", r=2, alpha=3, target_parameters=["experts.up"])
-    cm = peftc.compile(copy.deepcopy(model), rule, args=args)
+    cm = peftc.compile(copy.deepcopy(model), rule, args=args, dynamic=False)
     config = peft.LoraConfig(r=2, lora_alpha=3, target_modules="all-linear", target_parameters=["experts.up"])
     pm = randomized(peft.get_peft_model(copy.deepcopy(model), config))
     assert cm.parameter_counts()[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
