@@ -84,6 +84,11 @@ def _matmul(gm: GraphModule, node: Node) -> _Matmul | None:
     return _Matmul(node, weight.shape[-1], 2 * rows * weight.numel())
 
 
+def _writes_in_place(node: Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
 def needs_grad(gm: GraphModule, ctx: PassContext) -> set[Node]:
     """The nodes whose value carries a gradient: those computed from a trainable parameter."""
     trainable = {p.name for p in ctx.params if p.trainable}
@@ -136,8 +141,8 @@ class RecomputeCheap(Pass):
         grad = needs_grad(gm, ctx)
         chosen: list[tuple[str, int, int]] = []  # (region, max cheap contraction, extra FLOPs)
         for name, nodes in list(regions.items())[:-1]:
-            if not any(n in grad for n in nodes):
-                continue
+            if not any(n in grad for n in nodes) or any(_writes_in_place(n) for n in nodes):
+                continue  # nothing to save for backward; or a rerun would apply an in-place write twice (T5)
             matmuls = [m for m in (_matmul(gm, n) for n in nodes) if m is not None]
             largest = max((m.k for m in matmuls), default=0)
             cheap = [m for m in matmuls if m.k * _LOW_RANK <= largest]
@@ -149,7 +154,10 @@ class RecomputeCheap(Pass):
         return tuple(f"{name}:{MATMUL_RULE}{k}" for name, k, _ in chosen)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        if not ctx.training or any(BLOCK_KEY in n.meta for n in gm.graph.nodes):
+        # Under autocast (the capture runs inside the caller's), the recompute would run the graph's explicit casts
+        # under autocast again and not replay what forward ran: such graphs keep what autograd saves.
+        autocast = any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+        if not ctx.training or autocast or any(BLOCK_KEY in n.meta for n in gm.graph.nodes):
             return PassResult(gm, False)
         regions = self.choose(gm, ctx)
         if not regions:

@@ -132,7 +132,7 @@ def test_default_compile_fuses_and_reports_the_missing_logits():
     torch.manual_seed(0)
     kwargs = {"input_ids": ids(vocab=V), "labels": labels()}
     cm = peftc.compile(MODELS["llama"][0]().train(), peftc.LoRA(target="q_proj|v_proj"), kwargs=kwargs, dynamic=False)
-    assert [p.name for p in cm.pipeline.passes][-1] == NAME
+    assert [p.name for p in cm.pipeline.passes][-2:] == [NAME, "recompute-cheap"]
     assert cm.counters[f"{NAME}.fused"] == 1
     out = cm(**kwargs)
     assert torch.isfinite(out.loss)
@@ -158,7 +158,7 @@ def test_default_compile_fuses_and_reports_the_missing_logits():
 def test_pipeline_order_option_and_idempotence():
     spec = peftc.Spec(peftc.LoRA(target="q_proj"))
     names = [p.name for p in Pipeline.for_spec(spec, prune_grads=True).passes]
-    assert names[-2:] == ["prune-grads", NAME]
+    assert names[-3:] == ["prune-grads", NAME, "recompute-cheap"]
     assert NAME not in [p.name for p in Pipeline.for_spec(spec, fuse_loss=False).passes]
     parsed = Pipeline.parse(f"insert-lora{{r=4,target=q_proj}},{NAME}{{chunk_tokens=3}}")
     assert parsed.passes[-1] == FuseLinearCrossEntropy(chunk_tokens=3)

@@ -46,13 +46,13 @@ def save_adapter(base, targets, directory, r, lora_alpha, seed):
 class Pair:
     """The same base and adapters in HF PEFT (`hf`) and peftc (`cm`)."""
 
-    def __init__(self, arch, tmp):
+    def __init__(self, arch, tmp, dynamic=False):  # dynamic: what an ONNX export with dynamic axes needs
         make, targets = ARCHS[arch]
         torch.manual_seed(0)
         base = make().eval()
         dirs = {n: save_adapter(base, targets, tmp / n, **c) for n, c in CONFIGS.items()}
         self.hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), dirs["default"]).eval()
-        self.cm = peftc.compile(copy.deepcopy(base), dirs["default"], kwargs=dict(input_ids=ids()), dynamic=False).eval()
+        self.cm = peftc.compile(copy.deepcopy(base), dirs["default"], kwargs=dict(input_ids=ids()), dynamic=dynamic).eval()
         for n in ("x", "y"):
             self.hf.load_adapter(dirs[n], adapter_name=n)
             self.cm.load_adapter(dirs[n], name=n)

@@ -15,7 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 
 
 def test_one_onnx_file_serves_every_loaded_adapter(tmp_path):
-    pair = Pair("llama", tmp_path)
+    pair = Pair("llama", tmp_path, dynamic=True)
     cm = pair.cm
     cm.set_adapter(["x", "y"])  # whatever is active, the export is the compiled graph with its adapter inputs
     path = tmp_path / "model.onnx"
@@ -43,7 +43,7 @@ def test_one_onnx_file_serves_every_loaded_adapter(tmp_path):
 
 
 def test_an_adapter_wider_than_the_inputs_is_refused(tmp_path):
-    pair = Pair("llama", tmp_path)
+    pair = Pair("llama", tmp_path, dynamic=True)
     big = {k: torch.zeros(v.shape[0] * (2 if ".lora_A." in k else 1), *v.shape[1:]) if ".lora_A." in k
            else torch.zeros(v.shape[0], v.shape[1] * 2) for k, v in pair.cm.adapter_state_dict().items()}
     import peftc.adapters as adapters

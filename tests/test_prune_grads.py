@@ -54,9 +54,11 @@ def patch_net() -> tuple[nn.Module, dict]:
 
 
 def compile_pair(model, spec, kwargs):
-    """The same model compiled without prune-grads and by default (with it), sharing base weights and adapters."""
-    plain = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs, dynamic=False, prune_grads=False)
-    pruned = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs, dynamic=False)  # the default pipeline
+    """The same model compiled without prune-grads and by default (with it), sharing base weights and adapters;
+    neither recomputes (recompute-cheap would hide what prune-grads saves)."""
+    plain = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs, dynamic=False, prune_grads=False,
+                          recompute=False)
+    pruned = peftc.compile(copy.deepcopy(model), spec, kwargs=kwargs, dynamic=False, recompute=False)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in plain.trainable_parameters():
