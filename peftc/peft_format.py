@@ -47,7 +47,7 @@ _METADATA = {"peft_type", "auto_mapping", "base_model_name_or_path", "revision",
 _SUPPORTED = {
     "LORA": {"target_modules", "exclude_modules", "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern",
              "alpha_pattern", "lora_dropout", "modules_to_save", "layers_to_transform", "layers_pattern",
-             "fan_in_fan_out", "init_lora_weights", "trainable_token_indices", "target_parameters"},
+             "fan_in_fan_out", "init_lora_weights", "trainable_token_indices", "target_parameters", "lora_bias"},
     "IA3": {"target_modules", "exclude_modules", "feedforward_modules", "modules_to_save", "fan_in_fan_out",
             "init_ia3_weights"},
     "PREFIX_TUNING": {"num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "token_dim",
@@ -262,7 +262,7 @@ def spec_from_peft(source: Any, *, saved: dict[str, torch.Tensor] | None = None)
                           init=config.get("init_lora_weights", True),
                           alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout") or 0.0,
                           use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
-                          exclude=_exclude_from_peft(config.get("exclude_modules"), mts),
+                          lora_bias=bool(config.get("lora_bias")), exclude=_exclude_from_peft(config.get("exclude_modules"), mts),
                           rank_pattern=config.get("rank_pattern") or None,
                           alpha_pattern=config.get("alpha_pattern") or None))
     elif peft_type == "IA3":
@@ -578,7 +578,7 @@ def _lora(cm, rule: LoRA) -> tuple[dict, dict]:
     config = {**_base_config(cm, "LORA", cm.spec.task_type), "r": rule.r, "lora_alpha": rule.alpha,
               "lora_dropout": rule.dropout, "use_rslora": rule.use_rslora, "use_dora": rule.use_dora,
               "rank_pattern": dict(rule.rank_pattern or {}), "alpha_pattern": dict(rule.alpha_pattern or {}),
-              "bias": "none", "init_lora_weights": rule.init,
+              "bias": "none", "init_lora_weights": rule.init, "lora_bias": rule.lora_bias,
               "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in adapted)}
     if parameter_keys:
         config["target_parameters"] = lora_parameters.peft_target_parameters(cm, rule)

@@ -50,6 +50,24 @@ def test_lora_bias_on_bert_linear_matches_hf():
            {"input_ids": ids()}, lambda o: o.logits)
 
 
+def test_lora_bias_round_trips_through_peft_s_format(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_bert(num_hidden_layers=1).eval()
+    kwargs = dict(input_ids=ids())
+    cm = peftc.compile(copy.deepcopy(base), peftc.LoRA(target=["query", "value"], r=4, lora_bias=True), kwargs=kwargs,
+                       dynamic=False)
+    torch.manual_seed(1)
+    cm.load_adapter_state_dict({k: torch.randn_like(v) * 0.3 for k, v in cm.adapter_state_dict().items()})
+    assert cm.save_pretrained(tmp_path) == "peft"
+    hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    assert hf.peft_config["default"].lora_bias
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**kwargs).logits, cm(**kwargs).logits, atol=1e-5, rtol=1e-5)
+    assert peftc.Spec.from_peft(tmp_path).rules[0].lora_bias
+    again = peftc.compile(copy.deepcopy(base), tmp_path, kwargs=kwargs, dynamic=False)
+    torch.testing.assert_close(again(**kwargs).logits, cm(**kwargs).logits, atol=1e-6, rtol=1e-6)
+
+
 def test_lora_bias_on_gpt2_conv1d_matches_hf_with_prune_grads():
     torch.manual_seed(0)
     cm = parity(tiny_gpt2(n_layer=1), peftc.LoRA(target=["c_attn"], r=4, alpha=8, lora_bias=True),

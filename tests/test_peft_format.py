@@ -314,8 +314,8 @@ def test_from_peft_selects_what_peft_selects(form):
 def test_from_peft_refuses_unsupported_types_and_keys():
     with pytest.raises(peftc.SpecError, match="LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, LN_TUNING"):
         peftc.Spec.from_peft(peft.FourierFTConfig(target_modules=["q_proj"]))
-    with pytest.raises(peftc.SpecError, match="`lora_bias`.*supported keys: .*lora_alpha"):
-        peftc.Spec.from_peft(peft.LoraConfig(target_modules=["q_proj"], lora_bias=True))
+    with pytest.raises(peftc.SpecError, match="`layer_replication`.*supported keys: .*lora_alpha"):
+        peftc.Spec.from_peft(peft.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 1]]))
     with pytest.raises(peftc.SpecError, match="init_lora_weights"):
         peftc.Spec.from_peft(peft.LoraConfig(target_modules=["q_proj"], init_lora_weights="orthogonal"))
     with pytest.raises(peftc.SpecError, match="target_modules is not set"):
