@@ -216,6 +216,11 @@ class Method(Rule):
     # may change the tensors in place (COFT's projection of OFT's parameters, which HF PEFT does in forward).
     before_call: ClassVar[Callable | None] = None
 
+    def uses(self, hook: str) -> bool:
+        """Whether this rule's `hook` has work to do; a rule may say no for its options (OFT without coft projects
+        nothing before a call), so calls of such a model run no hook at all."""
+        return True
+
 
 def _check_kind(cls: type) -> None:
     if not re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", cls.kind or ""):
@@ -510,7 +515,7 @@ def with_hook(rules, hook: str) -> tuple:
     """The rules whose method has `hook` ("regularizer": AdaLoRA's orthogonality penalty; "before_call": COFT's
     projection): decided when the model is compiled or its adapter configuration changes (cm._regularizers,
     cm._before_call), so a call scans nothing."""
-    return tuple(r for r in rules if getattr(type(r), hook, None) is not None)
+    return tuple(r for r in rules if getattr(type(r), hook, None) is not None and r.uses(hook))
 
 
 def add_regularizers(cm, out, rules):

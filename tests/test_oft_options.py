@@ -220,3 +220,12 @@ def test_exact_cayley_exports_to_onnx(exact_cayley_model, merged, tmp_path):
     if not merged:
         with pytest.raises(peftc.ExportError, match="LoRA A/B only"):
             exact_cayley_model.export_onnx(tmp_path / "inputs.onnx", merged=False, adapters="inputs")
+
+
+def test_only_coft_runs_a_hook_before_each_call():
+    """The projection is decided at compile time: OFT without coft adds no per-call work."""
+    model, x = tiny_llama(num_hidden_layers=1), {"input_ids": ids()}
+    plain = peftc.compile(copy.deepcopy(model), peftc.OFT(target=TARGETS, oft_block_size=8), kwargs=x, dynamic=False)
+    coft = peftc.compile(copy.deepcopy(model), peftc.OFT(target=TARGETS, oft_block_size=8, coft=True), kwargs=x,
+                         dynamic=False)
+    assert plain._before_call == () and [type(r) for r in coft._before_call] == [peftc.OFT]

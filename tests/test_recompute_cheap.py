@@ -10,7 +10,8 @@ from peftc.passes.recompute_cheap import RecomputeCheap
 from peftc.passes.schedule_recompute import REGION_KEY, ScheduleRecompute, is_costly
 from peftc.pipeline import PassContext, Pipeline
 from peftc.recompute import recomputed_regions
-from tests.conftest import ids, tiny_llama
+from tests.conftest import tiny_llama
+from tests.recompute_checks import assert_same_grads, grads as _grads, inputs as _inputs
 
 LAYERS = 3
 SPEC = peftc.LoRA(target="q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj", r=2, alpha=4, dropout=0.1)
@@ -20,11 +21,6 @@ def _model():
     torch.manual_seed(0)
     return tiny_llama(num_hidden_layers=LAYERS, hidden_size=64, intermediate_size=128, vocab_size=128,
                       attention_dropout=0.1).train()
-
-
-def _inputs(batch=2, seq=16, seed=0):
-    x = ids(batch, seq, seed=seed)
-    return {"input_ids": x, "labels": x}
 
 
 def _regions(gm):
@@ -42,15 +38,6 @@ def pair():
     default = peftc.compile(_model(), SPEC, kwargs=_inputs())
     default.load_adapter_state_dict(plain.adapter_state_dict())
     return plain, default
-
-
-def _grads(cm, inputs, seed):
-    for p in cm.trainable_parameters():
-        p.grad = None
-    torch.manual_seed(seed)
-    loss = cm(**inputs).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in cm.named_parameters() if p.requires_grad}
 
 
 def test_default_pipeline_recomputes_cheap_ops_of_every_region_but_the_last(pair):
@@ -82,10 +69,7 @@ def test_gradients_equal_the_unscheduled_graph_dropout_included(pair, shape):
     inputs = _inputs(*shape, seed=1)
     (loss0, grads0), (loss1, grads1) = _grads(plain, inputs, seed=3), _grads(default, inputs, seed=3)
     assert torch.allclose(loss0, loss1, rtol=1e-6, atol=0)
-    assert grads0.keys() == grads1.keys() and len(grads0) == 14 * LAYERS
-    for name, g in grads0.items():
-        assert g.abs().sum() > 0, name
-        assert torch.allclose(grads1[name], g, rtol=1e-6, atol=1e-6 * g.abs().max().item()), name
+    assert_same_grads(grads0, grads1, 14 * LAYERS)
 
 
 def test_exports_and_eval_graphs_never_see_it(pair):

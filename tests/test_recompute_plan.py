@@ -9,7 +9,8 @@ import torch
 import peftc
 from peftc.memory import _fmt_bytes, adamw_state_bytes, measure_step
 from peftc.passes.schedule_recompute import ScheduleRecompute, block_regions
-from tests.conftest import ids, tiny_llama
+from tests.conftest import tiny_llama
+from tests.recompute_checks import grads as _grads, inputs as _inputs
 
 LAYERS = 3
 PIPELINE = "insert-lora{r=4,target=q_proj|v_proj|down_proj|up_proj,dropout=0.1},prune-grads"
@@ -18,11 +19,6 @@ PIPELINE = "insert-lora{r=4,target=q_proj|v_proj|down_proj|up_proj,dropout=0.1},
 def _model():
     torch.manual_seed(0)
     return tiny_llama(num_hidden_layers=LAYERS, attention_dropout=0.1).train()
-
-
-def _inputs(batch=2, seq=16, seed=0):
-    x = ids(batch, seq, seed=seed)
-    return {"input_ids": x, "labels": x}
 
 
 def _compile(**kw):
@@ -36,15 +32,6 @@ def _nonzero(cm):
         for p in cm.trainable_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return cm
-
-
-def _grads(cm, inputs, seed):
-    for p in cm.trainable_parameters():
-        p.grad = None
-    torch.manual_seed(seed)
-    loss = cm(**inputs).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in cm.named_parameters() if p.requires_grad}
 
 
 def _assert_same_grads(a, b):

@@ -10,6 +10,7 @@ from peftc.passes.schedule_recompute import ScheduleRecompute, repeated_blocks
 from peftc.pipeline import PassContext
 from peftc.recompute import parse_bytes, peak_with_blocks, plan_recompute, repeated_block_paths
 from tests.conftest import ids, tiny_bert, tiny_gpt2, tiny_llama
+from tests.recompute_checks import assert_same_grads, grads as _grads, inputs as _inputs
 
 LAYERS = 3
 BLOCKS = [f"model.layers.{i}" for i in range(LAYERS)]
@@ -21,25 +22,11 @@ def _model():
     return tiny_llama(num_hidden_layers=LAYERS, attention_dropout=0.1).train()
 
 
-def _inputs(batch=2, seq=16, seed=0):
-    x = ids(batch, seq, seed=seed)
-    return {"input_ids": x, "labels": x}
-
-
 @pytest.fixture(scope="module")
 def peaks():
     """Measured peak with 0..LAYERS blocks recomputed, and the model compiled without a budget."""
     cm = peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE)
     return [peak_with_blocks(cm, k) for k in range(LAYERS + 1)]
-
-
-def _grads(cm, inputs, seed):
-    for p in cm.trainable_parameters():
-        p.grad = None
-    torch.manual_seed(seed)
-    loss = cm(**inputs).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in cm.named_parameters() if p.requires_grad}
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +50,7 @@ def test_scheduled_gradients_equal_unscheduled(pair, shape):
     calls = [n for n in scheduled.graph_for(**inputs).graph.nodes if n.target is torch.utils.checkpoint.checkpoint]
     assert len(calls) == LAYERS
     assert torch.allclose(loss0, loss1, rtol=1e-6, atol=0)
-    assert grads0.keys() == grads1.keys() and len(grads0) == 6 * LAYERS
-    for name, g in grads0.items():
-        assert g.abs().sum() > 0, name
-        assert torch.allclose(grads1[name], g, rtol=1e-6, atol=1e-6 * g.abs().max().item()), name
+    assert_same_grads(grads0, grads1, 6 * LAYERS)
 
 
 def test_peak_decreases_with_more_recomputed_blocks(peaks):

@@ -156,9 +156,11 @@ class OFT(peftc.Method):
     def rewrite_weight(self, site, w, p):
         return rotate_input_side(w, self.rotations(site, p).to(w.dtype))
 
+    def uses(self, hook: str) -> bool:
+        return hook != "before_call" or self.coft
+
     def before_call(self, sites) -> None:
         """COFT: each call starts by projecting oft_R in place, as HF PEFT's forward does, so training steps from
         the projected value (the graph projects too, so merge and export see the same R)."""
-        if self.coft:
-            for p in sites.values():
-                p["oft_R.weight"].copy_(coft_project(p["oft_R.weight"], self.eps))
+        for p in sites.values():
+            p["oft_R.weight"].copy_(coft_project(p["oft_R.weight"], self.eps))
