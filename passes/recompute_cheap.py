@@ -1,12 +1,13 @@
-"""recompute-cheap: region(x, W) ==> checkpoint_saving(region, ("matmul>r",), x, W)
+"""recompute-cheap: outs = region(x, W) ==> outs = run_region(plan, x, W)   (plan: which ops backward keeps)
 
 The default schedule when there is no memory budget: backward recomputes what costs (almost) no FLOPs and keeps
 what would. In every region of a repeated block (schedule_recompute.block_regions) that holds a low-rank product
-(a matmul contracting over at most 1/4 of the region's largest contraction: LoRA's B(Ax)), forward keeps the region's
-input and the outputs of its full-size matmuls and attention; backward recomputes everything else: norms,
-activations, rotary, casts, dropout (replaying its mask) and the low-rank products. What autograd would have saved
-of those (a norm's output, SiLU(gate), SiLU(gate)·up, the rotated q and k) is then not held from forward to
-backward. Decided from the graph alone, at capture, with no measured step (tests/test_recompute_cheap.py and
+(a matmul contracting over at most 1/4 of the region's largest contraction: LoRA's B(Ax)), forward keeps the outputs
+of its full-size matmuls, attention and random ops (kept_in_backward) and the region inputs they are recomputed from;
+backward recomputes everything else: norms, activations, rotary, casts and the low-rank products. What autograd
+would have saved of those (a norm's output, SiLU(gate), SiLU(gate)·up, the rotated q and k) is then not held from
+forward to backward. peftc/region_recompute.py is the runtime: saved-tensor hooks and a recompute graph, no dispatch
+mode. Decided from the graph alone, at capture, with no measured step (tests/test_recompute_cheap.py and
 benchmarks/recompute.py measure what it saves):
 
 - a region with nothing that needs a gradient is left alone (backward keeps nothing of it), and so is the last
@@ -17,12 +18,14 @@ benchmarks/recompute.py measure what it saves):
   the step's FLOPs (every matmul of the graph, forward, plus a backward matmul per operand that needs a gradient);
   while they exceed `flops` (2%) of it, the region that costs most is left out.
 
-Gradients are unchanged: the region runs the same ops on the same inputs with the RNG state it first ran with.
+Gradients are unchanged to the bit: autograd's graph is forward's own, and backward reruns the same cheap ops on the
+same inputs under the same autocast state (random ops are kept, never rerun).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,7 +36,10 @@ from peftc.errors import SpecError
 from peftc.params import get_attr_path
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
 
-from .schedule_recompute import BLOCK_KEY, MATMUL_RULE, ScheduleRecompute, block_regions
+from peftc.region_recompute import RegionPlan, run_region
+from peftc.rewrite import call_in_place_of
+
+from .schedule_recompute import BLOCK_KEY, MATMUL_RULE, REGION_KEY, SAVE_KEY, block_regions, is_random_node
 
 NAME = "recompute-cheap"
 _LOW_RANK = 4  # a matmul is low-rank when its contraction is at most 1/4 of the region's largest
@@ -84,6 +90,23 @@ def _matmul(gm: GraphModule, node: Node) -> _Matmul | None:
     return _Matmul(node, weight.shape[-1], 2 * rows * weight.numel())
 
 
+def kept_in_backward(gm: GraphModule, node: Node, max_cheap_k: int) -> bool:
+    """Whether backward keeps `node`'s output rather than recomputing it: a matmul contracting over more than
+    `max_cheap_k`, attention, another op FlopCounterMode counts (convolution), a random op (kept, so nothing is
+    replayed), and any call that is not an aten op or getitem (its cost is not known)."""
+    from torch.utils.flop_counter import flop_registry
+
+    if node.target is operator.getitem:
+        return False
+    if not isinstance(node.target, torch._ops.OpOverload) or is_random_node(node):
+        return True
+    m = _matmul(gm, node)
+    if m is not None:
+        return m.k > max_cheap_k
+    name = node.target.__name__
+    return "attention" in name or node.target._overloadpacket in flop_registry
+
+
 def _writes_in_place(node: Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     return schema is not None and schema.is_mutable
@@ -119,8 +142,8 @@ def step_flops_lower_bound(gm: GraphModule, grad: set[Node]) -> int:
 @register_pass
 @dataclass(frozen=True)
 class RecomputeCheap(Pass):
-    """recompute-cheap: region(x, W) ==> checkpoint_saving(region, ("matmul>r",), x, W): norms, activations,
-    rotary, casts, dropout and low-rank products recomputed in backward, full-size matmul and attention outputs kept.
+    """recompute-cheap: outs = region(x, W) ==> outs = run_region(plan, x, W): norms, activations, rotary, casts
+    and low-rank products recomputed in backward; full-size matmul, attention and random ops' outputs kept.
 
     `flops`: the most extra FLOPs it may add, as a fraction of the step's (predicted from the graph). Training graphs
     only. A graph that schedule-recompute (or this pass) already scheduled is left as it is.
@@ -154,14 +177,18 @@ class RecomputeCheap(Pass):
         return tuple(f"{name}:{MATMUL_RULE}{k}" for name, k, _ in chosen)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        # Under autocast (the capture runs inside the caller's), the recompute would run the graph's explicit casts
-        # under autocast again and not replay what forward ran: such graphs keep what autograd saves.
-        autocast = any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
-        if not ctx.training or autocast or any(BLOCK_KEY in n.meta for n in gm.graph.nodes):
+        if not ctx.training or any(BLOCK_KEY in n.meta for n in gm.graph.nodes):
             return PassResult(gm, False)
-        regions = self.choose(gm, ctx)
-        if not regions:
+        chosen = self.choose(gm, ctx)
+        if not chosen:
             return PassResult(gm, False)
-        result = ScheduleRecompute(regions=regions).run(gm, ctx)
-        ctx.count(f"{NAME}.regions", len(regions))
-        return result
+        regions = block_regions(gm, ctx.info)
+        for spec in chosen:
+            name, _, rule = spec.partition(":")
+            nodes = regions[name]
+            kept = {n.name for n in nodes if kept_in_backward(gm, n, int(rule[len(MATMUL_RULE):]))}
+            call = call_in_place_of(gm, nodes, f"peftc_recompute_{name.replace('.', '_').replace('#', '_r')}",
+                                    lambda graph: RegionPlan(graph, kept), run_region, pass_name=NAME)
+            call.meta.update({REGION_KEY: name, SAVE_KEY: (rule,), BLOCK_KEY: name.partition("#")[0]})
+        ctx.count(f"{NAME}.regions", len(chosen))
+        return PassResult(gm, True)

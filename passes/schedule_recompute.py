@@ -15,7 +15,6 @@ region again, taking those ops' outputs from the forward instead of computing th
 from __future__ import annotations
 
 import functools
-import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,11 +25,12 @@ from torch.fx import GraphModule, Node
 from peftc.capture import ModelInfo
 from peftc.errors import PassError, SpecError
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
-from peftc.rewrite import NodeBuilder, extract_region, interleaved_reader, shape_meta
+from peftc.rewrite import call_in_place_of, interleaved_reader
 
 NAME = "schedule-recompute"
 BLOCK_KEY = "peftc.recompute_block"  # on the checkpoint call: the module path of the block it runs
 REGION_KEY = "peftc.recompute_region"  # on a region's checkpoint call: `block#k`
+SAVE_KEY = "peftc.recompute_save"  # on a region's call: what backward keeps (`mm.0`, ..., or `matmul>16`)
 
 
 def op_key(func, index: int) -> str:
@@ -53,6 +53,11 @@ def is_random(func, args, kwargs) -> bool:
     dropout = next((v for a, v in zip(func._schema.arguments, args) if a.name == "dropout_p"),
                    kwargs.get("dropout_p", 0.0))
     return any(w in name for w in ("dropout", "bernoulli", "rand", "normal")) or bool(dropout)
+
+
+def is_random_node(node: Node) -> bool:
+    """Whether a graph node's aten op draws random numbers (is_random)."""
+    return isinstance(node.target, torch._ops.OpOverload) and is_random(node.target, node.args, node.kwargs)
 
 
 def is_costly(func, args, kwargs, max_cheap_k: int) -> bool:
@@ -116,9 +121,10 @@ def repeated_blocks(gm: GraphModule, info: ModelInfo) -> dict[str, list[Node]]:
     checkpointed maps to its checkpoint call alone."""
     blocks: dict[str, list[Node]] = {}
     for node in gm.graph.nodes:
+        if BLOCK_KEY in node.meta:  # a block or region call (this pass's or recompute-cheap's)
+            blocks.setdefault(node.meta[BLOCK_KEY], []).append(node)
+            continue
         if node.meta.get("peftc.pass") == NAME:
-            if BLOCK_KEY in node.meta:
-                blocks.setdefault(node.meta[BLOCK_KEY], []).append(node)
             continue
         if node.op != "call_function":  # get_attr and placeholders stay outside: the block reads them as inputs
             continue
@@ -139,7 +145,7 @@ def block_regions(gm: GraphModule, info: ModelInfo) -> dict[str, list[Node]]:
     blocks = repeated_blocks(gm, info)
     regions: dict[str, list[Node]] = {}
     for path, nodes in blocks.items():
-        if any(n.meta.get("peftc.pass") == NAME for n in nodes):
+        if any(BLOCK_KEY in n.meta for n in nodes):
             continue
         position = {n: i for i, n in enumerate(nodes)}
         # What a cut must carry: values of this block, and values from outside that only this block reads (its
@@ -233,7 +239,7 @@ class ScheduleRecompute(Pass):
                 raise SpecError(f"{NAME}: block `{path}` already has regions recomputed (by recompute-cheap or "
                                 f"regions=...); recompute whole blocks or regions, not both: leave recompute-cheap "
                                 f"out (peftc.compile(..., recompute=False))")
-            if any(n.meta.get("peftc.pass") == NAME for n in nodes):
+            if any(BLOCK_KEY in n.meta for n in nodes):
                 continue  # already checkpointed
             self._checkpoint(gm, path, nodes)
             ctx.count(f"{NAME}.blocks")
@@ -261,7 +267,6 @@ class ScheduleRecompute(Pass):
 
     def _checkpoint(self, gm: GraphModule, path: str, nodes: list[Node], save: tuple[str, ...] = (),
                     region: str | None = None) -> None:
-        inside = set(nodes)
         for node in nodes:
             schema = getattr(node.target, "_schema", None)
             if schema is not None and schema.is_mutable:
@@ -273,22 +278,13 @@ class ScheduleRecompute(Pass):
         if reader is not None:
             raise PassError(f"{NAME}: `{reader.name}` runs inside block `{path}` but outside its modules and reads "
                             f"block values; the block cannot run as one call")
-        last = nodes[-1]
-        sub, inputs, outputs = extract_region(nodes)
         qualname = f"peftc_recompute_{(region or path).replace('.', '_').replace('#', '_r')}"
-        gm.add_submodule(qualname, GraphModule(torch.nn.Module(), sub, class_name="RecomputeBlock"))
-
-        nb = NodeBuilder(gm, last.next, NAME, "checkpoint")
-        block = nb.attr(qualname)
+        module = functools.partial(GraphModule, torch.nn.Module(), class_name="RecomputeBlock")
         if region is None:
-            call = nb.call(torch.utils.checkpoint.checkpoint, block, *inputs, kwargs={"use_reentrant": False})
+            call = call_in_place_of(gm, nodes, qualname, module, torch.utils.checkpoint.checkpoint, pass_name=NAME,
+                                    kwargs={"use_reentrant": False})
         else:
-            call = nb.call(checkpoint_saving, block, tuple(save), *inputs)
+            call = call_in_place_of(gm, nodes, qualname, module, checkpoint_saving, tuple(save), pass_name=NAME)
             call.meta[REGION_KEY] = region
+            call.meta[SAVE_KEY] = tuple(save)
         call.meta[BLOCK_KEY] = path
-        for i, out in enumerate(outputs):
-            value = nb.call(operator.getitem, call, i, name=f"{out.name}_recomputed")
-            value.meta.update(shape_meta(out))
-            out.replace_all_uses_with(value, delete_user_cb=lambda user: user not in inside)
-        for node in reversed(nodes):
-            gm.graph.erase_node(node)

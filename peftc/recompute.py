@@ -560,10 +560,10 @@ def check_tokens(cm, args: tuple, kwargs: dict) -> None:
 def recomputed_regions(cm) -> tuple[str, ...]:
     """The regions the training graph of a CompiledModel's example inputs recomputes in backward, as
     schedule-recompute{regions=...} names them (`model.layers.0#1:matmul>16`)."""
-    from .passes.schedule_recompute import REGION_KEY
+    from .passes.schedule_recompute import REGION_KEY, SAVE_KEY
 
     with _training(cm) as base:
-        return tuple(n.meta[REGION_KEY] + (":" + "+".join(n.args[1]) if n.args[1] else "")
+        return tuple(n.meta[REGION_KEY] + (":" + "+".join(n.meta[SAVE_KEY]) if n.meta[SAVE_KEY] else "")
                      for n in base.graph.nodes if REGION_KEY in n.meta)
 
 

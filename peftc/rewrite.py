@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -79,6 +80,28 @@ def extract_region(nodes: list[Node], attrs: Iterable[Node] = (),
         env[node] = region.node_copy(node, env.__getitem__)
     region.output(tuple(env[n] for n in outputs))
     return region, inputs, outputs
+
+
+def call_in_place_of(gm: GraphModule, nodes: list[Node], qualname: str, module, target, *leading: Any,
+                     pass_name: str, kwargs: dict[str, Any] | None = None) -> Node:
+    """nodes (in graph order) ==> `outs = target(<qualname>, *leading, *inputs, **kwargs)`; `outs[i]` for each value
+    read after them.
+
+    `module(graph)` makes the submodule `qualname` from the nodes' own graph (extract_region). The call goes right
+    after the last node; the caller has checked that nothing outside reads their values before (interleaved_reader).
+    """
+    inside = set(nodes)
+    sub, inputs, outputs = extract_region(nodes)
+    gm.add_submodule(qualname, module(sub))
+    nb = NodeBuilder(gm, nodes[-1].next, pass_name, "region")
+    call = nb.call(target, nb.attr(qualname), *leading, *inputs, kwargs=kwargs)
+    for i, out in enumerate(outputs):
+        value = nb.call(operator.getitem, call, i, name=f"{out.name}_recomputed")
+        value.meta.update(shape_meta(out))
+        out.replace_all_uses_with(value, delete_user_cb=lambda user: user not in inside)
+    for node in reversed(nodes):
+        gm.graph.erase_node(node)
+    return call
 
 
 def adapted(node: Node, method: str, rule: Any, module: str) -> bool:

@@ -48,7 +48,15 @@ def test_default_pipeline_recomputes_cheap_ops_of_every_region_but_the_last(pair
     # 2 regions per layer; the last one runs first in backward and is left alone. The low-rank products contract
     # over r=2, the full-size matmuls over hidden 64 or intermediate 128.
     assert _regions(gm) == [f"model.layers.{i}#{k}" for i in range(LAYERS) for k in (0, 1)][:-1]
-    assert gm.code.count("('matmul>2',)") == 2 * LAYERS - 1
+    assert gm.code.count("peftc_region_recompute_run_region(") == 2 * LAYERS - 1  # no dispatch mode, no checkpoint
+    assert "checkpoint" not in gm.code
+    plan = gm.get_submodule("peftc_recompute_model_layers_0_r1")  # the MLP half
+    ops = {n.name: n for n in plan.region.nodes if n.op == "call_function"}
+    kept = {n.target.__name__.split(".")[0] if hasattr(n.target, "__name__") else str(n.target)
+            for name, n in ops.items() if name in plan.kept}
+    recomputed = {str(n.target) for name, n in ops.items() if name not in plan.kept}
+    assert {"linear", "dropout_linear"} <= kept and "silu" not in kept  # gate/up/down projections, LoRA's A x
+    assert {"aten.silu.default", "aten.mul.Tensor", "aten.rsqrt.default", "aten.linear.default"} <= recomputed
     assert default.counters["fuse-linear-cross-entropy.fused"] == 1  # the fused loss works under it
     assert recomputed_regions(default) == tuple(f"{r}:matmul>2" for r in _regions(gm))
     assert _regions(plain.graph_for(**_inputs())) == []
@@ -137,3 +145,32 @@ def test_the_cheap_rule_keeps_full_size_matmuls_and_attention():
     assert is_costly(aten.addmm.default, (torch.zeros(32), a, big), {}, 2)
     assert not is_costly(aten.silu.default, (a,), {}, 2) and not is_costly(aten.native_dropout.default, (a, 0.1,
                                                                                                          True), {}, 2)
+
+
+def test_under_autocast_it_recomputes_with_the_same_gradients(pair):
+    """Graphs captured under autocast (bf16 Trainer and TRL runs) get the default schedule too: backward recomputes
+    under the autocast state forward ran with, so gradients equal the unscheduled graph's."""
+    plain, default = pair
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (loss0, grads0), (loss1, grads1) = _grads(plain, _inputs(), seed=3), _grads(default, _inputs(), seed=3)
+        gm = default.graph_for(**_inputs())
+    assert gm is not default.graph_for(**_inputs())  # a graph of its own, captured under autocast
+    assert len(_regions(gm)) == 2 * LAYERS - 1
+    assert torch.equal(loss0, loss1) and not torch.equal(loss1, _grads(default, _inputs(), seed=3)[0])
+    assert_same_grads(grads0, grads1, 14 * LAYERS)
+
+
+def test_a_second_backward_recomputes_again(pair):
+    """retain_graph=True: each backward recomputes the dropped tensors from what forward kept. (Through the logits:
+    the fused loss keeps its gradients for one backward.)"""
+    grads = []
+    for cm in pair:
+        for p in cm.trainable_parameters():
+            p.grad = None
+        torch.manual_seed(3)
+        out = cm(input_ids=_inputs()["input_ids"]).logits.pow(2).mean()
+        out.backward(retain_graph=True)
+        out.backward()
+        grads.append({n: p.grad for n, p in cm.named_parameters() if p.requires_grad})
+    assert _regions(pair[1].graph_for(input_ids=_inputs()["input_ids"]))
+    assert_same_grads(*grads, 14 * LAYERS)
