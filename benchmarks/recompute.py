@@ -210,9 +210,12 @@ def render(results: dict, meta: dict) -> str:
                   f"{r['hf']['hf']['peak'] / MIB:.1f} MiB ({r['hf']['hf']['activations'] / MIB:.1f} MiB activations, "
                   f"{r['hf']['hf']['flops'] / base_flops - 1:+.1%} FLOPs); peftc `recompute=False`: "
                   f"{r['peftc']['off']['peak'] / MIB:.1f} MiB ({r['peftc']['off']['activations'] / MIB:.1f} MiB "
-                  f"activations); peftc default (no budget: recompute-cheap): "
-                  f"{r['peftc']['default']['peak'] / MIB:.1f} MiB ({r['peftc']['default']['activations'] / MIB:.1f} "
-                  f"MiB activations, {r['peftc']['default']['flops'] / base_flops - 1:+.1%} FLOPs); peftc "
+                  f"activations, step {r['peftc']['off']['step_s'] * 1e3:.0f} ms); peftc default (no budget: "
+                  f"recompute-cheap): {r['peftc']['default']['peak'] / MIB:.1f} MiB "
+                  f"({r['peftc']['default']['activations'] / MIB:.1f} MiB activations, "
+                  f"{r['peftc']['default']['flops'] / base_flops - 1:+.1%} FLOPs, step "
+                  f"{r['peftc']['default']['step_s'] * 1e3:.0f} ms: "
+                  f"{r['peftc']['default']['step_s'] / r['peftc']['off']['step_s']:.2f}x `recompute=False`'s); peftc "
                   f"`memory_budget=\"auto\"`: {_auto(r, base_flops)}.", "",
                   "| budget | MiB | method | peak MiB | extra FLOPs | step ms | parity |",
                   "|---|---|---|---|---|---|---|"]

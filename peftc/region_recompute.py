@@ -171,15 +171,15 @@ class _Frame:
             return
         self.wanted = frozenset(s.name for s in self.dropped)
         ins, keeps = _sources(self.plan, self.wanted)
-        self.inputs = [self.inputs[i] for i in ins]
-        self.kept = [self.kept[k] for k in keeps]
+        self.inputs = [*(self.inputs[i] for i in ins), *(self.kept[k] for k in keeps)]  # the recompute graph's
+        self.kept = {}
 
     def unpack(self, s):
         if not isinstance(s, _Saved):
             return s
         if s.tensor is not None:
             return s.tensor
-        if self.values is None:
+        if self.values is None or s.name not in self.values:  # first use, or used again after being freed
             self._recompute()
         value = self.values[s.name]
         if s.item is not None:
@@ -196,7 +196,7 @@ class _Frame:
     def _recompute(self) -> None:
         graph = self.plan.recompute_graph(self.wanted)
         with torch.no_grad(), _autocast(self.autocast):
-            outs = graph(*self.inputs, *self.kept)
+            outs = graph.forward(*self.inputs)  # not __call__: module hooks see no call in backward
         self.values = dict(zip(sorted(self.wanted), outs))
         self.left = {}
         for s in self.dropped:
