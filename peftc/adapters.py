@@ -382,11 +382,12 @@ def config_stage(cm, config: tuple) -> tuple[Pipeline, ParamTable]:
 
 
 # Methods whose HF PEFT layers loop over several active adapters (peft 0.21: `for active_adapter in
-# self.active_adapters`), summing (LoRA, LoHa, LoKr, VeRA) or multiplying (IA3) their terms; and the methods whose
+# self.active_adapters`), summing (LoRA, LoHa, LoKr, VeRA), multiplying (IA3) their terms or composing their
+# rotations (OFT, BOFT: insert-adapters nests the weight rewrites in HF's order); and the methods whose
 # layers implement `_mixed_batch_forward` (adapter_names=). Prompt learning (prefix, prompt tuning) has one active
 # adapter in HF PEFT; the other module methods' PEFT forward drops adapter_names= (runs the active adapter on
 # every sample), which peftc refuses rather than copies.
-SEVERAL_ACTIVE = ("lora", "ia3", "loha", "lokr", "vera")
+SEVERAL_ACTIVE = ("lora", "ia3", "loha", "lokr", "vera", "oft", "boft")
 MIXED_BATCH = ("lora",)
 PROMPT_LEARNING = ("prefix", "prompt_tuning", "p_tuning", "adaption_prompt")
 
@@ -411,16 +412,15 @@ def adapter_rules(b: AdapterBank, kind: str, names: Sequence[str]) -> list[tuple
                                f"adapter_names); run each adapter's samples as their own batch with set_adapter")
         if kind == "active" and len(names) > 1:
             if len(rules) != 1 or rules[0].kind not in SEVERAL_ACTIVE:
-                if rules[0].kind in PROMPT_LEARNING:
+                if len(rules) != 1:
+                    why = "peftc composes adapters of one rule only"
+                elif rules[0].kind in PROMPT_LEARNING:
                     why = "HF PEFT activates one prompt-learning adapter at a time"
-                elif getattr(rules[0], "rewrite_weight", None):
-                    why = ("HF PEFT rotates the input by each active adapter in turn; peftc rewrites the weight "
-                           "instead and does not compose two weight rewrites yet")
                 else:
                     why = "peftc does not compose this method's adapters"
                 raise AdapterError(f"set_adapter({list(names)}): {where}: several active adapters are supported for "
                                    f"adapters of one rule of {', '.join(SEVERAL_ACTIVE)} (as HF PEFT 0.21's layers "
-                                   f"sum them); {why}. Activate one adapter at a time")
+                                   f"loop over them); {why}. Activate one adapter at a time")
             first = out[0][0] if out else None
             if first is not None and first.kind != rules[0].kind:
                 raise AdapterError(f"set_adapter({list(names)}): {where} and adapter `{names[0]}` ({first.kind}) are "

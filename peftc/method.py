@@ -46,7 +46,7 @@ from torch.fx import GraphModule, Node, Proxy
 from torch.fx.proxy import GraphAppendingTracer
 
 from .errors import PassError, SpecError
-from .match import _KEEPS, ConvSite, MatmulSite, conv_sites, matmul_sites, select
+from .match import _KEEPS, REWRITTEN, ConvSite, MatmulSite, conv_sites, matmul_sites, select
 from .rewrite import NodeBuilder, adapted, mark_adapted
 from .spec import Rule, Target, register_rule
 
@@ -209,6 +209,11 @@ class Method(Rule):
     # Instead of forward (weight sites): def rewrite_weight(self, site, w, p) -> W'; the site then computes
     # op(x, W'), and a merge is fold-params evaluating W' (OFT's rotated weight, BOFT's butterfly).
     rewrite_weight: ClassVar[Callable | None] = None
+    # How several active adapters' weight rewrites nest, as HF PEFT's layer applies them (insert-adapters):
+    # "active" rewrites the first adapter's W' by the next, W' = rw_n(···rw_1(W)) (BOFT: x·M_n···M_1);
+    # "reversed" puts the last one innermost, W' = rw_1(···rw_n(W)) (OFT rotates x by each adapter in turn,
+    # x·R_1···R_n, which is W·R_nᵀ···R_1ᵀ on the weight).
+    rewrite_order: ClassVar[str] = "active"
     # def regularizer(self, sites) -> loss term: added to the model output's `loss` (when it has one) on every call,
     # `sites` mapping each module path to its live tensors (AdaLoRA's orthogonality penalty).
     regularizer: ClassVar[Callable | None] = None
@@ -457,6 +462,7 @@ def _insert_weight(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site
                             role=rule.kind)
     reader.replace_input_with(leaf, result)
     result.meta[TAG] = {**tag, "created": [n.name for n in gm.graph.nodes if n not in before]}
+    result.meta[REWRITTEN] = raw.weight
 
 
 def _insert(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site: Site, shared: dict[str, str]) -> None:
