@@ -406,6 +406,10 @@ def adapter_rules(b: AdapterBank, kind: str, names: Sequence[str]) -> list[tuple
         if with_hook(rules, "regularizer"):
             raise AdapterError(f"{where} adds a regularizer to the loss (AdaLoRA), which peftc computes on the "
                                f"compiled adapter's slots only; activate it alone, with the compiled structure")
+        if with_hook(rules, "before_call"):
+            raise AdapterError(f"{where} updates its tensors in place before each call (OFT's coft projection, as "
+                               f"HF PEFT's forward does), which peftc does on the compiled adapter's slots only; "
+                               f"activate it alone, with the compiled structure")
         if kind == "mixed" and (len(rules) != 1 or rules[0].kind not in MIXED_BATCH):
             raise AdapterError(f"adapter_names= (a mixed batch): {where}: HF PEFT 0.21 implements mixed batches only "
                                f"for {', '.join(MIXED_BATCH)} adapters of one rule (its other methods do not implement "

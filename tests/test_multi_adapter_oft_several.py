@@ -150,3 +150,18 @@ def test_gpt2_several_oft_agree_with_merging_one_under_the_other(tmp_path):
         swapped = cm(**kwargs).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - swapped).abs().max() > 1e-3
+
+
+def test_coft_adapters_are_refused_outside_the_compiled_slots(tmp_path):
+    """COFT projects oft_R in place before each call (HF PEFT's forward does), which peftc runs on the compiled
+    slots only: several active COFT adapters would compute HF's outputs but train from other values."""
+    torch.manual_seed(0)
+    cm = peftc.compile(tiny_llama(num_hidden_layers=1), peftc.OFT(target=["q_proj"], oft_block_size=8, coft=True),
+                       kwargs=dict(input_ids=ids()), dynamic=False)
+    cm.save_pretrained(tmp_path)
+    cm.load_adapter(tmp_path, name="x")
+    with pytest.raises(AdapterError, match="adapter `default`.*in place before each call.*coft"):
+        cm.set_adapter(["default", "x"])
+    assert cm.active_adapters == ["default"]
+    cm.set_adapter("x")  # alone, of the compiled structure: bound into the slots, projected as HF projects it
+    assert cm.active_adapters == ["x"]
