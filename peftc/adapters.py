@@ -24,7 +24,6 @@ Only active adapters train: set_adapter sets requires_grad on exactly the active
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import threading
@@ -218,6 +217,8 @@ def _trains(b: AdapterBank, spec: Spec | None, slot: str, method: str) -> bool:
 
 def _owners(spec: Spec | None, state: dict[str, torch.Tensor]) -> dict[str, str]:
     def owner(key: str) -> str:
+        if ".modules_to_save." in key:
+            return "modules_to_save"
         if any(m in key for m in (".lora_A.", ".lora_B.", ".lora_magnitude_vector")):
             return "lora"
         if key.endswith(".ia3_l"):
@@ -636,23 +637,42 @@ def save_pretrained(cm, directory, format: str | None, *, selected_adapters: Seq
 
 
 def _save_other_structure(cm, adapter: LoadedAdapter, directory, format: str | None, state_dict,
-                          is_main_process: bool = True, **options: Any) -> str:
-    """An adapter the compiled slots cannot hold (another rank, alpha or targets): a plain LoRA adapter is written
-    in HF PEFT's format from its own tensors and the config that puts exactly them on the model."""
-    from .peft_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_PREFIX, _base_config, _check_peft_options,
-                              _write_adapter)
+                          **options: Any) -> str:
+    """An adapter the compiled slots cannot hold (another rank, block size, length or targets), written by the
+    same writers as the compiled adapter (peft_format.save_pretrained: HF PEFT's format, or peftc's layout) from its
+    own spec and its own tensors (`state_dict`'s values where it has them)."""
+    from .peft_format import save_pretrained as save_one
 
-    _check_peft_options(options)
+    if adapter.spec is None:
+        raise AdapterError(f"save_pretrained: adapter `{adapter.name}` was loaded without a spec, so nothing says "
+                           f"what its tensors are; save it from the directory it was loaded from")
     rule = adapter.lora_rule()
-    if format == "peftc" or rule is None or rule.use_dora or rule.lora_bias or rule.slices:
-        raise AdapterError(f"save_pretrained: adapter `{adapter.name}` has another structure than the compiled "
-                           f"adapter and is not plain LoRA ({adapter.spec!r}), so peftc cannot write it yet; save "
-                           f"it from the directory it was loaded from, or leave it out of selected_adapters")
-    tensors = {k: (state_dict[k] if state_dict is not None and k in state_dict else t).detach().cpu().contiguous()
-               .clone() for k, t in adapter.tensors.items()}
-    config = {**_base_config(cm, "LORA", adapter.spec.task_type), "bias": "none", "peft_version": "0.21.2",
-              **peft_lora_config(cm, adapter, rule)}
-    if is_main_process:
-        _write_adapter(Path(directory), ADAPTER_WEIGHTS, {MODEL_PREFIX + k: v for k, v in tensors.items()},
-                       ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return "peft"
+    if rule is not None and rule.target_parameters:
+        raise AdapterError(f"save_pretrained: adapter `{adapter.name}` has LoRA on parameters (target_parameters) "
+                           f"and another structure than the compiled adapter: HF PEFT's keys for it come from the "
+                           f"graphs compiled for it, which it has none of; save it from the directory it was loaded "
+                           f"from, or leave it out of selected_adapters")
+    tensors = {k: state_dict[k] if state_dict is not None and k in state_dict else t
+               for k, t in adapter.tensors.items()}
+    return save_one(_AsCompiled(cm, adapter), directory, format, state_dict=tensors, **options)
+
+
+class _AsCompiled:
+    """`cm` as peft_format's writers read it with loaded adapter `adapter` in the compiled adapter's place: its
+    spec, and a parameter table of the base's entries plus its tensors under the slot names. The writers take the
+    adapted modules from those tensors; no graph is compiled for it."""
+
+    def __init__(self, cm, adapter: LoadedAdapter) -> None:
+        object.__setattr__(self, "_cm", cm)
+        table = ParamTable()
+        for p in cm.params:
+            if p.role != ADAPTER:
+                table.insert(dataclasses.replace(p))
+        for slot, t in adapter.tensors.items():
+            table.insert(Param(slot, t, ADAPTER, adapter.trains[slot], adapter.methods[slot], "load-adapter"))
+        self.params = table
+        self.spec = adapter.spec
+        self._graphs: dict = {}  # none compiled for this adapter: no LoRA target_parameters keys to read off them
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cm, name)
