@@ -165,3 +165,23 @@ def test_coft_adapters_are_refused_outside_the_compiled_slots(tmp_path):
     assert cm.active_adapters == ["default"]
     cm.set_adapter("x")  # alone, of the compiled structure: bound into the slots, projected as HF projects it
     assert cm.active_adapters == ["x"]
+
+
+def test_a_rewritten_weight_is_still_its_site():
+    """What lets insert-adapters nest rewrites: OFT's W' = W·Rᵀ is still W's matmul site, so a rule after OFT finds
+    it (LoRA after OFT on one module computes what LoRA before OFT does: linear(x, W·Rᵀ) + s·B(A x))."""
+    torch.manual_seed(0)
+    base, kwargs = tiny_llama(num_hidden_layers=1).eval(), dict(input_ids=ids())
+    oft, lora = peftc.OFT(target=["q_proj"], oft_block_size=8), peftc.LoRA(target=["q_proj"], r=2)
+    outputs = []
+    for rules in ((oft, lora), (lora, oft)):
+        cm = peftc.compile(copy.deepcopy(base), peftc.Spec(*rules), kwargs=kwargs, dynamic=False).eval()
+        g = torch.Generator().manual_seed(1)
+        cm.load_adapter_state_dict({k: torch.randn(v.shape, generator=g) * 0.2
+                                    for k, v in sorted(cm.adapter_state_dict().items())})
+        with torch.no_grad():
+            outputs.append(cm(**kwargs).logits)
+            torch.testing.assert_close(cm.merge()(**kwargs).logits, outputs[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert (outputs[0] - base(**kwargs).logits).abs().max() > 1e-3
