@@ -110,8 +110,8 @@ def conv_sites(gm: GraphModule, table: ParamTable, info: ModelInfo) -> list[Conv
 
 def rewritten_weight(node: Node) -> str | None:
     """The base parameter W when `node` is a pass's W + delta (sparse-delta, bitfit, ...) or a method's
-    W' = rewrite_weight(W) (OFT's rotation): its site is still W's, laid out as W, so the next adapter on it
-    (insert-adapters) finds it."""
+    W' = rewrite_weight(W) (OFT's rotation): its site is still W's, laid out as W, so a later rule on it (the next
+    active adapter's, in insert-adapters) finds it."""
     delta = node.meta.get("peftc.delta")
     return delta["param"] if delta is not None else node.meta.get(REWRITTEN)
 
