@@ -87,26 +87,26 @@ def test_outputs_agree_with_peft_in_every_order(models):
 
 
 def test_only_active_adapters_train_and_gradients_agree_with_peft(models):
-    hf, cm = models.hf, models.cm
+    hf, cm = models.hf.train(), models.cm.train()
     bank = cm._adapter_bank.adapters
-    x = ids()
-    for names in (["y", "default", "x"], ["default", "x"]):  # graphs the outputs test captured already
+    for names in (["default", "x"], ["y", "x"]):
         models.set_adapter(names)
         want = {id(t) for n in names for k, t in bank[n].tensors.items() if bank[n].trains[k]}
         assert {id(t) for t in cm.trainable_parameters()} == want
         assert sum(t.numel() for t in cm.trainable_parameters()) == \
             sum(p.numel() for p in hf.parameters() if p.requires_grad)
-        hf.zero_grad()
-        cm.zero_grad()
-        hf(input_ids=x).logits.square().mean().backward()
-        cm(input_ids=x).logits.square().mean().backward()  # the outputs test's graphs: nothing captured
-        live = dict(hf.named_parameters())
-        for n in names:
-            for slot, t in bank[n].tensors.items():
-                torch.testing.assert_close(t.grad, live[hf_live(slot, n)].grad, atol=1e-5, rtol=1e-4)
-        for n in set(bank) - set(names):
-            assert all(t.grad is None for t in bank[n].tensors.values())
+    x = ids()
+    hf.zero_grad()
     cm.zero_grad()
+    hf(input_ids=x, labels=x).loss.backward()
+    cm(input_ids=x, labels=x).loss.backward()  # a training graph, training passes included
+    live = dict(hf.named_parameters())
+    for n in names:
+        for slot, t in bank[n].tensors.items():
+            torch.testing.assert_close(t.grad, live[hf_live(slot, n)].grad, atol=1e-5, rtol=1e-4)
+    assert all(t.grad is None for t in bank["default"].tensors.values())
+    cm.zero_grad()
+    hf.eval(), cm.eval()
     models.set_adapter("default")
 
 
