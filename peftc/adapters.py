@@ -277,7 +277,24 @@ def _reconfigure(cm, b: AdapterBank) -> None:
     # another configuration holds no adapter with a regularizer (adapter_rules refuses one)
     compiled = cm.spec.rules if cm.spec is not None and (config is None or b.disabled) else ()
     cm.__dict__["_regularizers"] = with_hook(compiled, "regularizer")
-    cm.__dict__["_before_call"] = with_hook(compiled, "before_call")
+    # in-place updates (COFT's projection) on each active adapter's own tensors, as HF PEFT's forward makes them
+    active = config[1] if config is not None and config[0] == "active" else ()
+    own = tuple((rule, _own_sites(cm, b.adapters[n], rule)) for n in active
+                for rule in with_hook(b.adapters[n].spec.rules, "before_call"))
+    cm.__dict__["_before_call"] = with_hook(compiled, "before_call") + own
+
+
+def _own_sites(cm, adapter: LoadedAdapter, rule) -> dict:
+    """{module: the adapter's tensors of `rule`'s method there, by key}: what rule.before_call gets."""
+    from .method import Tensors
+    from .peft_format import owning_module
+
+    sites: dict[str, Tensors] = {}
+    for slot, t in adapter.tensors.items():
+        if adapter.methods[slot] == rule.kind and "." in slot:
+            module = owning_module(slot, cm._info)
+            sites.setdefault(module, Tensors())[slot[len(module) + 1:]] = t
+    return sites
 
 
 def _bind(cm, b: AdapterBank, name: str) -> None:
@@ -407,10 +424,6 @@ def adapter_rules(b: AdapterBank, kind: str, names: Sequence[str]) -> list[tuple
         if with_hook(rules, "regularizer"):
             raise AdapterError(f"{where} adds a regularizer to the loss (AdaLoRA), which peftc computes on the "
                                f"compiled adapter's slots only; activate it alone, with the compiled structure")
-        if with_hook(rules, "before_call"):
-            raise AdapterError(f"{where} updates its tensors in place before each call (OFT's coft projection, as "
-                               f"HF PEFT's forward does), which peftc does on the compiled adapter's slots only; "
-                               f"activate it alone, with the compiled structure")
         if kind == "mixed" and (len(rules) != 1 or rules[0].kind not in MIXED_BATCH):
             raise AdapterError(f"adapter_names= (a mixed batch): {where}: HF PEFT 0.21 implements mixed batches only "
                                f"for {', '.join(MIXED_BATCH)} adapters of one rule (its other methods do not implement "

@@ -536,10 +536,12 @@ def add_regularizers(cm, out, rules):
 
 def run_before_call(cm, rules) -> None:
     """rule.before_call(sites) under no_grad for each of `rules` (cm._before_call), before each call (as HF PEFT's
-    COFT projects its parameters in place at the start of forward)."""
+    COFT projects its parameters in place at the start of forward). An entry is a rule of cm's compiled sites, or
+    a (rule, sites) pair: a loaded adapter's rule with its own tensors (peftc/adapters.py)."""
     with torch.no_grad():
         for rule in rules:
-            rule.before_call(_live_sites(cm, rule))
+            rule, sites = rule if isinstance(rule, tuple) else (rule, None)
+            rule.before_call(_live_sites(cm, rule) if sites is None else sites)
 
 
 def _live_sites(cm, rule: Method) -> dict[str, Tensors]:

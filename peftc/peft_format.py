@@ -367,16 +367,18 @@ def _method_from_peft(cls, config: dict, where: str) -> Spec:
                 task_type=config.get("task_type"))
 
 
+def owning_module(name: str, info: ModelInfo) -> str:
+    """The module an adapter tensor `<module>.<key>` sits on: the longest module path its name starts with
+    (`<module>.oft_R.weight`), else the part before its last dot."""
+    parts = name.split(".")
+    owners = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+    return next((o for o in owners if o in info.module_types), owners[0])
+
+
 def _tensor_modules(cm, method: str) -> set[str]:
-    """The modules `method`'s tensors sit on: the longest module path their name starts with
-    (`<module>.oft_R.weight`); a shared tensor (VeRA's `vera_A`) sits on none."""
-    out = set()
-    for p in cm.params:
-        if p.role == ADAPTER and p.method == method and "." in p.name:
-            parts = p.name.split(".")
-            owners = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
-            out.add(next((o for o in owners if o in cm._info.module_types), owners[0]))
-    return out
+    """The modules `method`'s tensors sit on; a shared tensor (VeRA's `vera_A`) sits on none."""
+    return {owning_module(p.name, cm._info) for p in cm.params
+            if p.role == ADAPTER and p.method == method and "." in p.name}
 
 
 def _method(cm, rule) -> tuple[dict, dict]:

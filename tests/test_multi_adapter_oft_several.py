@@ -146,19 +146,35 @@ def test_gpt2_several_oft_agree_with_merging_one_under_the_other(tmp_path):
         torch.testing.assert_close(cm(**kwargs).logits, default_on_b(**kwargs).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_coft_adapters_are_refused_outside_the_compiled_slots(tmp_path):
-    """COFT projects oft_R in place before each call (HF PEFT's forward does), which peftc runs on the compiled
-    slots only: several active COFT adapters would compute HF's outputs but train from other values."""
+def test_several_coft_adapters_project_their_own_tensors_as_peft_does(tmp_path):
+    """COFT: HF PEFT's forward projects each active adapter's oft_R in place before rotating by it; peftc's
+    before-call hook does the same on each active adapter's own tensors, so training steps from the same values."""
     torch.manual_seed(0)
-    cm = peftc.compile(tiny_llama(num_hidden_layers=1), peftc.OFT(target=["q_proj"], oft_block_size=8, coft=True),
-                       kwargs=dict(input_ids=ids()), dynamic=False)
-    cm.save_pretrained(tmp_path)
-    cm.load_adapter(tmp_path, name="x")
-    with pytest.raises(AdapterError, match="adapter `default`.*in place before each call.*coft"):
-        cm.set_adapter(["default", "x"])
-    assert cm.active_adapters == ["default"]
-    cm.set_adapter("x")  # alone, of the compiled structure: bound into the slots, projected as HF projects it
-    assert cm.active_adapters == ["x"]
+    base = tiny_llama(num_hidden_layers=1).eval()
+    config = peft.OFTConfig(target_modules=["q_proj", "v_proj"], r=0, oft_block_size=8, coft=True, eps=0.3)
+    dirs = {n: save_adapter(base, config, tmp_path / n, seed) for seed, n in enumerate(("default", "x"), 1)}
+    hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), dirs["default"]).eval()
+    cm = peftc.compile(copy.deepcopy(base), dirs["default"], kwargs=dict(input_ids=ids()), dynamic=False).eval()
+    hf.load_adapter(dirs["x"], adapter_name="x")
+    cm.load_adapter(dirs["x"], name="x")
+    names = ["x", "default"]
+    hf.base_model.set_adapter(names)
+    cm.set_adapter(names)
+    bank, live = cm._adapter_bank.adapters, dict(hf.named_parameters())
+    before = {(n, k): t.detach().clone() for n in names for k, t in bank[n].tensors.items()}
+    for step in range(2):
+        want, got = hf(input_ids=ids()).logits, cm(input_ids=ids()).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for n in names:
+            for slot, t in bank[n].tensors.items():
+                torch.testing.assert_close(t, live[hf_live(slot, n)], atol=1e-6, rtol=0)
+                assert step or (t - before[n, slot]).abs().max() > 1e-3  # the first call projected it
+        want.square().mean().backward()
+        got.square().mean().backward()
+        with torch.no_grad():
+            for t in [*cm.trainable_parameters(), *(p for p in hf.parameters() if p.requires_grad)]:
+                t -= 0.5 * t.grad
+                t.grad = None
 
 
 def test_a_rewritten_weight_is_still_its_site():
