@@ -5,7 +5,9 @@ the rotations into M_2·M_1 and the scales into s_1·s_2. peftc rewrites the wei
 rewrites: OFT W·R_2ᵀ·R_1ᵀ, BOFT s_1·s_2·W·M_1ᵀ·M_2ᵀ. Adapters "default" and "x" share a config (x binds into the
 compiled slots), "y" has another block size (a structure of its own). Outputs and gradients agree with HF PEFT's
 same calls within 1e-5 on Llama. HF PEFT has no OFT for GPT-2's Conv1D: there two active OFT adapters agree with
-merging one adapter into the base and compiling the other on top. Merge and an unmerged ONNX export of several active adapters are refused.
+merging one adapter into the base and compiling the other on top. Several COFT adapters project their own tensors
+before each call, as HF PEFT's forward does. Merge and an unmerged ONNX export of several active adapters are
+refused (AdapterError; adapters="inputs" takes LoRA only: ExportError).
 """
 
 import copy
