@@ -1,5 +1,5 @@
 """insert-adapters: y = op(x, W)  ==>  the adapter passes of each active adapter i in turn, on adapter i's own tensors
-(LoRA, LoHa, LoKr, VeRA: y + Σ_i Δ_i(x); IA3: y · Π_i l_i)."""
+(LoRA, LoHa, LoKr, VeRA: y + Σ_i Δ_i(x); IA3: y · Π_i l_i; OFT, BOFT: op(x, rw_i(···W)), nested in HF PEFT's order)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ class InsertAdapters(Pass):
     bank of loaded adapters): nothing is initialized here. A term reads its adapter's own tensors, so one graph serves
     that set of adapters whatever is bound in the compiled graph's slots. Adapters are inserted in the order given,
     each on the output of the previous one: additive methods sum y + Δ_1(x) + Δ_2(x) and IA3 multiplies its
-    scalings, as HF PEFT's layers loop over their active adapters. An adapter whose tensors do not fit what its
-    rules insert is an AdapterError.
+    scalings, as HF PEFT's layers loop over their active adapters. A weight rewrite (OFT, BOFT) rewrites the
+    previous adapter's W', in the order its method's `rewrite_order` says HF PEFT composes them (BOFT: given,
+    W' = rw_2(rw_1(W)); OFT: reversed, rw_1(rw_2(W)), since HF rotates x by R_1 first). An adapter whose tensors
+    do not fit what its rules insert is an AdapterError.
     """
 
     name: ClassVar[str] = "insert-adapters"
@@ -41,7 +43,10 @@ class InsertAdapters(Pass):
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         modified = False
-        for adapter, rules in zip(self.adapters, self.rules):
+        order = list(zip(self.adapters, self.rules))
+        if order and order[0][1] and getattr(type(order[0][1][0]), "rewrite_order", "active") == "reversed":
+            order.reverse()
+        for adapter, rules in order:
             modified |= self._insert_one(gm, ctx, adapter, rules)
         return PassResult(gm, modified)
 

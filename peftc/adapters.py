@@ -24,7 +24,6 @@ Only active adapters train: set_adapter sets requires_grad on exactly the active
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import threading
@@ -218,6 +217,8 @@ def _trains(b: AdapterBank, spec: Spec | None, slot: str, method: str) -> bool:
 
 def _owners(spec: Spec | None, state: dict[str, torch.Tensor]) -> dict[str, str]:
     def owner(key: str) -> str:
+        if ".modules_to_save." in key:
+            return "modules_to_save"
         if any(m in key for m in (".lora_A.", ".lora_B.", ".lora_magnitude_vector")):
             return "lora"
         if key.endswith(".ia3_l"):
@@ -276,7 +277,24 @@ def _reconfigure(cm, b: AdapterBank) -> None:
     # another configuration holds no adapter with a regularizer (adapter_rules refuses one)
     compiled = cm.spec.rules if cm.spec is not None and (config is None or b.disabled) else ()
     cm.__dict__["_regularizers"] = with_hook(compiled, "regularizer")
-    cm.__dict__["_before_call"] = with_hook(compiled, "before_call")
+    # in-place updates (COFT's projection) on each active adapter's own tensors, as HF PEFT's forward makes them
+    active = config[1] if config is not None and config[0] == "active" else ()
+    own = tuple((rule, _own_sites(cm, b.adapters[n], rule)) for n in active
+                for rule in with_hook(b.adapters[n].spec.rules, "before_call"))
+    cm.__dict__["_before_call"] = with_hook(compiled, "before_call") + own
+
+
+def _own_sites(cm, adapter: LoadedAdapter, rule) -> dict:
+    """{module: the adapter's tensors of `rule`'s method there, by key}: what rule.before_call gets."""
+    from .method import Tensors
+    from .peft_format import owning_module
+
+    sites: dict[str, Tensors] = {}
+    for slot, t in adapter.tensors.items():
+        if adapter.methods[slot] == rule.kind and "." in slot:
+            module = owning_module(slot, cm._info)
+            sites.setdefault(module, Tensors())[slot[len(module) + 1:]] = t
+    return sites
 
 
 def _bind(cm, b: AdapterBank, name: str) -> None:
@@ -382,11 +400,12 @@ def config_stage(cm, config: tuple) -> tuple[Pipeline, ParamTable]:
 
 
 # Methods whose HF PEFT layers loop over several active adapters (peft 0.21: `for active_adapter in
-# self.active_adapters`), summing (LoRA, LoHa, LoKr, VeRA) or multiplying (IA3) their terms; and the methods whose
+# self.active_adapters`), summing (LoRA, LoHa, LoKr, VeRA), multiplying (IA3) their terms or composing their
+# rotations (OFT, BOFT: insert-adapters nests the weight rewrites in HF's order); and the methods whose
 # layers implement `_mixed_batch_forward` (adapter_names=). Prompt learning (prefix, prompt tuning) has one active
 # adapter in HF PEFT; the other module methods' PEFT forward drops adapter_names= (runs the active adapter on
 # every sample), which peftc refuses rather than copies.
-SEVERAL_ACTIVE = ("lora", "ia3", "loha", "lokr", "vera")
+SEVERAL_ACTIVE = ("lora", "ia3", "loha", "lokr", "vera", "oft", "boft")
 MIXED_BATCH = ("lora",)
 PROMPT_LEARNING = ("prefix", "prompt_tuning", "p_tuning", "adaption_prompt")
 
@@ -411,16 +430,15 @@ def adapter_rules(b: AdapterBank, kind: str, names: Sequence[str]) -> list[tuple
                                f"adapter_names); run each adapter's samples as their own batch with set_adapter")
         if kind == "active" and len(names) > 1:
             if len(rules) != 1 or rules[0].kind not in SEVERAL_ACTIVE:
-                if rules[0].kind in PROMPT_LEARNING:
+                if len(rules) != 1:
+                    why = "peftc composes adapters of one rule only"
+                elif rules[0].kind in PROMPT_LEARNING:
                     why = "HF PEFT activates one prompt-learning adapter at a time"
-                elif getattr(rules[0], "rewrite_weight", None):
-                    why = ("HF PEFT rotates the input by each active adapter in turn; peftc rewrites the weight "
-                           "instead and does not compose two weight rewrites yet")
                 else:
                     why = "peftc does not compose this method's adapters"
                 raise AdapterError(f"set_adapter({list(names)}): {where}: several active adapters are supported for "
                                    f"adapters of one rule of {', '.join(SEVERAL_ACTIVE)} (as HF PEFT 0.21's layers "
-                                   f"sum them); {why}. Activate one adapter at a time")
+                                   f"loop over them); {why}. Activate one adapter at a time")
             first = out[0][0] if out else None
             if first is not None and first.kind != rules[0].kind:
                 raise AdapterError(f"set_adapter({list(names)}): {where} and adapter `{names[0]}` ({first.kind}) are "
@@ -632,23 +650,42 @@ def save_pretrained(cm, directory, format: str | None, *, selected_adapters: Seq
 
 
 def _save_other_structure(cm, adapter: LoadedAdapter, directory, format: str | None, state_dict,
-                          is_main_process: bool = True, **options: Any) -> str:
-    """An adapter the compiled slots cannot hold (another rank, alpha or targets): a plain LoRA adapter is written
-    in HF PEFT's format from its own tensors and the config that puts exactly them on the model."""
-    from .peft_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_PREFIX, _base_config, _check_peft_options,
-                              _write_adapter)
+                          **options: Any) -> str:
+    """An adapter the compiled slots cannot hold (another rank, block size, length or targets), written by the
+    same writers as the compiled adapter (peft_format.save_pretrained: HF PEFT's format, or peftc's layout) from its
+    own spec and its own tensors (`state_dict`'s values where it has them)."""
+    from .peft_format import save_pretrained as save_one
 
-    _check_peft_options(options)
+    if adapter.spec is None:
+        raise AdapterError(f"save_pretrained: adapter `{adapter.name}` was loaded without a spec, so nothing says "
+                           f"what its tensors are; save it from the directory it was loaded from")
     rule = adapter.lora_rule()
-    if format == "peftc" or rule is None or rule.use_dora or rule.lora_bias or rule.slices:
-        raise AdapterError(f"save_pretrained: adapter `{adapter.name}` has another structure than the compiled "
-                           f"adapter and is not plain LoRA ({adapter.spec!r}), so peftc cannot write it yet; save "
-                           f"it from the directory it was loaded from, or leave it out of selected_adapters")
-    tensors = {k: (state_dict[k] if state_dict is not None and k in state_dict else t).detach().cpu().contiguous()
-               .clone() for k, t in adapter.tensors.items()}
-    config = {**_base_config(cm, "LORA", adapter.spec.task_type), "bias": "none", "peft_version": "0.21.2",
-              **peft_lora_config(cm, adapter, rule)}
-    if is_main_process:
-        _write_adapter(Path(directory), ADAPTER_WEIGHTS, {MODEL_PREFIX + k: v for k, v in tensors.items()},
-                       ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return "peft"
+    if rule is not None and rule.target_parameters:
+        raise AdapterError(f"save_pretrained: adapter `{adapter.name}` has LoRA on parameters (target_parameters) "
+                           f"and another structure than the compiled adapter: HF PEFT's keys for it come from the "
+                           f"graphs compiled for it, which it has none of; save it from the directory it was loaded "
+                           f"from, or leave it out of selected_adapters")
+    tensors = {k: state_dict[k] if state_dict is not None and k in state_dict else t
+               for k, t in adapter.tensors.items()}
+    return save_one(_AsCompiled(cm, adapter), directory, format, state_dict=tensors, **options)
+
+
+class _AsCompiled:
+    """`cm` as peft_format's writers read it with loaded adapter `adapter` in the compiled adapter's place: its
+    spec, and a parameter table of the base's entries plus its tensors under the slot names. The writers take the
+    adapted modules from those tensors; no graph is compiled for it."""
+
+    def __init__(self, cm, adapter: LoadedAdapter) -> None:
+        object.__setattr__(self, "_cm", cm)
+        table = ParamTable()
+        for p in cm.params:
+            if p.role != ADAPTER:
+                table.insert(dataclasses.replace(p))
+        for slot, t in adapter.tensors.items():
+            table.insert(Param(slot, t, ADAPTER, adapter.trains[slot], adapter.methods[slot], "load-adapter"))
+        self.params = table
+        self.spec = adapter.spec
+        self._graphs: dict = {}  # none compiled for this adapter: no LoRA target_parameters keys to read off them
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cm, name)

@@ -22,6 +22,7 @@ from .params import BASE, ParamTable
 from .spec import Target
 
 aten = torch.ops.aten
+REWRITTEN = "peftc.rewritten"  # node.meta of a method's W' = rewrite_weight(W): the base parameter W's name
 
 # Ops that only re-lay a 2-d weight: walking through them flips (or keeps) the orientation.
 _FLIPS = {aten.t.default, aten.numpy_T.default}
@@ -94,26 +95,35 @@ def conv_sites(gm: GraphModule, table: ParamTable, info: ModelInfo) -> list[Conv
             x, w, _b, stride, padding, dilation, _t, _op, groups = node.args
         else:
             continue
-        if w.op != "get_attr" or w.target not in table or table[w.target].role != BASE:
+        weight = w.target if w.op == "get_attr" else w.meta.get(REWRITTEN)  # OFT's W' is still W's site
+        if weight not in table or table[weight].role != BASE:
             continue
-        shape = table[w.target].tensor.shape
+        shape = table[weight].tensor.shape
         n = len(shape) - 2
         groups = groups or 1
-        sites.append(ConvSite(node, w.target, *_module_path(node, w.target, info), in_features=shape[1] * groups,
+        sites.append(ConvSite(node, weight, *_module_path(node, weight, info), in_features=shape[1] * groups,
                               out_features=shape[0], kernel=tuple(shape[2:]), stride=list(stride or [1] * n),
                               padding=padding if padding is not None else [0] * n,
                               dilation=list(dilation or [1] * n), groups=groups))
     return sites
 
 
+def rewritten_weight(node: Node) -> str | None:
+    """The base parameter W when `node` is a pass's W + delta (sparse-delta, bitfit, ...) or a method's
+    W' = rewrite_weight(W) (OFT's rotation): its site is still W's, laid out as W, so a later rule on it (the next
+    active adapter's, in insert-adapters) finds it."""
+    delta = node.meta.get("peftc.delta")
+    return delta["param"] if delta is not None else node.meta.get(REWRITTEN)
+
+
 def _weight_source(node: Node, table: ParamTable) -> tuple[str, bool] | None:
     """(parameter name, flipped) when `node` is a 2-d base parameter, possibly transposed or cast."""
     flipped = False
     while node.op == "call_function":
-        delta = node.meta.get("peftc.delta")
-        if delta is not None:  # W + delta (sparse-delta, bitfit, ...): still W's site, laid out as W
-            entry = table[delta["param"]]
-            return (delta["param"], flipped) if entry.role == BASE and entry.tensor.dim() == 2 else None
+        base = rewritten_weight(node)
+        if base is not None:
+            entry = table[base]
+            return (base, flipped) if entry.role == BASE and entry.tensor.dim() == 2 else None
         if node.target in _FLIPS:
             flipped = not flipped
         elif node.target == aten.transpose.int and sorted(a % 2 for a in node.args[1:3]) == [0, 1]:

@@ -46,7 +46,7 @@ from torch.fx import GraphModule, Node, Proxy
 from torch.fx.proxy import GraphAppendingTracer
 
 from .errors import PassError, SpecError
-from .match import _KEEPS, ConvSite, MatmulSite, conv_sites, matmul_sites, select
+from .match import _KEEPS, REWRITTEN, ConvSite, MatmulSite, conv_sites, matmul_sites, select
 from .rewrite import NodeBuilder, adapted, mark_adapted
 from .spec import Rule, Target, register_rule
 
@@ -209,6 +209,11 @@ class Method(Rule):
     # Instead of forward (weight sites): def rewrite_weight(self, site, w, p) -> W'; the site then computes
     # op(x, W'), and a merge is fold-params evaluating W' (OFT's rotated weight, BOFT's butterfly).
     rewrite_weight: ClassVar[Callable | None] = None
+    # How several active adapters' weight rewrites nest, as HF PEFT's layer applies them (insert-adapters):
+    # "active" rewrites the first adapter's W' by the next, W' = rw_n(···rw_1(W)) (BOFT: x·M_n···M_1);
+    # "reversed" puts the last one innermost, W' = rw_1(···rw_n(W)) (OFT rotates x by each adapter in turn,
+    # x·R_1···R_n, which is W·R_nᵀ···R_1ᵀ on the weight).
+    rewrite_order: ClassVar[str] = "active"
     # def regularizer(self, sites) -> loss term: added to the model output's `loss` (when it has one) on every call,
     # `sites` mapping each module path to its live tensors (AdaLoRA's orthogonality penalty).
     regularizer: ClassVar[Callable | None] = None
@@ -457,6 +462,7 @@ def _insert_weight(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site
                             role=rule.kind)
     reader.replace_input_with(leaf, result)
     result.meta[TAG] = {**tag, "created": [n.name for n in gm.graph.nodes if n not in before]}
+    result.meta[REWRITTEN] = raw.weight
 
 
 def _insert(gm: GraphModule, ctx, rule: Method, pass_name: str, raw, site: Site, shared: dict[str, str]) -> None:
@@ -530,10 +536,12 @@ def add_regularizers(cm, out, rules):
 
 def run_before_call(cm, rules) -> None:
     """rule.before_call(sites) under no_grad for each of `rules` (cm._before_call), before each call (as HF PEFT's
-    COFT projects its parameters in place at the start of forward)."""
+    COFT projects its parameters in place at the start of forward). An entry is a rule of cm's compiled sites, or
+    a (rule, sites) pair: a loaded adapter's rule with its own tensors (peftc/adapters.py)."""
     with torch.no_grad():
         for rule in rules:
-            rule.before_call(_live_sites(cm, rule))
+            rule, sites = rule if isinstance(rule, tuple) else (rule, None)
+            rule.before_call(_live_sites(cm, rule) if sites is None else sites)
 
 
 def _live_sites(cm, rule: Method) -> dict[str, Tensors]:

@@ -30,7 +30,7 @@ from . import lora_parameters
 from .capture import ModelInfo
 from .delta import aliases_of
 from .errors import AdapterError, SpecError
-from .match import all_linear_modules
+from .match import _matches, all_linear_modules
 from .params import ADAPTER
 from .spec import IA3, LoRA, ModulesToSave, NormTuning, Prefix, PromptTuning, Rule, Spec, Target
 
@@ -367,11 +367,22 @@ def _method_from_peft(cls, config: dict, where: str) -> Spec:
                 task_type=config.get("task_type"))
 
 
-def _method(cm, rule) -> tuple[dict, dict]:
-    from .method import TAG
+def owning_module(name: str, info: ModelInfo) -> str:
+    """The module an adapter tensor `<module>.<key>` sits on: the longest module path its name starts with
+    (`<module>.oft_R.weight`), else the part before its last dot."""
+    parts = name.split(".")
+    owners = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+    return next((o for o in owners if o in info.module_types), owners[0])
 
-    adapted = {n.meta[TAG]["site"].module for n in cm.graph_module.graph.nodes
-               if n.meta.get(TAG, {}).get("rule") == rule}
+
+def _tensor_modules(cm, method: str) -> set[str]:
+    """The modules `method`'s tensors sit on; a shared tensor (VeRA's `vera_A`) sits on none."""
+    return {owning_module(p.name, cm._info) for p in cm.params
+            if p.role == ADAPTER and p.method == method and "." in p.name}
+
+
+def _method(cm, rule) -> tuple[dict, dict]:
+    adapted = _tensor_modules(cm, rule.kind)
     swappable = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d")
     odd = sorted(m for m in adapted if cm._info.module_types.get(m, "") not in swappable)
     if odd:
@@ -546,8 +557,6 @@ def _enclosing_all(modules: set[str]) -> set[str]:
 
 
 def _rule_selects_module(rule: ModulesToSave, module: str) -> bool:
-    from .match import _matches
-
     return _matches(rule.target, module) and not (rule.exclude is not None and _matches(rule.exclude, module))
 
 
@@ -622,8 +631,9 @@ def _ia3(cm, rule: IA3) -> tuple[dict, dict]:
     if odd:
         raise NotPeftExpressible(f"IA3 on `{odd[0]}`, which is not an nn.Linear, Conv1D, Conv2d or Conv3d module, has "
                                  f"no PEFT format")
-    feedforward = {n.meta["peftc.ia3"]["vector"].rsplit(".ia3_l", 1)[0] for gms in cm._graphs.values() for gm in gms
-                   for n in gm.graph.nodes if n.meta.get("peftc.ia3", {}).get("feedforward")}
+    # insert-ia3's choice: the adapted modules `feedforward` selects
+    feedforward = set() if rule.feedforward is None else adapted & all_linear_modules(cm._info) \
+        if rule.feedforward == "all-linear" else {m for m in adapted if _matches(rule.feedforward, m)}
     config = {**_base_config(cm, "IA3", cm.spec.task_type), "init_ia3_weights": True,
               "fan_in_fan_out": any(cm._info.module_types.get(m) == "Conv1D" for m in adapted)}
     tensors = {MODEL_PREFIX + p.name: p.tensor.detach() for p in cm.params if p.role == ADAPTER and p.method == "ia3"}

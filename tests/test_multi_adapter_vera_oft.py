@@ -1,5 +1,5 @@
 """Several VeRA and OFT adapters in one compiled model against the real peft package: load, switch, several active
-(where HF PEFT sums them), disable, delete within 1e-5; mixed batches refused (tests/multi_adapter_checks.py)."""
+(summed for VeRA, rotations composed for OFT), disable, delete within 1e-5; mixed batches refused (tests/multi_adapter_checks.py)."""
 
 import pytest
 

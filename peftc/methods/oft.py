@@ -87,6 +87,7 @@ class OFT(peftc.Method):
     kind = "oft"
     peft_type = "OFT"
     sites = ("matmul", "conv")
+    rewrite_order = "reversed"  # HF PEFT's layer rotates x by each active adapter in turn: x·R_1·R_2
 
     r: int = 0
     oft_block_size: int = 32
