@@ -56,7 +56,8 @@ class Pair:
         configs = {"default": {}, "x": {}, "y": other or {}}
         dirs = {n: save_adapter(base, method, tmp / n, seed, **configs[n]) for seed, n in enumerate(self.names, 1)}
         self.hf = peft.PeftModel.from_pretrained(copy.deepcopy(base), dirs["default"]).eval()
-        self.cm = peftc.compile(copy.deepcopy(base), dirs["default"], kwargs=dict(input_ids=ids())).eval()
+        self.cm = peftc.compile(copy.deepcopy(base), dirs["default"], kwargs=dict(input_ids=ids()),
+                                dynamic=False).eval()
         for n in self.names[1:]:
             self.hf.load_adapter(dirs[n], adapter_name=n)
             self.cm.load_adapter(dirs[n], name=n)

@@ -41,7 +41,7 @@ def test_hf_output_structure_dynamic_shapes_and_new_keyword_sets():
 def test_train_and_eval_switch_dropout_as_on_the_original():
     torch.manual_seed(0)
     model, x = DropMLP(), torch.randn(5, 4)
-    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,))
+    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,), dynamic=False)
     torch.manual_seed(7)
     ours = cm(x)
     torch.manual_seed(7)
@@ -54,7 +54,7 @@ def test_train_and_eval_switch_dropout_as_on_the_original():
 def test_non_tensor_arguments_are_part_of_the_signature():
     torch.manual_seed(0)
     model, x = DropMLP().eval(), torch.randn(5, 4)
-    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,))
+    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,), dynamic=False)
     torch.testing.assert_close(cm(x, 3.0), model(x, 3.0))
     torch.testing.assert_close(cm(x, scale=2.0), model(x, scale=2.0))
 
@@ -81,7 +81,7 @@ def test_to_dtype_moves_parameters_and_buffers_for_every_graph():
 
 def test_adapter_state_dict_round_trip_and_strict_errors():
     torch.manual_seed(0)
-    cm = peftc.compile(DropMLP().eval(), peftc.LoRA(target="up|down", r=2), args=(torch.randn(5, 4),))
+    cm = peftc.compile(DropMLP().eval(), peftc.LoRA(target="up|down", r=2), args=(torch.randn(5, 4),), dynamic=False)
     sd = cm.adapter_state_dict()
     assert set(sd) == {"up.lora_A.weight", "up.lora_B.weight", "down.lora_A.weight", "down.lora_B.weight"}
     assert sd["up.lora_A.weight"].shape == (2, 4) and sd["up.lora_B.weight"].shape == (8, 2)
@@ -101,7 +101,7 @@ def test_adapter_state_dict_round_trip_and_strict_errors():
 def test_state_dict_reads_like_the_original_plus_adapters():
     torch.manual_seed(0)
     model = DropMLP().eval()
-    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(torch.randn(5, 4),))
+    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(torch.randn(5, 4),), dynamic=False)
     assert set(cm.state_dict()) == set(model.state_dict()) | {"up.lora_A.weight", "up.lora_B.weight"}
     assert [n for n, p in cm.named_parameters() if p.requires_grad] == ["up.lora_A.weight", "up.lora_B.weight"]
 
@@ -148,19 +148,22 @@ class UnfreezeBehindTheTablesBack(Pass):
 def test_failing_pass_is_named_with_the_passes_before_it():
     with pytest.raises(peftc.PassError, match=r"pass #3 `test-boom` failed: kaput \(passes run before it: "
                                               r"freeze-base, insert-lora\)"):
-        peftc.compile(DropMLP().eval(), None, args=(torch.randn(2, 4),), pipeline="insert-lora{target=up},test-boom")
+        peftc.compile(DropMLP().eval(), None, args=(torch.randn(2, 4),), pipeline="insert-lora{target=up},test-boom",
+                      dynamic=False)
 
 
 def test_verifier_catches_a_pass_that_breaks_the_trainable_set():
     with pytest.raises(peftc.PassError, match="test-unfreeze.*the table says frozen but requires_grad=True"):
-        peftc.compile(DropMLP().eval(), None, args=(torch.randn(2, 4),), pipeline="test-unfreeze")
+        peftc.compile(DropMLP().eval(), None, args=(torch.randn(2, 4),), pipeline="test-unfreeze", dynamic=False)
     # with the verifier off, the same pipeline goes through
-    peftc.compile(DropMLP().eval(), None, args=(torch.randn(2, 4),), pipeline="test-unfreeze", verify=False)
+    peftc.compile(DropMLP().eval(), None, args=(torch.randn(2, 4),), pipeline="test-unfreeze", verify=False,
+                  dynamic=False)
 
 
 def test_report_and_diff_filters():
     torch.manual_seed(0)
-    cm = peftc.compile(tiny_llama().eval(), peftc.LoRA(target="q_proj", r=2), kwargs={"input_ids": ids()})
+    cm = peftc.compile(tiny_llama().eval(), peftc.LoRA(target="q_proj", r=2), kwargs={"input_ids": ids()},
+                       dynamic=False)
     text = str(cm.report())
     assert "freeze-base" in text and "insert-lora" in text
     records = cm.report().records
@@ -185,7 +188,7 @@ def test_measure_step_on_a_signature_not_yet_captured():
 
     torch.manual_seed(0)
     model, x = DropMLP().eval(), torch.randn(5, 4)
-    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,))
+    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,), dynamic=False)
     first = measure_step(cm, (x, 2.0))  # scale=2.0 is a new signature: captured before measuring
     again = measure_step(cm, (x, 2.0))
     assert first == again and isinstance(first.forward_flops, int) and first.forward_flops > 0
@@ -198,7 +201,7 @@ def test_one_tensor_for_two_inputs_at_capture_does_not_tie_them(fuse_loss):
     model = tiny_llama()
     x = ids()
     cm = peftc.compile(model, peftc.LoRA(target="q_proj"), kwargs={"input_ids": x, "labels": x},
-                       fuse_loss=fuse_loss)
+                       fuse_loss=fuse_loss, dynamic=False)
     other = ids(seed=5)
     assert not torch.equal(other, x)
     with torch.no_grad():

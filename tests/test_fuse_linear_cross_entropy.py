@@ -72,10 +72,11 @@ def labels(seed=1, batch=2, seq=8, ignored=3):
 
 class Pair:
     """One compiled model serving either its unfused training graph or that graph with the pass run on a copy:
-    the same tensors, the same adapter values (random, non-zero), one capture."""
+    the same tensors, the same adapter values (random, non-zero), one capture: static unless a test calls it at
+    other shapes."""
 
-    def __init__(self, model, spec, kwargs, chunk_tokens=None, **options):
-        self.cm = peftc.compile(model, spec, kwargs=kwargs, fuse_loss=False, **options)
+    def __init__(self, model, spec, kwargs, chunk_tokens=None, dynamic=False, **options):
+        self.cm = peftc.compile(model, spec, kwargs=kwargs, fuse_loss=False, dynamic=dynamic, **options)
         torch.manual_seed(1)
         with torch.no_grad():
             for p in self.cm.trainable_parameters():
@@ -200,8 +201,7 @@ def test_num_items_in_batch_sum_reduction():
     static shapes: with dynamic ones, capturing that keyword fails today, fused or not.)"""
     torch.manual_seed(0)
     kwargs = {"input_ids": ids(vocab=V), "labels": labels(), "num_items_in_batch": torch.tensor(11)}
-    pair = Pair(MODELS["llama"][0]().train(), peftc.LoRA(target="q_proj|lm_head", r=4), kwargs, chunk_tokens=4,
-                dynamic=False)
+    pair = Pair(MODELS["llama"][0]().train(), peftc.LoRA(target="q_proj|lm_head", r=4), kwargs, chunk_tokens=4)
     assert "div" in pair.fused.code.split("chunked_cross_entropy")[-1]
     loss, _ = pair.assert_same_step(kwargs)
     mean = pair.cm(input_ids=kwargs["input_ids"], labels=kwargs["labels"]).loss
@@ -212,7 +212,7 @@ def test_num_items_in_batch_sum_reduction():
 def test_other_batch_and_sequence_sizes_reuse_the_fused_graph():
     torch.manual_seed(0)
     kwargs = {"input_ids": ids(vocab=V), "labels": labels()}
-    pair = Pair(MODELS["gpt2"][0]().train(), peftc.LoRA(target="c_attn", r=4), kwargs, chunk_tokens=7)
+    pair = Pair(MODELS["gpt2"][0]().train(), peftc.LoRA(target="c_attn", r=4), kwargs, chunk_tokens=7, dynamic=True)
     other = {"input_ids": ids(3, 13, vocab=V, seed=4), "labels": labels(seed=5, batch=3, seq=13, ignored=9)}
     pair.assert_same_step(other)
     assert sum(len(g) for g in pair.cm._graphs.values()) == 1  # dynamic shapes: no second capture

@@ -18,7 +18,8 @@ peft = pytest.importorskip("peft")
 def llama():
     torch.manual_seed(0)
     model = tiny_llama()
-    cm = peftc.compile(model, peftc.LoRA(target="q_proj|v_proj", r=4, alpha=8), kwargs={"input_ids": ids()})
+    cm = peftc.compile(model, peftc.LoRA(target="q_proj|v_proj", r=4, alpha=8), kwargs={"input_ids": ids()},
+                       dynamic=False)
     return model, cm
 
 
@@ -46,7 +47,7 @@ def test_plain_module_surface():
     from examples.tiny_models import tiny_mlp
 
     model, (x,) = tiny_mlp()
-    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,))
+    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,), dynamic=False)
     assert not cm.accepts_loss_kwargs  # forward(x): no num_items_in_batch to pass
     assert cm.main_input_name == "x"
     assert list(inspect.signature(cm.forward).parameters) == ["x"]
@@ -58,7 +59,7 @@ def test_print_trainable_parameters_prints_like_hf_peft(capsys):
     torch.manual_seed(0)
     model = tiny_llama()
     hf = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
-    cm = peftc.compile(model, peftc.LoRA(target="q_proj|v_proj", r=4), kwargs={"input_ids": ids()})
+    cm = peftc.compile(model, peftc.LoRA(target="q_proj|v_proj", r=4), kwargs={"input_ids": ids()}, dynamic=False)
     hf.print_trainable_parameters()
     theirs = capsys.readouterr().out
     assert cm.print_trainable_parameters() is None
@@ -81,7 +82,8 @@ def _checkpointed_blocks(cm, kwargs):
 
 def test_gradient_checkpointing_is_schedule_recompute_of_every_block():
     torch.manual_seed(0)
-    cm = peftc.compile(tiny_llama(), peftc.LoRA(target="q_proj|v_proj", r=4), kwargs={"input_ids": ids()})
+    cm = peftc.compile(tiny_llama(), peftc.LoRA(target="q_proj|v_proj", r=4), kwargs={"input_ids": ids()},
+                       dynamic=False)
     cm.train()
     kwargs = {"input_ids": ids(), "labels": ids(seed=1)}
     torch.manual_seed(1)
@@ -125,7 +127,8 @@ def test_base_model_is_the_compiled_backbone_with_the_same_adapters():
     model = tiny_llama()
     hf = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4,
                                                                    lora_alpha=8, lora_dropout=0.0))
-    cm = peftc.compile(model, peftc.LoRA(target="q_proj|v_proj", r=4, alpha=8), kwargs={"input_ids": ids()})
+    cm = peftc.compile(model, peftc.LoRA(target="q_proj|v_proj", r=4, alpha=8), kwargs={"input_ids": ids()},
+                       dynamic=False)
     torch.manual_seed(1)
     weights = {k: torch.randn_like(v) * 0.1 for k, v in cm.adapter_state_dict().items()}
     cm.load_adapter_state_dict(weights)
@@ -146,7 +149,7 @@ def test_base_model_is_the_compiled_backbone_with_the_same_adapters():
 
 def test_output_layer_with_an_adapter_is_not_handed_out():
     torch.manual_seed(0)
-    cm = peftc.compile(tiny_llama(), peftc.LoRA(target="lm_head", r=2), kwargs={"input_ids": ids()})
+    cm = peftc.compile(tiny_llama(), peftc.LoRA(target="lm_head", r=2), kwargs={"input_ids": ids()}, dynamic=False)
     with pytest.raises(peftc.PeftcError, match="output layer `lm_head` is fine-tuned"):
         cm.get_output_embeddings()
 
@@ -198,7 +201,7 @@ def test_plain_module_class_carries_its_signature_and_is_no_peft_model():
     from examples.tiny_models import tiny_mlp
 
     model, (x,) = tiny_mlp()
-    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,))
+    cm = peftc.compile(model, peftc.LoRA(target="up", r=2), args=(x,), dynamic=False)
     assert type(cm).__name__ == f"CompiledModel[{type(model).__name__}]"
     assert not isinstance(cm, peft.PeftModel)
     assert list(inspect.signature(type(cm).forward).parameters) == ["self", "x"]

@@ -13,10 +13,16 @@ from peftc.params import ParamTable
 from conftest import tiny_gpt2, tiny_llama, ids
 
 
-def sites_of(model, *args, **kwargs):
+def sites_of(model, *args, dynamic=True, **kwargs):
     table = ParamTable()
-    gm = capture(model, args, call_kwargs(model, kwargs), table)
+    gm = capture(model, args, call_kwargs(model, kwargs), table, dynamic=dynamic)
     return matmul_sites(gm, table, ModelInfo.of(model)), ModelInfo.of(model)
+
+
+@pytest.fixture(scope="module")
+def llama_sites():
+    """Selection reads module paths only (and `select` copies the sites): one static capture serves every test."""
+    return sites_of(tiny_llama(), input_ids=ids(), dynamic=False)
 
 
 class Forms(nn.Module):
@@ -61,7 +67,7 @@ def test_gpt2_conv1d_is_addmm_with_in_out_weight():
 
 def test_tied_output_layer_is_named_after_the_module_that_reads_it():
     model = tiny_gpt2()  # lm_head.weight is transformer.wte.weight
-    sites, info = sites_of(model, input_ids=ids())
+    sites, info = sites_of(model, input_ids=ids(), dynamic=False)
     assert sites[-1].module == "lm_head" and info.output_layer == "lm_head"
 
 
@@ -71,28 +77,28 @@ def test_tied_output_layer_is_named_after_the_module_that_reads_it():
     (["q_proj", "self_attn.o_proj"], {"q_proj", "o_proj"}),  # list: exact or dotted suffix
     ("all-linear", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
 ])
-def test_selectors_follow_hf_target_modules(target, expected):
-    sites, info = sites_of(tiny_llama(), input_ids=ids())
+def test_selectors_follow_hf_target_modules(llama_sites, target, expected):
+    sites, info = llama_sites
     chosen = select(sites, target, None, info, "test")
     assert {s.module.rpartition(".")[2] for s in chosen} == expected
     if "layers\\.1" in str(target):
         assert {s.module for s in chosen} == {"model.layers.1.self_attn.q_proj"}
 
 
-def test_list_entries_do_not_match_partial_names():
-    sites, info = sites_of(tiny_llama(), input_ids=ids())
+def test_list_entries_do_not_match_partial_names(llama_sites):
+    sites, info = llama_sites
     with pytest.raises(peftc.SpecError):
         select(sites, ("proj",), None, info, "test")
 
 
-def test_exclude_removes_matches():
-    sites, info = sites_of(tiny_llama(), input_ids=ids())
+def test_exclude_removes_matches(llama_sites):
+    sites, info = llama_sites
     chosen = select(sites, "all-linear", r".*layers\.0\..*", info, "test")
     assert chosen and all(".layers.1." in s.module for s in chosen)
 
 
-def test_no_match_lists_closest_module_paths():
-    sites, info = sites_of(tiny_llama(), input_ids=ids())
+def test_no_match_lists_closest_module_paths(llama_sites):
+    sites, info = llama_sites
     with pytest.raises(peftc.SpecError) as err:
         select(sites, "q_projj", None, info, "LoRA rule")
     msg = str(err.value)

@@ -21,9 +21,8 @@ def _model():
     return tiny_llama(num_hidden_layers=LAYERS, attention_dropout=0.1).train()
 
 
-def _compile(**kw):
-    cm = peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE, **kw)
-    return cm
+def _compile(dynamic=False, **kw):
+    return peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE, dynamic=dynamic, **kw)
 
 
 def _nonzero(cm):
@@ -50,8 +49,8 @@ def plain():
     return cm, step
 
 
-def test_regions_are_cut_at_the_residual_points():
-    cm = _compile()
+def test_regions_are_cut_at_the_residual_points(plain):
+    cm = plain[0]
     regions = block_regions(cm.graph_for(**_inputs()), cm._info)
     assert list(regions) == [f"model.layers.{i}#{k}" for i in range(LAYERS) for k in (0, 1)]
     for name, nodes in regions.items():  # each region ends at a residual add (attention half, MLP half)
@@ -73,8 +72,8 @@ def scheduled(plain):
 def planned(plain):
     """Budget fraction of the unscheduled peak ==> the model compiled with that budget (the plain one's adapters)."""
     out = {}
-    for fraction in FRACTIONS:
-        cm = _compile(memory_budget=int(plain[1].device_peak_bytes * fraction))
+    for fraction in FRACTIONS:  # dynamic: the planner under the default capture, called with more tokens below
+        cm = _compile(dynamic=True, memory_budget=int(plain[1].device_peak_bytes * fraction))
         cm.load_adapter_state_dict(plain[0].adapter_state_dict())
         out[fraction] = cm
     return out
@@ -206,7 +205,7 @@ def test_spec_memory_table_loads_validates_and_budgets(tmp_path, plain):
     # compile reads the table: the budget replaces recompute-cheap; optimizer state counts what the table says.
     spec = peftc.Spec(peftc.LoRA(target="q_proj|v_proj|down_proj|up_proj", r=4, dropout=0.1),
                       memory=peftc.Memory(budget="1GiB", optimizer_state_bytes=12345))
-    cm = peftc.compile(_model(), spec, kwargs=_inputs())
+    cm = peftc.compile(_model(), spec, kwargs=_inputs(), dynamic=False)
     plan = cm.recompute_plan
     assert plan.budget == 2 ** 30 and plan.breakdown["optimizer state"] == 12345 and plan.regions == ()
     assert "recompute-cheap" not in str(cm.pipeline)

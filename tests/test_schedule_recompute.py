@@ -25,14 +25,15 @@ def _model():
 @pytest.fixture(scope="module")
 def peaks():
     """Measured peak with 0..LAYERS blocks recomputed, and the model compiled without a budget."""
-    cm = peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE)
+    cm = peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE, dynamic=False)
     return [peak_with_blocks(cm, k) for k in range(LAYERS + 1)]
 
 
 @pytest.fixture(scope="module")
 def pair():
-    """The same model and adapters compiled without and with every block recomputed."""
-    plain = peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE)
+    """The same model and adapters compiled without and with every block recomputed (the scheduled one under the
+    default dynamic capture; the reference recaptures at the second shape)."""
+    plain = peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE, dynamic=False)
     scheduled = peftc.compile(_model(), None, kwargs=_inputs(), pipeline=PIPELINE + ",schedule-recompute")
     with torch.no_grad():  # non-zero B, so that every adapter tensor gets a gradient
         for p in plain.trainable_parameters():
@@ -61,7 +62,7 @@ def test_peak_decreases_with_more_recomputed_blocks(peaks):
 
 
 def test_eval_graph_is_unchanged_and_idempotent():
-    cm = peftc.compile(_model().eval(), None, kwargs=_inputs(), pipeline=PIPELINE)
+    cm = peftc.compile(_model().eval(), None, kwargs=_inputs(), pipeline=PIPELINE, dynamic=False)
     eval_gm = cm.graph_module
     ctx = PassContext(cm.params, cm._info, training=False)
     before = eval_gm.code
@@ -127,9 +128,9 @@ def test_cli_bad_memory_budget_is_exit_2(capsys, value):
 def test_other_architectures_find_their_blocks_and_keep_gradients(make, target, blocks):
     torch.manual_seed(0)
     model, inputs = make().train(), {"input_ids": ids(2, 8)}
-    plain = peftc.compile(model, None, kwargs=inputs, pipeline=f"insert-lora{{r=4,target={target}}}")
+    plain = peftc.compile(model, None, kwargs=inputs, pipeline=f"insert-lora{{r=4,target={target}}}", dynamic=False)
     scheduled = peftc.compile(model, None, kwargs=inputs,
-                              pipeline=f"insert-lora{{r=4,target={target}}},schedule-recompute")
+                              pipeline=f"insert-lora{{r=4,target={target}}},schedule-recompute", dynamic=False)
     assert repeated_block_paths(scheduled) == tuple(blocks)
     assert scheduled.graph_module.code.count("torch.utils.checkpoint.checkpoint(") == len(blocks)
     with torch.no_grad():  # non-zero B, so that A gets a gradient too

@@ -20,7 +20,7 @@ def llama():
     torch.manual_seed(0)
     model = tiny_llama(hidden_size=64, intermediate_size=128, vocab_size=128)
     ref = copy.deepcopy(model).eval()
-    cap = Captured(model, dict(input_ids=ids(vocab=128)))
+    cap = Captured(model, dict(input_ids=ids(vocab=128)), dynamic=False)
     cap.ref = ref
     return cap
 
@@ -30,7 +30,7 @@ def gpt2():
     torch.manual_seed(0)
     model = tiny_gpt2()
     ref = copy.deepcopy(model).eval()
-    cap = Captured(model, dict(input_ids=ids()))
+    cap = Captured(model, dict(input_ids=ids()), dynamic=False)
     cap.ref = ref
     return cap
 

@@ -15,7 +15,7 @@ class Captured:
     """One capture of a model, from which each test runs a fresh pipeline: capturing is the slow part (seconds),
     the passes are fast, so property tests capture once and rewrite many times."""
 
-    def __init__(self, model, kwargs, training=False):
+    def __init__(self, model, kwargs, training=False, dynamic=True):
         from peftc.capture import ModelInfo, call_kwargs, capture
         from peftc.params import ParamTable
 
@@ -23,7 +23,7 @@ class Captured:
         self.model, self.training = model, training
         self.kwargs = call_kwargs(model, kwargs)
         self.table = ParamTable()
-        self.gm = capture(model, (), self.kwargs, self.table)
+        self.gm = capture(model, (), self.kwargs, self.table, dynamic=dynamic)
         self.info = ModelInfo.of(model)
 
     def rewrite(self, spec):
