@@ -6,10 +6,10 @@ import json
 
 import torch
 
+from benchmarks.run import check_targets, main
 
-def test_quick_benchmark(tmp_path):
-    from benchmarks.run import check_targets, main
 
+def test_quick_benchmark(tmp_path, frozen_heap):
     threads = torch.get_num_threads()
     try:
         results = main(["--quick", "--steps", "1", "--threads", "1", "--out", str(tmp_path)])

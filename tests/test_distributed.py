@@ -1,6 +1,6 @@
 """DDP, FSDP2 and distributed checkpoints: 2 gloo ranks on CPU against single-process full-batch training.
 
-One launch (`python tests/test_distributed.py OUTDIR`, 2 ranks via torch.multiprocessing) runs every scenario and
+One launch (`python tests/test_distributed.py OUTDIR RANK PORT`, one process per rank) runs every scenario and
 saves what each rank saw; the tests compare it with single-process training in this process. Each scenario trains
 STEPS AdamW steps on a batch of 4 split 2 + 2 across the ranks (no dropout: the ranks' RNG streams differ from a
 single process's), with prune-grads, and two of them with every block recomputed in backward.
@@ -8,10 +8,12 @@ single process's), with prune-grads, and two of them with every block recomputed
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -39,15 +41,27 @@ def tiny():
     return model, ids, labels
 
 
+_BUILT: dict = {}
+
+
 def build(recompute: bool, source=None):
     """tiny() (or `source`, the same model sharded), compiled: LoRA on three projections, prune-grads, and with
-    `recompute` every block checkpointed."""
+    `recompute` every block checkpointed. Compiled once per process and `recompute`, and copied for each caller
+    (the capture is most of a compile's time; the copy, source model included, is what a fresh compile gives)."""
+    if source is not None:
+        return _compile(recompute, source)
+    if recompute not in _BUILT:
+        _BUILT[recompute] = _compile(recompute)
+    return copy.deepcopy(_BUILT[recompute])
+
+
+def _compile(recompute: bool, source=None):
     import peftc
     from peftc.passes.schedule_recompute import ScheduleRecompute
     from peftc.pipeline import Pipeline
 
     model, ids, labels = tiny()
-    model = model if source is None else source
+    model = (model if source is None else source).train()  # captured in the mode it trains in: steps reuse it
     spec = peftc.Spec(peftc.LoRA(target="q_proj|v_proj|down_proj", r=4, alpha=8))
     pipeline = Pipeline.for_spec(spec, prune_grads=True, recompute=not recompute)  # the default recompute-cheap
     if recompute:
@@ -57,7 +71,7 @@ def build(recompute: bool, source=None):
     # single-process full batch (captured once more). The examples under torchrun keep the dynamic default.
     cm = peftc.compile(model, spec, kwargs={"input_ids": ids[:2], "labels": labels[:2]}, pipeline=pipeline,
                        dynamic=False)
-    cm.train()
+    assert cm.training
     return model, cm, ids, labels
 
 
@@ -185,19 +199,31 @@ def _free_port() -> int:
 
 
 if __name__ == "__main__":
-    import torch.multiprocessing as mp
-
-    mp.spawn(_rank, args=(_free_port(), sys.argv[1]), nprocs=WORLD)
+    _rank(int(sys.argv[2]), int(sys.argv[3]), sys.argv[1])
 
 
 # ---- the tests ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
+    """One process per rank, started here (no launcher process importing torch as well); one failed rank stops the
+    other, which would wait for it in a collective."""
     out = tmp_path_factory.mktemp("distributed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    port, logs = _free_port(), [out / f"rank{r}.log" for r in range(WORLD)]
+    procs = []
+    for r, log in enumerate(logs):
+        with log.open("w") as stderr:
+            procs.append(subprocess.Popen([sys.executable, __file__, str(out), str(r), str(port)], env=env,
+                                          stdout=subprocess.DEVNULL, stderr=stderr))
+    deadline = time.monotonic() + 600
+    while any(p.poll() is None for p in procs):
+        if any(p.returncode for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+        time.sleep(0.1)
+    for p, log in zip(procs, logs):
+        assert p.wait() == 0, log.read_text()[-4000:]
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -362,7 +388,7 @@ def test_save_pretrained_of_a_sharded_model_gathers_base_weights_too(one_rank, t
 
     model, ids, labels = tiny()
     cm = peftc.compile(model, peftc.Spec(peftc.LoRA(target="q_proj", r=2), peftc.ModulesToSave(target="lm_head")),
-                       kwargs={"input_ids": ids[:2], "labels": labels[:2]})
+                       kwargs={"input_ids": ids[:2], "labels": labels[:2]}, dynamic=False)
     with torch.no_grad():
         for t in cm.adapter_state_dict().values():
             t.add_(0.25)  # a non-zero delta, so base + delta differs from the base
@@ -385,6 +411,7 @@ def test_each_block_runs_as_a_call_of_its_module(recompute):
     from peftc.lower.modules import Block
 
     model, cm, ids, labels = build(recompute)
+    ids, labels = ids[:2], labels[:2]  # the example's shapes: a static graph_for returns the first graph captured
     assert isinstance(cm.model.layers, torch.nn.ModuleList)
     calls = []
     for i, block in enumerate(cm.model.layers):

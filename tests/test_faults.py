@@ -79,31 +79,34 @@ def _leftovers(directory: Path, out: Path) -> list[Path]:
     return rest
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_interrupted_compiles_leave_no_broken_output(tmp_path, sig, record_property):
+def test_interrupted_compiles_leave_no_broken_output(tmp_path, record_property):
+    """SIGINT kills, then SIGKILL kills, on one output file; then one run that must succeed and clean up after
+    both (one full compile at the end, not one per signal: each costs seconds of start-up and export)."""
     seed = int(os.environ.get("FAULT_SEED", random.randrange(2 ** 32)))
     rng = random.Random(seed)
     out = tmp_path / "model.onnx"
     out.write_bytes(PREVIOUS)
-    states, counts = [], Counter()
-    for i in range(KILLS):
-        point = "write" if i % 2 == 0 else "startup"
-        delay = rng.uniform(0.2, 2.5) if point == "startup" else rng.uniform(0.0, 0.4)
-        before = out.read_bytes()
-        code, err = _run_and_kill(out, sig, point, delay)
-        where = f"seed {seed}, kill #{i + 1} ({point}, +{delay:.2f}s): exit {code}, stderr {err[-500:]!r}"
-        if sig == signal.SIGINT:
-            assert code in (130, 0), where
-            if code == 130:
-                assert err.rstrip().splitlines()[-1] == "peftc: interrupted" and "Traceback" not in err, where
-                assert _leftovers(tmp_path, out) == [], where  # KeyboardInterrupt ran the cleanup
-        else:
-            assert code in (-signal.SIGKILL, 0), where
-            _leftovers(tmp_path, out)
-        states.append((before, out.read_bytes(), where))
-        counts["tried"] += 1
-        counts["exit 0 (finished first)" if code == 0 else f"exit {code}"] += 1
-        counts["stale staging dirs"] += len(_leftovers(tmp_path, out))
+    states, counts = [], {sig: Counter() for sig in (signal.SIGINT, signal.SIGKILL)}
+    for sig in counts:
+        for i in range(KILLS):
+            point = "write" if i % 2 == 0 else "startup"
+            delay = rng.uniform(0.2, 2.5) if point == "startup" else rng.uniform(0.0, 0.4)
+            before = out.read_bytes()
+            code, err = _run_and_kill(out, sig, point, delay)
+            where = (f"seed {seed}, {signal.Signals(sig).name} #{i + 1} ({point}, +{delay:.2f}s): exit {code}, "
+                     f"stderr {err[-500:]!r}")
+            if sig == signal.SIGINT:
+                assert code in (130, 0), where
+                if code == 130:
+                    assert err.rstrip().splitlines()[-1] == "peftc: interrupted" and "Traceback" not in err, where
+                    assert _leftovers(tmp_path, out) == [], where  # KeyboardInterrupt ran the cleanup
+            else:
+                assert code in (-signal.SIGKILL, 0), where
+                _leftovers(tmp_path, out)
+            states.append((sig, before, out.read_bytes(), where))
+            counts[sig]["tried"] += 1
+            counts[sig]["exit 0 (finished first)" if code == 0 else f"exit {code}"] += 1
+            counts[sig]["stale staging dirs"] += len(_leftovers(tmp_path, out))
 
     proc = _compile(out)
     stdout, err = proc.communicate(timeout=300)
@@ -111,12 +114,13 @@ def test_interrupted_compiles_leave_no_broken_output(tmp_path, sig, record_prope
     assert "verified against eager" in stdout
     assert _leftovers(tmp_path, out) == [], "the next run did not clean the stale staging dirs"
     final = out.read_bytes()
-    for before, state, where in states:  # untouched, or the same complete file a full run writes
+    for sig, before, state, where in states:  # untouched, or the same complete file a full run writes
         assert state in (before, final), where
-        counts["output unchanged" if state == before else "output replaced by a verified file"] += 1
-    counts["next run succeeded and cleaned up"] += 1
-    for key, value in counts.items():
-        record_property(f"fuzz:faults ({signal.Signals(sig).name}):{key}", value)
+        counts[sig]["output unchanged" if state == before else "output replaced by a verified file"] += 1
+    for sig, counter in counts.items():
+        counter["next run succeeded and cleaned up"] += 1
+        for key, value in counter.items():
+            record_property(f"fuzz:faults ({signal.Signals(sig).name}):{key}", value)
 
     import onnxruntime as ort
     import numpy as np

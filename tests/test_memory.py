@@ -13,6 +13,8 @@ from peftc.memory import LiveStorageTracker, MeasureError, StepReport, measure_s
 F32 = 4  # bytes per float32 element
 M, K, N, O = 4, 8, 16, 3  # batch, in, hidden, out
 
+pytestmark = pytest.mark.usefixtures("frozen_heap")
+
 
 def nbytes(*shape: int) -> int:
     n = F32

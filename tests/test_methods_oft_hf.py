@@ -235,9 +235,9 @@ def test_from_peft_refuses_what_the_method_does_not_read():
         peftc.Spec.from_peft(peft.BOFTConfig())
 
 
-@pytest.mark.parametrize("merged", [True, False])
-def test_oft_exports_to_onnx(merged, tmp_path):
-    """Merged: the plain graph; unmerged: the rotation's slices, pads and Neumann series lower as they are."""
+@pytest.fixture(scope="module")
+def oft_llama_with_weights():
+    """One compile for both exports (export_onnx leaves the model as it was)."""
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     cm = peftc.compile(tiny_llama(num_hidden_layers=1).eval(), peftc.OFT(target=["q_proj", "v_proj"],
@@ -246,7 +246,13 @@ def test_oft_exports_to_onnx(merged, tmp_path):
     load_same_weights(cm, peft.get_peft_model(tiny_llama(num_hidden_layers=1),
                                               peft.OFTConfig(target_modules=["q_proj", "v_proj"], r=0,
                                                              oft_block_size=8)))
-    cm.export_onnx(tmp_path / "m.onnx", merged=merged)  # verify=True: checked against cm in onnxruntime
+    return cm
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_oft_exports_to_onnx(merged, oft_llama_with_weights, tmp_path):
+    """Merged: the plain graph; unmerged: the rotation's slices, pads and Neumann series lower as they are."""
+    oft_llama_with_weights.export_onnx(tmp_path / "m.onnx", merged=merged)  # verify=True: against cm in onnxruntime
 
 
 def test_oft_on_gpt2_conv1d_rotates_the_input_side_of_its_in_out_weight():

@@ -16,6 +16,8 @@ from peftc.pipeline import PassContext
 
 torch.set_num_threads(1)
 
+pytestmark = pytest.mark.usefixtures("frozen_heap")
+
 
 def tiny_llama(dtype=torch.float32, layers=2) -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
@@ -67,6 +69,19 @@ def compile_pair(model, spec, kwargs):
     return plain, pruned
 
 
+_llama_pairs: dict = {}
+
+
+def llama_pair(*rules, layers=2):
+    """tiny_llama(layers) and compile_pair of it, made once per spec: several tests check the same pair, and each
+    capture costs seconds. Tests read the pair (gradients are reset by every step), never change it."""
+    key = (repr(rules), layers)
+    if key not in _llama_pairs:
+        model, kwargs = tiny_llama(layers=layers)
+        _llama_pairs[key] = (model, kwargs, *compile_pair(model, peftc.Spec(*rules), kwargs))
+    return _llama_pairs[key]
+
+
 def loss_of(out):
     logits = out.logits if hasattr(out, "logits") else out
     return logits.float().pow(2).mean()
@@ -97,8 +112,7 @@ def assert_same_grads(plain, pruned, kwargs, rtol=1e-6, loss_fn=loss_of):
     peftc.LoRA(target="all-linear", r=4, alpha=8, dropout=0.2, use_rslora=True),
 ], ids=["lora", "lora-dropout", "rslora-dropout-all-linear"])
 def test_llama_gradients_match_unpruned(rule):
-    model, kwargs = tiny_llama()
-    plain, pruned = compile_pair(model, peftc.Spec(rule), kwargs)
+    _, kwargs, plain, pruned = llama_pair(rule)
     assert_same_grads(plain, pruned, kwargs)
     n_dropout = sum(str(n.target) == "aten.dropout.default" for n in pruned.graph_module.graph.nodes)
     assert n_dropout == 0
@@ -124,9 +138,7 @@ def test_other_methods_gradients_match_unpruned(rules):
 
 def test_dropout_stores_no_mask():
     """With dropout, the pruned graph saves what the graph without dropout saves (x once, shared by q and v)."""
-    model, kwargs = tiny_llama()
-    spec = peftc.Spec(peftc.LoRA(target="q_proj|v_proj", r=4, dropout=0.1))
-    _, pruned = compile_pair(model, spec, kwargs)
+    model, kwargs, _, pruned = llama_pair(peftc.LoRA(target="q_proj|v_proj", r=4, alpha=8, dropout=0.1))
     no_dropout = peftc.compile(copy.deepcopy(model), peftc.LoRA(target="q_proj|v_proj", r=4), kwargs=kwargs,
                                dynamic=False)
     rng_states = 2 * 2 * torch.get_rng_state().numel()  # one saved RNG state per adapter and layer
@@ -163,9 +175,7 @@ def test_does_not_fire_below_the_lowest_adapter():
 
 
 def test_idempotent_and_honest_modified():
-    model, kwargs = tiny_llama()
-    spec = peftc.Spec(peftc.LoRA(target="q_proj|v_proj", r=4, dropout=0.1))
-    _, pruned = compile_pair(model, spec, kwargs)
+    _, _, _, pruned = llama_pair(peftc.LoRA(target="q_proj|v_proj", r=4, alpha=8, dropout=0.1))
     gm = pruned.graph_module
     before = gm.code
     ctx = PassContext(pruned.params, pruned._info, training=True)
