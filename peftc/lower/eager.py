@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import ModelInfo, call_kwargs, capture
 from ..distributed import check_capture, check_sharding, check_source, copy_full_into, whole_weights
-from ..errors import PassError, PeftcError
+from ..errors import ExportError, PassError, PeftcError
 from ..hf import HFModelMixin, autocast_state, compiled_class, source_signature
 from ..instrument import DiffIR, PassRecord, Verify
 from ..method import with_hook
@@ -101,6 +101,26 @@ class PassReport:
     def __rich__(self) -> Table | Group:
         notes = self.notes()
         return Group(self.table(), *(Text(line) for line in notes)) if notes else self.table()
+
+
+def _takes_sizes(gm: GraphModule, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether every tensor input has the rank and the fixed (non-symbolic) sizes `gm` was captured with."""
+    from torch.fx._pytree import tree_flatten_spec
+
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None:
+        return True
+    try:
+        leaves = tree_flatten_spec((args, kwargs), spec)
+    except Exception:  # another structure: the caller's key already separates those
+        return True
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, x in zip(placeholders, leaves):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(x, torch.Tensor):
+            if val.dim() != x.dim() or any(isinstance(d, int) and d != n for d, n in zip(val.shape, x.shape)):
+                return False
+    return True
 
 
 class CompiledModel(HFModelMixin, nn.Module):
@@ -472,25 +492,35 @@ class CompiledModel(HFModelMixin, nn.Module):
         return args, call_kwargs(self._source, kwargs)
 
     def graph_for(self, *args: Any, **kwargs: Any) -> GraphModule:
-        """The graph that serves this call signature in the current train/eval mode, captured if it is new."""
-        kwargs = call_kwargs(self._source, kwargs)
-        with _CAPTURE_LOCK:
-            graphs = self._graphs.get(self._key(args, kwargs))
-            return graphs[0] if graphs else self._lower(args, kwargs)
+        """The graph that serves this call signature and these shapes in the current train/eval mode, captured if
+        it is new."""
+        return self._graph_and_method_graph(args, kwargs)[0]
 
     def method_graph_for(self, *args: Any, **kwargs: Any) -> GraphModule:
         """graph_for's capture before the training passes: what lowerings read (ONNX, adapter files). It computes
         what the served graph computes, without prune-grads' autograd functions, recomputation or a fused loss."""
-        self.graph_for(*args, **kwargs)
-        return self._method_graphs[self._key(args, call_kwargs(self._source, kwargs))][0]
+        return self._graph_and_method_graph(args, kwargs)[1]
 
-    def export_onnx(self, path, merged: bool = True, dynamic: bool = True, opset: int | None = None,
+    def _graph_and_method_graph(self, args: tuple, kwargs: dict[str, Any]) -> tuple[GraphModule, GraphModule]:
+        kwargs = call_kwargs(self._source, kwargs)
+        key = self._key(args, kwargs)
+        with _CAPTURE_LOCK:
+            graphs = self._graphs.get(key, [])
+            # The key has no sizes: a graph captured with dynamic=False (or specialized) holds only its own.
+            i = next((i for i, gm in enumerate(graphs) if _takes_sizes(gm, args, kwargs)), None)
+            if i is None:
+                self._lower(args, kwargs)
+                i = len(self._graphs[key]) - 1
+            return self._graphs[key][i], self._method_graphs[key][i]
+
+    def export_onnx(self, path, merged: bool = True, dynamic: bool | None = None, opset: int | None = None,
                     verify: bool = True, adapters: str | None = None, progress=None):
         """Lower to an optimized ONNX file at `path`, checked against this model in onnxruntime.
 
         merged=True folds the adapters into the base weights (same graph as the base model). merged=False with
         adapters="inputs" makes every LoRA A / scaled B a graph input (default zero) for onnxruntime's multi-LoRA;
-        adapters=None keeps them as initializers. Batch and sequence axes are dynamic unless dynamic=False.
+        adapters=None keeps them as initializers. Batch and sequence axes are dynamic when the model was compiled
+        with dynamic shapes (the default; dynamic=False exports the example's shapes).
         verify=True runs onnxruntime on the example inputs and a second shape and raises ExportError past
         1e-4 * max(1, max|reference|) (fp32). The file appears only when everything succeeded.
         Returns an ExportReport (node counts, max difference, file size).
@@ -499,6 +529,12 @@ class CompiledModel(HFModelMixin, nn.Module):
         from .onnx import export_compiled
 
         whole_weights(self, "cm.export_onnx()")
+        if dynamic is None:
+            dynamic = self.dynamic
+        elif dynamic and not self.dynamic:
+            raise ExportError("cm.export_onnx(dynamic=True): this model was compiled with dynamic=False, so its graphs "
+                              "hold the example inputs' shapes; export with dynamic=False, or compile with "
+                              "dynamic=True for dynamic batch and sequence axes")
         if adapters != "inputs":
             require_slots(self, "cm.export_onnx()")  # the adapter is baked in: it must be what cm computes
         with serving_slots(self):  # several adapters loaded: the compiled graphs, with the adapter in the slots
