@@ -34,11 +34,12 @@ def tiny_bert(**overrides):
     return BertForSequenceClassification(BertConfig(**cfg))
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def frozen_heap():
-    """Moves what exists before the test out of the collector's sight (gc.freeze), so that a gc.collect() in the test
-    (peftc.memory.measure_step makes two) scans only what the test made: a full collection of the heap that torch
-    and transformers leave costs ~0.3 s. Cyclic garbage the test makes is still collected; the rest is unfrozen after."""
+    """Moves what exists before each test out of the collector's sight (gc.freeze), so that a gc.collect() in the
+    test (peftc.memory.measure_step makes two, the recompute planner more) scans only what the test made: a full
+    collection of the heap that torch and transformers leave costs ~0.3 s. Cyclic garbage the test makes is still
+    collected; the rest is unfrozen after."""
     gc.freeze()
     yield
     gc.unfreeze()
