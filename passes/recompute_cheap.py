@@ -35,11 +35,11 @@ from torch.fx import GraphModule, Node
 from peftc.errors import SpecError
 from peftc.params import get_attr_path
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
-
 from peftc.region_recompute import RegionPlan, run_region
-from peftc.rewrite import call_in_place_of
+from peftc.rewrite import call_in_place_of, interleaved_reader
 
-from .schedule_recompute import BLOCK_KEY, MATMUL_RULE, REGION_KEY, SAVE_KEY, block_regions, is_random_node
+from .schedule_recompute import (BLOCK_KEY, MATMUL_RULE, REGION_KEY, SAVE_KEY, block_regions, is_random_node,
+                                 submodule_name)
 
 NAME = "recompute-cheap"
 _LOW_RANK = 4  # a matmul is low-rank when its contraction is at most 1/4 of the region's largest
@@ -164,8 +164,10 @@ class RecomputeCheap(Pass):
         grad = needs_grad(gm, ctx)
         chosen: list[tuple[str, int, int]] = []  # (region, max cheap contraction, extra FLOPs)
         for name, nodes in list(regions.items())[:-1]:
-            if not any(n in grad for n in nodes) or any(_writes_in_place(n) for n in nodes):
-                continue  # nothing to save for backward; or a rerun would apply an in-place write twice (T5)
+            if not any(n in grad for n in nodes) or any(_writes_in_place(n) for n in nodes) or \
+                    interleaved_reader(gm.graph, nodes) is not None:
+                continue  # nothing to save for backward; a rerun would apply an in-place write twice (T5); or an
+                # op outside the region runs between its ops and reads their values (it cannot run as one call)
             matmuls = [m for m in (_matmul(gm, n) for n in nodes) if m is not None]
             largest = max((m.k for m in matmuls), default=0)
             cheap = [m for m in matmuls if m.k * _LOW_RANK <= largest]
@@ -187,8 +189,8 @@ class RecomputeCheap(Pass):
             name, _, rule = spec.partition(":")
             nodes = regions[name]
             kept = {n.name for n in nodes if kept_in_backward(gm, n, int(rule[len(MATMUL_RULE):]))}
-            call = call_in_place_of(gm, nodes, f"peftc_recompute_{name.replace('.', '_').replace('#', '_r')}",
-                                    lambda graph: RegionPlan(graph, kept), run_region, pass_name=NAME)
+            call = call_in_place_of(gm, nodes, submodule_name(name), lambda graph: RegionPlan(graph, kept),
+                                    run_region, pass_name=NAME)
             call.meta.update({REGION_KEY: name, SAVE_KEY: (rule,), BLOCK_KEY: name.partition("#")[0]})
         ctx.count(f"{NAME}.regions", len(chosen))
         return PassResult(gm, True)

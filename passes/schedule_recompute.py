@@ -55,6 +55,11 @@ def is_random(func, args, kwargs) -> bool:
     return any(w in name for w in ("dropout", "bernoulli", "rand", "normal")) or bool(dropout)
 
 
+def submodule_name(label: str) -> str:
+    """The submodule a block or region moves into: `model.layers.0#1` ==> `peftc_recompute_model_layers_0_r1`."""
+    return f"peftc_recompute_{label.replace('.', '_').replace('#', '_r')}"
+
+
 def is_random_node(node: Node) -> bool:
     """Whether a graph node's aten op draws random numbers (is_random)."""
     return isinstance(node.target, torch._ops.OpOverload) and is_random(node.target, node.args, node.kwargs)
@@ -278,7 +283,7 @@ class ScheduleRecompute(Pass):
         if reader is not None:
             raise PassError(f"{NAME}: `{reader.name}` runs inside block `{path}` but outside its modules and reads "
                             f"block values; the block cannot run as one call")
-        qualname = f"peftc_recompute_{(region or path).replace('.', '_').replace('#', '_r')}"
+        qualname = submodule_name(region or path)
         module = functools.partial(GraphModule, torch.nn.Module(), class_name="RecomputeBlock")
         if region is None:
             call = call_in_place_of(gm, nodes, qualname, module, torch.utils.checkpoint.checkpoint, pass_name=NAME,

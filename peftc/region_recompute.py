@@ -171,7 +171,7 @@ class _Frame:
             return
         self.wanted = frozenset(s.name for s in self.dropped)
         ins, keeps = _sources(self.plan, self.wanted)
-        self.inputs = [*(self.inputs[i] for i in ins), *(self.kept[k] for k in keeps)]  # the recompute graph's
+        self.inputs = [*(self.inputs[i] for i in ins), *(self.kept[k] for k in keeps)]  # what recompute reads
         self.kept = {}
 
     def unpack(self, s):
