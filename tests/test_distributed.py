@@ -411,7 +411,7 @@ def test_each_block_runs_as_a_call_of_its_module(recompute):
     from peftc.lower.modules import Block
 
     model, cm, ids, labels = build(recompute)
-    ids, labels = ids[:2], labels[:2]  # the example's shapes: a static graph_for returns the first graph captured
+    ids, labels = ids[:2], labels[:2]  # the example's shapes: the compiled graph, no second capture
     assert isinstance(cm.model.layers, torch.nn.ModuleList)
     calls = []
     for i, block in enumerate(cm.model.layers):
