@@ -20,6 +20,7 @@ tensor and per graph node.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -151,11 +152,10 @@ class _Frame:
         self.dropped.append(s)
 
     def seen(self, value, name: str) -> None:
-        items = value if isinstance(value, (tuple, list)) else (value,)
-        for j, v in enumerate(items):
+        several = isinstance(value, (tuple, list))
+        for j, v in enumerate(value if several else (value,)):
             if isinstance(v, torch.Tensor) and v.layout == torch.strided and v.numel():
-                self.where[_storage(v)] = (name, j if isinstance(value, (tuple, list)) else None, v.storage_offset(),
-                                           weakref.ref(v))
+                self.where[_storage(v)] = (name, j if several else None, v.storage_offset(), weakref.ref(v))
         if self.pending:
             for s in self.pending:
                 where = self._where(s.tensor)
@@ -195,26 +195,15 @@ class _Frame:
 
     def _recompute(self) -> None:
         graph = self.plan.recompute_graph(self.wanted)
-        with torch.no_grad(), _autocast(self.autocast):
+        with torch.no_grad(), contextlib.ExitStack() as autocast:
+            for device, enabled, dtype in self.autocast:  # forward's state, where it differs from backward's
+                if enabled or torch.is_autocast_enabled(device):
+                    autocast.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
             outs = graph.forward(*self.inputs)  # not __call__: module hooks see no call in backward
         self.values = dict(zip(sorted(self.wanted), outs))
         self.left = {}
         for s in self.dropped:
             self.left[s.name] = self.left.get(s.name, 0) + 1
-
-
-class _autocast:
-    def __init__(self, states):
-        self.contexts = [torch.autocast(d, dtype=dtype, enabled=on) for d, on, dtype in states
-                         if on or torch.is_autocast_enabled(d)]
-
-    def __enter__(self):
-        for c in self.contexts:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.contexts):
-            c.__exit__(*exc)
 
 
 def _seen(frame: _Frame, value, name: str) -> None:

@@ -13,8 +13,6 @@ from peftc.memory import LiveStorageTracker, MeasureError, StepReport, measure_s
 F32 = 4  # bytes per float32 element
 M, K, N, O = 4, 8, 16, 3  # batch, in, hidden, out
 
-pytestmark = pytest.mark.usefixtures("frozen_heap")
-
 
 def nbytes(*shape: int) -> int:
     n = F32
@@ -369,3 +367,18 @@ def test_storage_bytes_counts_shared_storage_once():
     t = torch.zeros(6)
     assert storage_bytes([t, t[1:], t.view(2, 3)]) == nbytes(6)
     assert storage_bytes([t, torch.zeros(6)]) == 2 * nbytes(6)
+
+
+def test_measure_step_leaves_the_collector_as_it_found_it():
+    """It freezes the heap while it measures (so its second collection scans only what the step made) unless the
+    caller froze it already, and leaves the collector enabled and frozen as before."""
+    import gc
+
+    model, x = nn.Linear(K, O), torch.randn(M, K)
+    frozen = gc.get_freeze_count()
+    assert frozen > 0  # tests/conftest.py's frozen_heap
+    measure_step(model, (x,))
+    assert gc.get_freeze_count() == frozen and gc.isenabled()
+    gc.unfreeze()
+    measure_step(model, (x,))
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
