@@ -9,7 +9,7 @@ import torch
 from benchmarks.run import check_targets, main
 
 
-def test_quick_benchmark(tmp_path, frozen_heap):
+def test_quick_benchmark(tmp_path):
     threads = torch.get_num_threads()
     try:
         results = main(["--quick", "--steps", "1", "--threads", "1", "--out", str(tmp_path)])

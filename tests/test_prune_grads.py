@@ -16,8 +16,6 @@ from peftc.pipeline import PassContext
 
 torch.set_num_threads(1)
 
-pytestmark = pytest.mark.usefixtures("frozen_heap")
-
 
 def tiny_llama(dtype=torch.float32, layers=2) -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
