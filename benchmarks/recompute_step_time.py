@@ -1,7 +1,7 @@
-"""What the default schedule costs in step time: recompute=False vs the default (recompute-cheap, peftc's own
-recompute runtime) vs torch's selective checkpointing of the same regions, side by side.
+"""What recomputation costs in step time, side by side: recompute=False, the default (recompute-cheap), a memory
+budget (the planner; both run on peftc's own recompute runtime) and HF-style whole-block checkpointing.
 
-Same model, adapters (non-zero B) and inputs for all three (benchmarks.recompute's 4-layer Llama, LoRA r=16 on all
+Same model, adapters (non-zero B) and inputs for all four (benchmarks.recompute's 4-layer Llama, LoRA r=16 on all
 projections); one training step each (forward + backward), timed round-robin so that load from other processes hits
 every variant alike; medians. Also prints each variant's activation peak and FLOPs (peftc.memory.measure_step) and
 its gradient parity against recompute=False.
@@ -18,20 +18,11 @@ import torch
 
 import peftc
 from peftc.memory import measure_step
-from peftc.passes.recompute_cheap import RecomputeCheap
-from peftc.passes.schedule_recompute import ScheduleRecompute
-from peftc.pipeline import PassContext
-from peftc.recompute import _scheduled, _training
 
 from . import recompute as R
 from .onnx_latency import interleaved_medians_ms
 
-
-def _selective_checkpointing(cm) -> None:
-    """Serve recompute-cheap's regions through schedule-recompute (torch's selective checkpointing) instead."""
-    with _training(cm) as base:
-        regions = RecomputeCheap().choose(base, PassContext(cm.params, cm._info, training=True))
-        cm._replace_graph(base, _scheduled(base, ScheduleRecompute(regions=regions), cm))
+BUDGET = 0.6  # the budget leaves this fraction of recompute=False's activation peak: most regions are recomputed
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,10 +36,14 @@ def main(argv: list[str] | None = None) -> dict:
     case = R.cases(opts.quick)[0]
     inputs = R._inputs(case)
     spec = peftc.LoRA(target=case["target"], r=16, alpha=32)
-    variants = {"recompute=False": dict(recompute=False), "default (recompute-cheap)": {},
-                "selective checkpointing, same regions": dict(recompute=False)}
-    cms = {k: peftc.compile(R._model(case), spec, kwargs=inputs, dynamic=False, **kw) for k, kw in variants.items()}
-    _selective_checkpointing(cms["selective checkpointing, same regions"])
+    plain = peftc.compile(R._model(case), spec, kwargs=inputs, dynamic=False, recompute=False)
+    step = measure_step(plain, (), inputs)
+    budget = step.device_peak_bytes - int((1 - BUDGET) * step.peak_bytes)
+    variants = {"default (recompute-cheap)": {}, f"memory budget: activations {BUDGET}x recompute=False's":
+                dict(memory_budget=budget), "whole blocks (gradient_checkpointing_enable)": dict(recompute=False)}
+    cms = {"recompute=False": plain, **{k: peftc.compile(R._model(case), spec, kwargs=inputs, dynamic=False, **kw)
+                                        for k, kw in variants.items()}}
+    cms["whole blocks (gradient_checkpointing_enable)"].gradient_checkpointing_enable()
     for cm in cms.values():
         R._adapters_nonzero(cm)
     reference = R._grads(cms["recompute=False"], inputs)

@@ -38,10 +38,10 @@ from peftc.pipeline import Pass, PassContext, PassResult, register_pass
 from peftc.region_recompute import RegionPlan, run_region
 from peftc.rewrite import call_in_place_of, interleaved_reader
 
-from .schedule_recompute import (BLOCK_KEY, MATMUL_RULE, REGION_KEY, SAVE_KEY, block_regions, is_random_node,
-                                 submodule_name)
+from .schedule_recompute import BLOCK_KEY, REGION_KEY, SAVE_KEY, block_regions, never_rerun, submodule_name
 
 NAME = "recompute-cheap"
+MATMUL_RULE = "matmul>"  # a region's save rule `matmul>16`: keep the matmuls contracting over more than 16
 _LOW_RANK = 4  # a matmul is low-rank when its contraction is at most 1/4 of the region's largest
 _aten = torch.ops.aten
 # graph op ==> (index of the argument whose last dim is contracted, index of the weight-like operand)
@@ -96,10 +96,10 @@ def kept_in_backward(gm: GraphModule, node: Node, max_cheap_k: int) -> bool:
     replayed), and any call that is not an aten op or getitem (its cost is not known)."""
     from torch.utils.flop_counter import flop_registry
 
-    if node.target is operator.getitem:
-        return False
-    if not isinstance(node.target, torch._ops.OpOverload) or is_random_node(node):
+    if never_rerun(node):
         return True
+    if not isinstance(node.target, torch._ops.OpOverload):  # getitem, or prune-grads' causal SDPA: attention
+        return node.target is not operator.getitem
     m = _matmul(gm, node)
     if m is not None:
         return m.k > max_cheap_k

@@ -1,20 +1,22 @@
-"""schedule-recompute: run chosen repeated blocks, or regions of them, under activation checkpointing.
+"""schedule-recompute: run chosen repeated blocks, or regions of them, again in backward.
 
     y = block(x, W...)   ==>  y = checkpoint(block_k, x, W..., use_reentrant=False)
-    y = region(x, W...)  ==>  y = checkpoint_saving(region_k, ("mm.0", ...), x, W...)   (selective: the named
-                                                                                          op outputs are kept)
+    y = region(x, W...)  ==>  y = run_region(plan_k, x, W...)   (plan_k: the ops whose outputs backward keeps,
+                                                                 `linear.0+linear.2`; every other op is rerun)
 
 A block is a child of a ModuleList (`model.layers.3`, `transformer.h.0`, `bert.encoder.layer.1`): every node whose
-module stack passes through it. A region is a segment of a block between two points where a single tensor (the
+module stack passes through it. A block runs under torch's activation checkpointing, as HF's
+gradient_checkpointing_enable does. A region is a segment of a block between two points where a single tensor (the
 residual stream) carries everything on: `model.layers.3#0` is a Llama layer's attention half, `#1` its MLP half.
-The nodes move into a sub-GraphModule `peftc_recompute_<path>`; forward keeps only what the region reads from
-outside (activations, weights, SymInts) plus the outputs of the ops its save list names, and backward runs the
-region again, taking those ops' outputs from the forward instead of computing them.
+Its nodes move into a peftc.region_recompute.RegionPlan `peftc_recompute_<path>`: forward keeps only what the region
+reads from outside (activations, weights, SymInts) plus the outputs of the ops its save list names (`op_keys`) and of
+its random ops, and backward reruns the other ops that what autograd saved is computed from.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,26 +27,26 @@ from torch.fx import GraphModule, Node
 from peftc.capture import ModelInfo
 from peftc.errors import PassError, SpecError
 from peftc.pipeline import Pass, PassContext, PassResult, register_pass
+from peftc.region_recompute import RegionPlan, run_region
 from peftc.rewrite import call_in_place_of, interleaved_reader
 
 NAME = "schedule-recompute"
 BLOCK_KEY = "peftc.recompute_block"  # on the checkpoint call: the module path of the block it runs
-REGION_KEY = "peftc.recompute_region"  # on a region's checkpoint call: `block#k`
-SAVE_KEY = "peftc.recompute_save"  # on a region's call: what backward keeps (`mm.0`, ..., or `matmul>16`)
+REGION_KEY = "peftc.recompute_region"  # on a region's call: `block#k`
+SAVE_KEY = "peftc.recompute_save"  # on a region's call: what backward keeps (`linear.0`, ...)
 
 
-def op_key(func, index: int) -> str:
-    """How a save list names the `index`-th call of aten op `func` in a region's forward: `mm.3`, `addmm.0`."""
-    return f"{func.__name__.split('.')[0]}.{index}"
-
-
-# The memory-budget planner's calibration step sets this to see each op call of a region's forward
-# (observer(key, func, args, kwargs, output)); None otherwise.
-observer = None
-
-
-MATMUL_RULE = "matmul>"  # a save entry `matmul>16`: keep costly outputs (`is_costly`) of matmuls contracting > 16
-_MATMULS = {"mm": 0, "addmm": 1, "bmm": 0, "baddbmm": 1}  # aten op ==> which argument's last dim is contracted
+def op_keys(nodes) -> dict[str, str]:
+    """Node name ==> how a save list names it: the op and its index among the region's calls of that op
+    (`linear.0`, `scaled_dot_product_attention.0`, `mul.3`), the same in every capture of the region."""
+    keys, counts = {}, {}
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        keys[node.name] = f"{op}.{counts.get(op, 0)}"
+        counts[op] = counts.get(op, 0) + 1
+    return keys
 
 
 def is_random(func, args, kwargs) -> bool:
@@ -65,51 +67,16 @@ def is_random_node(node: Node) -> bool:
     return isinstance(node.target, torch._ops.OpOverload) and is_random(node.target, node.args, node.kwargs)
 
 
-def is_costly(func, args, kwargs, max_cheap_k: int) -> bool:
-    """Whether recomputing this aten op call costs real work: attention, or an op FlopCounterMode counts (matmuls,
-    convolutions), except a matmul whose contraction is at most `max_cheap_k` (a low-rank product such as LoRA's
-    B(Ax): few FLOPs per output byte). Random and in-place ops are never costly: they are replayed, not kept."""
-    from torch.utils.flop_counter import flop_registry
+def never_rerun(node: Node) -> bool:
+    """Whether backward must keep `node`'s output rather than run it again: a random op (its rerun would draw other
+    numbers) or a call that is not an aten op, getitem or prune-grads' causal SDPA (what it does is not known)."""
+    from .prune_grads import causal_sdpa
 
-    if func._schema.is_mutable or is_random(func, args, kwargs):
+    if node.target is operator.getitem:
         return False
-    name = func.__name__.split(".")[0]
-    if "scaled_dot_product" in name or "attention" in name:
-        return True
-    if func._overloadpacket not in flop_registry:
-        return False
-    return name not in _MATMULS or args[_MATMULS[name]].shape[-1] > max_cheap_k
-
-
-def _save_policy(save: frozenset[str]):
-    """A selective-checkpoint policy that keeps the outputs of the op calls `save` names and recomputes the rest;
-    a `matmul>K` entry keeps every costly op output (is_costly with max_cheap_k=K)."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    calls: dict = {}
-    rule = next((int(s[len(MATMUL_RULE):]) for s in save if s.startswith(MATMUL_RULE)), None)
-
-    def policy(ctx, func, *args, **kwargs):
-        index = calls.get(func, 0)
-        calls[func] = index + 1
-        if observer is not None:
-            observer(op_key(func, index), func, args, kwargs, ctx.op_output)
-        keep = op_key(func, index) in save or (rule is not None and is_costly(func, args, kwargs, rule))
-        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return policy
-
-
-def _contexts(save: frozenset[str]):
-    return torch.utils.checkpoint.create_selective_checkpoint_contexts(_save_policy(save))
-
-
-def checkpoint_saving(region: GraphModule, save: tuple[str, ...], *inputs):
-    """`checkpoint(region, *inputs)`, keeping the outputs of the op calls `save` names (`op_key`) for backward."""
-    if not save and observer is None:
-        return torch.utils.checkpoint.checkpoint(region, *inputs, use_reentrant=False)
-    return torch.utils.checkpoint.checkpoint(region, *inputs, use_reentrant=False,
-                                             context_fn=functools.partial(_contexts, frozenset(save)))
+    if node.target is causal_sdpa:
+        return bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("dropout_p", 0.0))
+    return not isinstance(node.target, torch._ops.OpOverload) or is_random_node(node)
 
 
 def _block_of(node: Node, info: ModelInfo) -> str | None:
@@ -178,15 +145,16 @@ def _parse_region(text: str) -> tuple[str, tuple[str, ...]]:
 @register_pass
 @dataclass(frozen=True)
 class ScheduleRecompute(Pass):
-    """schedule-recompute: y = block(x, W)  ==>  y = checkpoint(block, x, W, use_reentrant=False).
+    """schedule-recompute: y = block(x, W)  ==>  y = checkpoint(block, x, W, use_reentrant=False);
+    y = region(x, W)  ==>  y = run_region(plan, x, W).
 
     `blocks`: how many repeated blocks to recompute (the first ones to run), a tuple of block paths, or a
     `|`-separated string of them; None recomputes every block. `regions` instead names regions of blocks
-    (`block_regions`), each with the op calls whose outputs backward keeps rather than recomputes:
-    `model.layers.0#0:mm.0+mm.4|model.layers.1#1` (the memory-budget planner writes these), or with the rule
-    `matmul>16`: keep every matmul output contracting over more than 16, and attention's (recompute-cheap writes it). Training graphs only:
-    eval graphs keep no activations for backward, so they are left unchanged. Gradients are unchanged: the block
-    runs the same ops on the same inputs again, with the RNG state it first ran with (dropout draws the same masks).
+    (`block_regions`), each with the ops whose outputs backward keeps rather than recomputes (`op_keys`):
+    `model.layers.0#0:linear.0+linear.4|model.layers.1#1` (the memory-budget planner writes these). Training graphs
+    only: eval graphs keep no activations for backward, so they are left unchanged. Gradients are unchanged: a block
+    runs the same ops on the same inputs again, with the RNG state it first ran with (dropout draws the same masks);
+    a region never reruns its random ops, it keeps their outputs.
     """
 
     name: ClassVar[str] = NAME
@@ -284,12 +252,19 @@ class ScheduleRecompute(Pass):
             raise PassError(f"{NAME}: `{reader.name}` runs inside block `{path}` but outside its modules and reads "
                             f"block values; the block cannot run as one call")
         qualname = submodule_name(region or path)
-        module = functools.partial(GraphModule, torch.nn.Module(), class_name="RecomputeBlock")
         if region is None:
+            module = functools.partial(GraphModule, torch.nn.Module(), class_name="RecomputeBlock")
             call = call_in_place_of(gm, nodes, qualname, module, torch.utils.checkpoint.checkpoint, pass_name=NAME,
                                     kwargs={"use_reentrant": False})
         else:
-            call = call_in_place_of(gm, nodes, qualname, module, checkpoint_saving, tuple(save), pass_name=NAME)
+            keys = op_keys(nodes)
+            unknown = sorted(set(save) - set(keys.values()))
+            if unknown:
+                raise SpecError(f"{NAME}: region `{region}` has no op `{unknown[0]}`; its ops are "
+                                f"{', '.join(keys.values())}")
+            kept = {n.name for n in nodes if keys.get(n.name) in save or never_rerun(n)}
+            call = call_in_place_of(gm, nodes, qualname, lambda graph: RegionPlan(graph, kept), run_region,
+                                    pass_name=NAME)
             call.meta[REGION_KEY] = region
             call.meta[SAVE_KEY] = tuple(save)
         call.meta[BLOCK_KEY] = path

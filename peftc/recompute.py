@@ -3,12 +3,13 @@
 1. Calibrate: cut each repeated block into regions at its residual points (schedule_recompute.block_regions) and
    measure two training steps on the example inputs with peftc.memory.measure_step, one with nothing recomputed
    and one with every region recomputed, marking each region boundary in forward and backward. The marks give,
-   per region, the bytes it leaves alive, its peaks in forward and in backward, and the FLOPs its recompute
-   costs; the recorded op calls give each op output's bytes and FLOPs.
+   per region, the bytes it leaves alive and its peaks in forward and in backward; the recomputed regions report
+   each op's output bytes and FLOPs, and which ops' outputs autograd saved (what backward recomputes).
 2. Solve exactly: a mixed-integer program (scipy.optimize.milp, HiGHS) chooses per region whether backward
    recomputes it and, inside a recomputed region, which op outputs (matmuls, attention) forward keeps, minimizing
    the recomputed FLOPs subject to every forward and backward peak of the step fitting the budget.
-3. Lower: schedule-recompute{regions=...}, selective checkpointing of exactly those ops.
+3. Lower: schedule-recompute{regions=...}: each recomputed region runs as peftc.region_recompute.run_region,
+   keeping exactly the chosen ops' outputs.
 4. Close the loop: measure one real step; when it is over the budget, tighten by the excess and solve again.
 """
 
@@ -30,6 +31,7 @@ from .errors import BudgetError, SpecError
 from .instrument import Verify
 from .memory import _fmt_bytes, _fmt_count, measure_step
 from .pipeline import PassContext, Pipeline
+from .region_recompute import rerun_ops
 
 _MAX_ROUNDS = 4  # closed-loop re-plans before giving up
 _DEFAULT_FLOPS = 0.02  # memory_budget="auto": recompute whatever lowers the peak within 2% more FLOPs
@@ -61,7 +63,8 @@ def parse_bytes(text: str | int, what: str = "memory budget") -> int:
 @dataclass(frozen=True)
 class RegionPlan:
     """One region's decision: `recompute` in backward or keep what it saves; inside a recomputed region, forward
-    keeps the outputs of `saved_ops` (`mm.3`: the 4th mm call) and backward recomputes everything else."""
+    keeps the outputs of `saved_ops` (`linear.3`: the region's 4th linear, schedule_recompute.op_keys) and backward
+    recomputes what else it needs."""
 
     name: str
     recompute: bool
@@ -131,62 +134,79 @@ _recorder = None  # the _Recorder of the calibration step running now
 
 
 class _Recorder:
-    """What the boundary marks and the region op calls saw during one calibration step."""
+    """What the boundary marks and the recomputed regions' ops saw during one calibration step; it is
+    peftc.region_recompute's observer."""
 
     def __init__(self):
         self.forward: dict[int, tuple[int, int, int]] = {}  # mark ==> (live bytes, peak since last mark, FLOPs)
         self.backward: dict[int, tuple[int, int, int]] = {}
-        self.ops: dict[int, list[_Op]] = {}  # region index (1-based) ==> its forward op calls, in order
+        self.ops: dict[int, list[_Op]] = {}  # region index (1-based) ==> its forward ops, in order
+        self.plans: dict[int, object] = {}  # region index ==> its region_recompute.RegionPlan
+        self.dropped: dict[int, frozenset[str]] = {}  # region index ==> the ops whose outputs forward dropped
         self._region = 0
+        self._flops = 0
 
-    def mark(self, phase: str, index: int) -> None:
+    @staticmethod
+    def _modes():
         from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
+        return _get_current_dispatch_mode_stack()
+
+    def _counted(self) -> int:
+        counters = [m.counter for m in self._modes() if hasattr(m, "counter")]
+        return counters[-1].get_total_flops() if counters else 0
+
+    def mark(self, phase: str, index: int) -> None:
         from .memory import LiveStorageTracker
 
-        modes = _get_current_dispatch_mode_stack()
-        tracker = next(m for m in modes if isinstance(m, LiveStorageTracker))
-        counters = [m.counter for m in modes if hasattr(m, "counter")]
-        flops = counters[-1].get_total_flops() if counters else 0
+        tracker = next(m for m in self._modes() if isinstance(m, LiveStorageTracker))
         (self.forward if phase == "forward" else self.backward)[index] = (tracker.live_bytes, tracker.peak_bytes,
-                                                                          flops)
+                                                                          self._counted())
         tracker.reset_peak()
         if phase == "forward":
             self._region = index + 1
 
-    def op(self, key, func, args, kwargs, out) -> None:
-        self.ops.setdefault(self._region, []).append(_Op.of(key, func, args, kwargs, out))
+    def start(self, plan) -> None:
+        from .passes.schedule_recompute import op_keys
+
+        self._keys, self._nodes = op_keys(plan.region.nodes), {n.name: n for n in plan.region.nodes}
+        self._flops = self._counted()
+
+    def op(self, name: str, value) -> None:
+        flops = self._counted()
+        self.ops.setdefault(self._region, []).append(_Op.of(self._keys[name], self._nodes[name], value,
+                                                            flops - self._flops))
+        self._flops = flops
+
+    def finish(self, plan, dropped: frozenset[str]) -> None:
+        self.plans[self._region], self.dropped[self._region] = plan, dropped
 
 
 @dataclass(frozen=True)
 class _Op:
     key: str
+    name: str  # the node's name in its region's graph
     bytes: int
     flops: int  # as FlopCounterMode counts them
     weight: int  # what recomputing it costs in the objective: its FLOPs, or attention's where the counter has none
     savable: bool
 
     @staticmethod
-    def of(key, func, args, kwargs, out) -> "_Op":
+    def of(key: str, node, value, flops: int) -> "_Op":
         from torch.utils._pytree import tree_leaves
-        from torch.utils.flop_counter import flop_registry, sdpa_flop_count
+        from torch.utils.flop_counter import sdpa_flop_count
 
-        from .memory import _storage_ids
-        from .passes.schedule_recompute import is_random
+        from .passes.schedule_recompute import never_rerun
 
-        arg_storages = _storage_ids(tree_leaves((args, kwargs)))
-        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        new = [t for t in outs if not (_storage_ids([t]) & arg_storages)]
-        nbytes = sum(t.untyped_storage().nbytes() for t in new)
-        formula = flop_registry.get(func._overloadpacket)
-        flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+        outs = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
         weight = flops
-        name = func.__name__
-        if not flops and "scaled_dot_product" in name:
-            weight = int(sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape))
-        savable = bool(weight) and bool(new) and len(new) == len(outs) and not func._schema.is_mutable \
-            and not is_random(func, args, kwargs)
-        return _Op(key, nbytes, flops, weight, savable)
+        if not flops and ("attention" in key or "sdpa" in key):  # CPU attention: the counter has no formula
+            q, k, v = (a.meta["val"].shape for a in node.args[:3])
+            weight = int(sdpa_flop_count(*(tuple(int(d.node.hint) if isinstance(d, torch.SymInt) else int(d)
+                                                 for d in shape) for shape in (q, k, v))))
+        # Ops with FLOPs (matmuls, attention) make new tensors: keeping one holds exactly its output.
+        return _Op(key, node.name, sum(t.untyped_storage().nbytes() for t in outs), flops, weight,
+                   bool(weight) and bool(outs) and not never_rerun(node))
 
 
 class _Mark(torch.autograd.Function):
@@ -210,16 +230,23 @@ def mark_boundary(x: torch.Tensor, index: int) -> torch.Tensor:
 @dataclass
 class _Calibration:
     names: list[str]
-    forward: dict[int, tuple[int, int, int]]
-    backward: dict[int, tuple[int, int, int]]
-    ops: dict[int, list[_Op]]
+    recorder: _Recorder
     report: object
+
+    @property
+    def forward(self) -> dict[int, tuple[int, int, int]]:
+        return self.recorder.forward
+
+    @property
+    def backward(self) -> dict[int, tuple[int, int, int]]:
+        return self.recorder.backward
 
 
 def _calibrate(cm, base: GraphModule, recompute: bool, optimizer_state_bytes) -> _Calibration:
-    """One measured step of `base` with every region boundary marked; with `recompute`, every region runs under
-    selective checkpointing that keeps nothing and records its op calls."""
+    """One measured step of `base` with every region boundary marked; with `recompute`, every region is recomputed
+    keeping nothing but its random ops, and reports its ops."""
     global _recorder
+    from . import region_recompute
     from .passes import schedule_recompute as sr
     from .pipeline import copy_graph_module
 
@@ -244,19 +271,18 @@ def _calibrate(cm, base: GraphModule, recompute: bool, optimizer_state_bytes) ->
         for name in names:
             sr.ScheduleRecompute()._checkpoint(gm, name.partition("#")[0], regions[name], (), region=name)
     gm.recompile()
-    recorder = _recorder = _Recorder()
-    sr.observer = recorder.op
+    recorder = _recorder = region_recompute.observer = _Recorder()
     args, kwargs = cm.example_inputs
     cm._replace_graph(base, gm)
     try:
         with torch.random.fork_rng(devices=[]):
             report = measure_step(cm, args, kwargs, optimizer_state_bytes=optimizer_state_bytes)
     finally:
-        _recorder, sr.observer = None, None
+        _recorder = region_recompute.observer = None
         cm._replace_graph(gm, base)
         for p in cm.trainable_parameters():
             p.grad = None
-    return _Calibration(names, recorder.forward, recorder.backward, recorder.ops, report)
+    return _Calibration(names, recorder, report)
 
 
 # ---- the model and the mixed-integer program --------------------------------------------------------------------
@@ -298,26 +324,19 @@ class _Model:
         self.base_flops = full.report.forward_flops + full.report.backward_flops
         self.fixed = full.report.device_peak_bytes - full.report.peak_bytes  # params, buffers, optimizer, inputs
         self.recompute_flops, self.ops, self.choosable = [], [], []
-        def backward_flops(run: _Calibration, k: int) -> int:  # the counter when backward passed mark k
-            return run.backward[k][2] if k in run.backward else run.report.backward_flops
-
+        recorder = ckpt.recorder
+        self._rerun = []  # region ==> (its plan, what forward dropped, FLOPs of each op), for exact FLOPs
         for i in range(1, n + 1):
+            ops, plan = recorder.ops.get(i, []), recorder.plans.get(i)
+            dropped = recorder.dropped.get(i, frozenset())
+            self._rerun.append((plan, dropped, {op.name: op.flops for op in ops}))
+            # Backward reruns only what the dropped outputs are computed from: only those ops cost anything.
+            rerun = rerun_ops(plan.region, dropped, plan.kept) if plan is not None else set()
             if i not in full.backward or i not in ckpt.backward:
-                flops = 0
-            else:
-                flops = max(backward_flops(ckpt, i - 1) - ckpt.backward[i][2]
-                            - backward_flops(full, i - 1) + full.backward[i][2], 0)
-            ops = ckpt.ops.get(i, [])
-            # Backward stops recomputing once it has what it needs: only ops up to there cost anything.
-            total, prefix = 0, 0
-            for prefix, op in enumerate(ops if flops else [], 1):
-                total += op.flops
-                if total >= flops * 0.999:
-                    break
-            ops = [op for op in ops[:prefix] if op.savable]
-            extra_weight = sum(op.weight - op.flops for op in ckpt.ops.get(i, [])[:prefix])
-            self.recompute_flops.append((flops, flops + extra_weight))
-            self.ops.append(ops)
+                rerun = set()
+            ops = [op for op in ops if op.name in rerun]
+            self.recompute_flops.append((sum(op.flops for op in ops), sum(op.weight for op in ops)))
+            self.ops.append([op for op in ops if op.savable])
             self.choosable.append(self.qf[i - 1] is not None and self.qc[i - 1] is not None
                                   and self.dc[i - 1] < self.df[i - 1])
         self.offsets = np.cumsum([0, n, *(len(o) for o in self.ops)])
@@ -398,18 +417,25 @@ class _Model:
                    constraints=constraints)
         return None if res.x is None else np.round(res.x[:-1])
 
+    def rerun_flops(self, i: int, x: np.ndarray) -> int:
+        """What backward spends running region i again, keeping the ops `x` chooses: exact, where the objective's
+        sum counts every op a kept one is computed from as still rerun."""
+        plan, dropped, flops = self._rerun[i]
+        if x[i] < 0.5 or plan is None:
+            return 0
+        kept = {op.name for j, op in zip(self._y(i), self.ops[i]) if x[j] > 0.5}
+        return sum(flops.get(name, 0) for name in rerun_ops(plan.region, dropped - kept, plan.kept | kept))
+
     def regions(self, x: np.ndarray) -> tuple[RegionPlan, ...]:
         out = []
         for i, name in enumerate(self.names):
             saved = tuple(op.key for j, op in zip(self._y(i), self.ops[i]) if x[j] > 0.5)
             saved_bytes = sum(op.bytes for j, op in zip(self._y(i), self.ops[i]) if x[j] > 0.5)
-            saved_flops = sum(op.flops for j, op in zip(self._y(i), self.ops[i]) if x[j] > 0.5)
             if x[i] > 0.5:
                 why = (f"saves {_fmt_bytes(self.df[i] - self.dc[i] - saved_bytes)}"
                        + (f"; keeps {len(saved)} matmul/attention outputs ({_fmt_bytes(saved_bytes)}) rather "
                           f"than recompute them" if saved else ""))
-                out.append(RegionPlan(name, True, self.dc[i] + saved_bytes, saved,
-                                      self.recompute_flops[i][0] - saved_flops, why))
+                out.append(RegionPlan(name, True, self.dc[i] + saved_bytes, saved, self.rerun_flops(i, x), why))
             else:
                 why = ("no trainable parameter in or below it: backward keeps nothing of it to recompute"
                        if self.qf[i] is None else "recomputing it saves nothing" if not self.choosable[i] else
@@ -418,7 +444,7 @@ class _Model:
         return tuple(out)
 
     def extra_flops(self, x: np.ndarray) -> int:
-        return int(self.costs()[1] @ x)
+        return sum(self.rerun_flops(i, x) for i in range(len(self.names)))
 
 
 # ---- the planner ------------------------------------------------------------------------------------------------

@@ -28,6 +28,10 @@ from torch.fx import Graph, GraphModule, Node
 
 _DEVICES = ("cpu", "cuda")
 
+# The memory-budget planner's calibration step sets this to see each region's ops as they run: an object with
+# start(plan), op(name, value) after each op, and finish(plan, dropped) with the ops whose outputs forward dropped.
+observer = None
+
 
 class RegionPlan(torch.nn.Module):
     """One region of a training graph: its forward graph with bookkeeping, and how to recompute its cheap ops."""
@@ -62,18 +66,27 @@ class RegionPlan(torch.nn.Module):
         """(the region inputs, then the kept values it needs, in plan order) ==> the values of the cheap ops `wanted`."""
         if wanted not in self._recompute:
             ins, keeps = _sources(self, wanted)
-            needed: set[str] = set(wanted)
-            for node in reversed(list(self.region.nodes)):
-                if node.name in needed and node.name not in self.kept and node.op == "call_function":
-                    needed.update(a.name for a in node.all_input_nodes)
+            rerun = rerun_ops(self.region, wanted, self.kept)
             graph = Graph()
             env = {name: graph.placeholder(name) for name in [self.inputs[i] for i in ins] + keeps}
             for node in self.region.nodes:
-                if node.op == "call_function" and node.name in needed and node.name not in self.kept:
+                if node.name in rerun:
                     env[node.name] = graph.node_copy(node, lambda a: env[a.name])
             graph.output(tuple(env[name] for name in sorted(wanted)))
             self._recompute[wanted] = GraphModule(torch.nn.Module(), graph, class_name="RecomputeCheapOps")
         return self._recompute[wanted]
+
+
+def rerun_ops(region: Graph, wanted, kept) -> set[str]:
+    """The ops backward runs again to recompute the values of `wanted`: they and their ancestors, up to the region
+    inputs and the `kept` ops."""
+    needed: set[str] = set(wanted)
+    rerun: set[str] = set()
+    for node in reversed(list(region.nodes)):
+        if node.name in needed and node.name not in kept and node.op == "call_function":
+            rerun.add(node.name)
+            needed.update(a.name for a in node.all_input_nodes)
+    return rerun
 
 
 def _sources(plan: RegionPlan, wanted) -> tuple[list[int], list[str]]:
@@ -208,9 +221,13 @@ class _Frame:
 
 def _seen(frame: _Frame, value, name: str) -> None:
     frame.seen(value, name)
+    if observer is not None:
+        observer.op(name, value)
 
 
 def _kept(frame: _Frame, value, name: str) -> None:
+    if observer is not None:
+        observer.op(name, value)
     frame.kept[name] = value
     frame.pending.clear()  # what it saved is its own output or its inputs' kept data: kept as it is
 
@@ -220,8 +237,12 @@ def run_region(plan: RegionPlan, *inputs):
     if not torch.is_grad_enabled():
         return plan.plain(*inputs)
     frame = _Frame(plan, inputs)
+    if observer is not None:
+        observer.start(plan)
     with torch.autograd.graph.saved_tensors_hooks(frame.pack, frame.unpack):
         outs = plan.forward_graph(frame, *inputs)
     frame.finish()
+    if observer is not None:
+        observer.finish(plan, frame.wanted if frame.dropped else frozenset())
     return outs
 

@@ -6,8 +6,8 @@ import torch
 
 import peftc
 from peftc.memory import measure_step
-from peftc.passes.recompute_cheap import RecomputeCheap
-from peftc.passes.schedule_recompute import REGION_KEY, ScheduleRecompute, is_costly
+from peftc.passes.recompute_cheap import RecomputeCheap, kept_in_backward
+from peftc.passes.schedule_recompute import REGION_KEY, ScheduleRecompute, never_rerun
 from peftc.pipeline import PassContext, Pipeline
 from peftc.recompute import recomputed_regions
 from tests.conftest import tiny_llama
@@ -137,14 +137,33 @@ def test_budgets_and_checkpointing_replace_it(pair):
     assert str(default.pipeline).endswith("recompute-cheap") and len(_regions(default.graph_for(**_inputs()))) == 5
 
 
-def test_the_cheap_rule_keeps_full_size_matmuls_and_attention():
-    a, small, big = torch.randn(8, 32), torch.randn(32, 2), torch.randn(32, 32)
+def test_what_is_never_rerun_and_what_the_cheap_rule_keeps():
+    """Random ops and calls of unknown cost are never rerun; prune-grads' causal SDPA is rerunnable without dropout
+    (schedule-recompute may rerun it) but kept by recompute-cheap, as attention; getitem is free."""
+    import operator
+
+    from torch.fx import Graph, GraphModule
+
+    from peftc.passes.prune_grads import causal_sdpa
+
     aten = torch.ops.aten
-    assert is_costly(aten.mm.default, (a, big), {}, 2)
-    assert not is_costly(aten.mm.default, (a[:, :2], small.T), {}, 2)  # contracts over 2: recomputed
-    assert is_costly(aten.addmm.default, (torch.zeros(32), a, big), {}, 2)
-    assert not is_costly(aten.silu.default, (a,), {}, 2) and not is_costly(aten.native_dropout.default, (a, 0.1,
-                                                                                                         True), {}, 2)
+    g = Graph()
+    x, q = g.placeholder("x"), g.placeholder("q")
+    nodes = {
+        "dropout": g.call_function(aten.dropout.default, (x, 0.1, True)),
+        "silu": g.call_function(aten.silu.default, (x,)),
+        "getitem": g.call_function(operator.getitem, (x, 0)),
+        "python": g.call_function(print, (x,)),
+        "sdpa": g.call_function(causal_sdpa, (q, q, q, None, True, 0.0, False)),
+        "sdpa_dropout": g.call_function(causal_sdpa, (q, q, q, None, True, 0.1, False)),
+        "aten_sdpa_dropout": g.call_function(aten.scaled_dot_product_attention.default, (q, q, q, None, 0.1)),
+    }
+    g.output(None)
+    gm = GraphModule(torch.nn.Module(), g)
+    never = {name for name, n in nodes.items() if never_rerun(n)}
+    assert never == {"dropout", "python", "sdpa_dropout", "aten_sdpa_dropout"}
+    kept = {name for name, n in nodes.items() if kept_in_backward(gm, n, 2)}
+    assert kept == never | {"sdpa"}
 
 
 def test_under_autocast_it_recomputes_with_the_same_gradients(pair):
