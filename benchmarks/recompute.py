@@ -9,8 +9,10 @@ and per budget (fractions of HF PEFT's unscheduled peak, plus the smallest budge
 - HF PEFT without checkpointing; HF PEFT with `gradient_checkpointing_enable(use_reentrant=False)`;
 - HF PEFT with the best uniform every-k checkpointing (layers 0, k, 2k, ...; the fewest FLOPs that fit);
 - peftc.compile(..., memory_budget=budget).
-No torch.compile rows: the live-storage tracker is a TorchDispatchMode, and under it a torch.compile'd step measured
-eager's peak at every activation_memory_budget ratio, so the partitioned graph was not what it measured (NOTE).
+- torch.compile (aot_eager_decomp_partition) of the HF PEFT model, with `activation_memory_budget` bisected to
+  fit each byte budget. Its peak comes from the CPU allocator's own events (torch.profiler, profile_memory):
+  the live-storage tracker is a TorchDispatchMode, and under one the step does not run the graph the
+  partitioner chose. Its FLOPs are counted inside the forward and backward graphs it runs.
 Peaks are device bytes as a budget counts them (peftc.memory.StepReport.device_peak_bytes: parameters, buffers,
 inputs, AdamW state, activation peak), measured with the same live-storage tracker for every method; FLOPs by
 FlopCounterMode; step time is the median of timed steps; parity is the largest relative gradient difference from
@@ -38,12 +40,14 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 FRACTIONS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3)
 BEGIN, END = "<!-- benchmarks.recompute: begin -->", "<!-- benchmarks.recompute: end -->"
 MIB = 2 ** 20
-NOTE = ("No torch.compile rows. An earlier run measured torch.compile (aot_eager_decomp_partition) with "
-        "`activation_memory_budget` ratios 1.0, 0.5, 0.2 and 0.0, and every ratio gave eager HF PEFT's peak to the byte: "
-        "the live-storage tracker is a TorchDispatchMode, and a step run under it did not run the partitioned graph "
-        "the ratio chose, so those rows did not measure compiled code. An honest comparison needs a count that does "
-        "not change what runs (CUDA's max_memory_allocated, on a GPU run). Step times come from a 2-core machine "
-        "shared with other jobs and are noisy; peaks and FLOPs are exact.")
+NOTE = ("torch.compile rows: the step's peak is the CPU allocator's (torch.profiler with profile_memory: every "
+        "allocation and free, in order), because the live-storage tracker is a TorchDispatchMode, and a compiled step "
+        "run under one does not run the graph the partitioner chose (every ratio measured eager's peak to the byte). "
+        "Parameters, inputs and optimizer state are added as for HF PEFT. The line above each table compares the two "
+        "instruments on HF PEFT's eager step. FLOPs are counted inside the forward and backward graphs the compiled "
+        "step runs. For each budget, `activation_memory_budget` is bisected (5 steps, from 1.0) and the fitting ratio "
+        "with the fewest FLOPs among those tried is shown: its peak is not monotone in the ratio. Step times come "
+        "from a 2-core machine shared with other jobs and are noisy; peaks and FLOPs are exact.")
 
 
 def cases(quick: bool) -> list[dict]:
@@ -173,12 +177,130 @@ def smallest_budget(case: dict) -> int:
     raise AssertionError("a one-byte budget fitted")
 
 
+_GRAPH_FLOPS = [0]  # FLOPs that the compiled graphs ran since the last reset, counted while _COUNT_FLOPS is set
+_COUNT_FLOPS = [False]
+
+
+def _counting_compiler(gm: torch.fx.GraphModule, example_inputs):
+    """aot_autograd's forward/backward compiler: run the partitioned graph as it is (aot_eager), counting its FLOPs
+    when asked to, so the count is of what the compiled step runs."""
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def run(*args):
+        if not _COUNT_FLOPS[0]:
+            return gm(*args)
+        with FlopCounterMode(display=False) as counter:
+            out = gm(*args)
+        _GRAPH_FLOPS[0] += counter.get_total_flops()
+        return out
+
+    return make_boxed_func(run)
+
+
+def _aot_eager_decomp_partition(gm, example_inputs):
+    """torch's aot_eager_decomp_partition backend (inductor's decompositions and min-cut partitioner, graphs run
+    eagerly), with counting graph compilers."""
+    from functools import partial
+
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.compile_fx import select_decomp_table
+
+    with torch._functorch.config.patch(unlift_effect_tokens=True):
+        return aot_autograd(fw_compiler=_counting_compiler, bw_compiler=_counting_compiler,
+                            decompositions=select_decomp_table(),
+                            partition_fn=partial(min_cut_rematerialization_partition, compiler="inductor"),
+                            )(gm, example_inputs)
+
+
+def allocator_peak(module, inputs) -> int:
+    """The activation peak of one training step (gradients included) from the CPU allocator's events: every
+    allocation and free in the order they happened, whatever ran them. As in measure_step, gradients start as None
+    and the output stays referenced during backward."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for p in module.parameters():
+        p.grad = None
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            output = module(**inputs)
+            output.loss.backward()
+            del output
+    finally:
+        gc.enable()
+    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        pending.extend(node.children)
+        if node.tag == torch._C._profiler._EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+BISECT_STEPS = 5
+
+
+def compile_rows(case: dict, budgets: dict[str, int], hf_none: dict, steps: int) -> dict:
+    """torch.compile of the HF PEFT model at each budget: `activation_memory_budget` bisected to fit it. Also the
+    instrument check: the allocator's peak of HF PEFT's eager step, against the tracker's."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model(case), LoraConfig(target_modules=case["target"], r=16, lora_alpha=32)).train()
+    _adapters_nonzero(model)
+    inputs = _inputs(case)
+    plain = _grads(model, inputs)
+    fixed = hf_none["peak"] - hf_none["activations"]  # parameters, buffers, inputs, optimizer state
+    tried: dict[float, dict] = {}
+
+    def at(ratio: float) -> dict:
+        if ratio not in tried:
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend=_aot_eager_decomp_partition)
+            t = time.perf_counter()
+            with torch._functorch.config.patch(activation_memory_budget=ratio):
+                grads = _grads(compiled, inputs)  # compiles, partitioning at this ratio
+            compile_s = time.perf_counter() - t
+            activations = allocator_peak(compiled, inputs)
+            _GRAPH_FLOPS[0], _COUNT_FLOPS[0] = 0, True
+            try:
+                _grads(compiled, inputs)
+            finally:
+                _COUNT_FLOPS[0] = False
+            tried[ratio] = {"peak": fixed + activations, "activations": activations, "flops": _GRAPH_FLOPS[0],
+                            "step_s": _step_time(compiled, inputs, steps), "parity": _parity(plain, grads),
+                            "ratio": ratio, "compile_s": compile_s}
+        return tried[ratio]
+
+    rows = {"eager_allocator": allocator_peak(model, inputs)}
+    for name, budget in budgets.items():
+        if not _fits(at(1.0), budget):
+            lo, hi = 0.0, 1.0
+            for _ in range(BISECT_STEPS):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if _fits(at(mid), budget) else (lo, mid)
+        fitting = [row for row in tried.values() if _fits(row, budget)]
+        rows[name] = min(fitting, key=lambda row: row["flops"]) if fitting else None
+    rows["tried"] = sorted(tried.values(), key=lambda row: row["ratio"])
+    torch._dynamo.reset()
+    return rows
+
+
 def run_case(case: dict, steps: int) -> dict:
     hf = hf_rows(case, steps)
     base = hf["none"]["peak"]
     budgets = {f"{f:.1f}x": int(base * f) for f in FRACTIONS}
     budgets["smallest"] = smallest_budget(case)
-    return {"title": case["title"], "budgets": budgets, "hf": hf, "peftc": peftc_rows(case, budgets, steps)}
+    return {"title": case["title"], "budgets": budgets, "hf": hf, "peftc": peftc_rows(case, budgets, steps),
+            "compile": compile_rows(case, budgets, hf["none"], steps)}
 
 
 def _fits(row: dict, budget: int) -> bool:
@@ -217,6 +339,11 @@ def render(results: dict, meta: dict) -> str:
                   f"{r['peftc']['default']['step_s'] * 1e3:.0f} ms: "
                   f"{r['peftc']['default']['step_s'] / r['peftc']['off']['step_s']:.2f}x `recompute=False`'s); peftc "
                   f"`memory_budget=\"auto\"`: {_auto(r, base_flops)}.", "",
+                  f"Instruments on HF PEFT's eager step: the tracker counts {r['hf']['none']['activations'] / MIB:.2f} "
+                  f"MiB of activations, the CPU allocator {r['compile']['eager_allocator'] / MIB:.2f} MiB. torch.compile "
+                  f"at the ratios tried: " + ", ".join(f"{row['ratio']:.3g}: {row['activations'] / MIB:.1f} MiB, "
+                                                     f"{row['flops'] / base_flops - 1:+.0%}"
+                                                     for row in r["compile"]["tried"]) + ".", "",
                   "| budget | MiB | method | peak MiB | extra FLOPs | step ms | parity |",
                   "|---|---|---|---|---|---|---|"]
         for name, budget in r["budgets"].items():
@@ -229,6 +356,9 @@ def render(results: dict, meta: dict) -> str:
             plan = ("peftc" if "infeasible" in ours else
                     f"peftc ({ours['regions']} regions, planned in {ours['plan_s']:.1f} s, predicted "
                     f"{ours['predicted'] / MIB:.2f})")
+            compiled = r["compile"][name]
+            cells.insert(3, (f"torch.compile (ratio {compiled['ratio']:.3g})" if compiled else "torch.compile",
+                             compiled))
             cells.append((plan, None if "infeasible" in ours else ours))
             for i, (method, row) in enumerate(cells):
                 lines.append(f"| {name if i == 0 else ''} | {budget / MIB:.1f} | {method} | "
@@ -260,11 +390,12 @@ def render_chart(r: dict, path: Path) -> None:
     series = {
         "HF PEFT (none / per-layer)": [r["hf"]["none"], r["hf"]["hf"]],
         "HF every-k": [row for k, row in r["hf"].items() if k.startswith("every")],
+        "torch.compile (ratios)": r["compile"]["tried"],
         "peftc (budgets)": [row for k, row in r["peftc"].items() if k not in ("off", "default", "auto")
                             and "peak" in row],
         "peftc default / auto": [r["peftc"]["default"], r["peftc"]["auto"]],
     }
-    for (label, rows), marker in zip(series.items(), "os^*"):
+    for (label, rows), marker in zip(series.items(), "osx^*"):
         if rows:
             xs, ys = zip(*sorted(point(row) for row in rows))
             ax.plot(xs, ys, marker=marker, linestyle="-" if label.startswith("peftc (") else "", label=label)

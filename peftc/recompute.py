@@ -500,6 +500,9 @@ def _plan(cm, budget: int | None, optimizer_state_bytes: int | None) -> Recomput
         rounds = 0
         while True:
             x = model.solve(target, None if target is not None else _DEFAULT_FLOPS * model.base_flops)
+            lowest = x is None and rounds > 0  # tightened past every plan: the lowest-peak one may fit as measured
+            if lowest:
+                x = model.solve(None)
             if x is None:
                 raise _budget_error(cm, base, model, budget, fixed, optimizer_state_bytes)
             regions = model.regions(x)
@@ -508,7 +511,7 @@ def _plan(cm, budget: int | None, optimizer_state_bytes: int | None) -> Recomput
             trial = base if chosen is None else _scheduled(base, chosen, cm)
             report = _measure(cm, base, trial, optimizer_state_bytes)
             rounds += 1
-            if budget is None or report.device_peak_bytes <= budget or rounds >= _MAX_ROUNDS:
+            if budget is None or report.device_peak_bytes <= budget or rounds >= _MAX_ROUNDS or lowest:
                 break
             target -= report.device_peak_bytes - budget  # the model was optimistic by this much here
         if budget is not None and report.device_peak_bytes > budget:
