@@ -11,7 +11,7 @@ import inspect
 import re
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -186,32 +186,87 @@ def _distinct_inputs(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[s
     return pytree.tree_map(distinct, (tuple(args), dict(kwargs)))
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict[str, Any], table: ParamTable, *,
-            dynamic: bool = True, entry: str | None = None) -> GraphModule:
-    """Export `model(*args, **kwargs)` and bind every tensor the graph reads to the shared parameter table.
+def export(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, dynamic: bool = True,
+           entry: str | None = None) -> torch.export.ExportedProgram:
+    """model(*args, **kwargs) ==> torch.export's ExportedProgram, as torch.export made it: what capture() rewrites.
 
-    The model is captured in its current train/eval mode and under the caller's autocast, which the graph then
-    needs at every call; the caller sets both. `entry` names a submodule to run instead (the backbone), its
-    parameters still named from `model`.
+    Kept, it lets capture(..., exported=...) build the graph of another adapter configuration or a merge without
+    exporting again; capture never changes it. The model is exported in its current train/eval mode and under the
+    caller's autocast. `entry` names a submodule to run instead (the backbone), its parameters still named from
+    `model`.
     """
     args, kwargs = _distinct_inputs(args, kwargs)
     target = model
     if entry is not None or _lands_in_var_keyword(model, kwargs):
         target = _EntryPoint(model, entry, tuple(args), kwargs)
     try:
-        ep = torch.export.export(target, tuple(args), dict(kwargs), strict=False,
-                                 dynamic_shapes=_dynamic_shapes(target, tuple(args), dict(kwargs), dynamic))
+        return torch.export.export(target, tuple(args), dict(kwargs), strict=False,
+                                   dynamic_shapes=_dynamic_shapes(target, tuple(args), dict(kwargs), dynamic))
     except Exception as e:
         raise CaptureError(_explain(model, kwargs, e)) from e
-    exported = ep.module()
+
+
+def admits(exported: torch.export.ExportedProgram, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether the input sizes of `exported` take these inputs: each static size equal, each dynamic one in its range
+    and equal to the sizes export found equal to it. The guards beyond ranges (a size's parity, say) are
+    input_guards'."""
+    from torch.export._tree_utils import reorder_kwargs
+
+    try:
+        spec = exported.call_spec.in_spec
+        kwargs = reorder_kwargs(dict(kwargs), spec) if spec is not None else dict(kwargs)
+        flat, _ = pytree.tree_flatten_with_path((tuple(args), kwargs))
+        # ExportedProgram.__call__'s own input check (private in torch 2.13): raises when the sizes do not fit
+        exported._check_input_constraints(flat)
+    except Exception:  # any other structure, or a torch without the check: export anew rather than guess
+        return False
+    return True
+
+
+def input_guards(gm: GraphModule) -> Callable[[tuple, dict[str, Any]], bool]:
+    """The guards torch.export put in a captured graph (its `_guards_fn` call, the first thing it runs), as a check
+    of a call's inputs that needs neither the graph nor a run of it: True when they pass."""
+    from torch.fx._pytree import tree_flatten_spec
+
+    node = next(iter(gm.graph.find_nodes(op="call_module", target="_guards_fn")), None)
+    if node is None:
+        return lambda args, kwargs: True
+    guards, spec = get_attr_path(gm, node.target), gm._in_spec
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    picks = [(placeholders.index(a), None) if isinstance(a, torch.fx.Node) else (None, a) for a in node.args]
+
+    def check(args: tuple, kwargs: dict[str, Any]) -> bool:
+        try:
+            leaves = tree_flatten_spec((list(args), dict(kwargs)), spec)  # as the exported module's forward does
+            guards(*(leaves[i] if i is not None else value for i, value in picks))
+        except Exception:  # AssertionError("Guard failed: ..."), or inputs of another structure
+            return False
+        return True
+
+    return check
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict[str, Any], table: ParamTable, *,
+            dynamic: bool = True, entry: str | None = None,
+            exported: torch.export.ExportedProgram | None = None) -> GraphModule:
+    """Export `model(*args, **kwargs)` and bind every tensor the graph reads to the shared parameter table.
+
+    The model is captured in its current train/eval mode and under the caller's autocast, which the graph then
+    needs at every call; the caller sets both. `entry` names a submodule to run instead (the backbone), its
+    parameters still named from `model`. `exported` (export()'s result for this model, mode and call form, whose
+    sizes and guards take these inputs: admits, input_guards) is used instead of exporting again; the graph is a
+    copy of its graph, so `exported` stays as it was.
+    """
+    ep = exported if exported is not None else export(model, args, kwargs, dynamic=dynamic, entry=entry)
+    exported_module = ep.module()  # a deep copy of ep's graph, reading ep's tensors
     root: dict[str, Any] = {}
-    for node in exported.graph.nodes:
+    for node in exported_module.graph.nodes:
         if node.op == "get_attr":
-            obj = get_attr_path(exported, node.target)
+            obj = get_attr_path(exported_module, node.target)
             if isinstance(obj, torch.Tensor):
                 obj = table.adopt(node.target, obj, BASE if isinstance(obj, nn.Parameter) else BUFFER)
             root[node.target] = obj
         elif node.op == "call_module":
-            root[node.target] = get_attr_path(exported, node.target)
+            root[node.target] = get_attr_path(exported_module, node.target)
     # A plain GraphModule: the exported one refuses .train()/.eval(), and peftc owns the mode (one graph per mode).
-    return GraphModule(root, exported.graph, class_name=f"{type(model).__name__}Graph")
+    return GraphModule(root, exported_module.graph, class_name=f"{type(model).__name__}Graph")

@@ -200,6 +200,10 @@ def adopt_registered(cm) -> None:
     from .lower.modules import live_tensor
 
     shards = _sharded_params(cm)
+    if shards:
+        # Kept raw exports (CompiledModel._exports) read the whole tensors: once sharded, nothing may keep them alive,
+        # and no new signature is captured anyway (check_capture).
+        cm._exports.clear()
     for p in cm.params:
         parent, _, leaf = p.name.rpartition(".")
         try:

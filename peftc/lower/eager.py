@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from rich.console import Console, Group
@@ -13,7 +13,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from ..capture import ModelInfo, call_kwargs, capture
+from ..capture import ModelInfo, admits, call_kwargs, capture, export, input_guards
 from ..distributed import check_capture, check_sharding, check_source, copy_full_into, whole_weights
 from ..errors import ExportError, PassError, PeftcError
 from ..hf import HFModelMixin, autocast_state, compiled_class, source_signature
@@ -35,6 +35,37 @@ _ACTIVE = object()  # `config=` default: the model's active adapter configuratio
 
 def _is_guard_failure(e: Exception) -> bool:
     return isinstance(e, (AssertionError, RuntimeError)) and "Guard failed" in str(e)
+
+
+class KeptExports:
+    """The raw torch.export results of one source model, newest last under each key: a new adapter configuration
+    or a merge rewrites one of them instead of exporting the model again. A CompiledModel shares its store with the
+    MergedModels its merge() builds.
+
+    Not copied: a deep copy (or an unpickled model) starts with an empty store, since its graphs read its own copy
+    of the source model. Cleared once the model is sharded (peftc/distributed.py): kept exports read whole tensors.
+    """
+
+    def __init__(self) -> None:
+        # key ==> [(export, the guards of a graph captured from it: capture.input_guards)]
+        self._by_key: dict[Any, list[tuple[torch.export.ExportedProgram, Callable]]] = {}
+
+    def fitting(self, key: Any, args: tuple, kwargs: dict[str, Any]) -> torch.export.ExportedProgram | None:
+        """The newest export under `key` whose input sizes (capture.admits) and guards take these inputs, or None."""
+        return next((ep for ep, guards in reversed(self._by_key.get(key, ()))
+                     if admits(ep, args, kwargs) and guards(args, kwargs)), None)
+
+    def add(self, key: Any, ep: torch.export.ExportedProgram, guards: Callable) -> None:
+        self._by_key.setdefault(key, []).append((ep, guards))
+
+    def clear(self) -> None:
+        self._by_key.clear()
+
+    def __len__(self) -> int:
+        return sum(map(len, self._by_key.values()))
+
+    def __reduce__(self):
+        return KeptExports, ()
 
 
 def hunks_mentioning(diff: str, module: str) -> str:
@@ -144,11 +175,13 @@ class CompiledModel(HFModelMixin, nn.Module):
 
     def __init__(self, model: nn.Module, spec: Spec | None, pipeline: Pipeline, args: tuple,
                  kwargs: dict[str, Any], *, dynamic: bool = True, verify: bool = True,
-                 instruments: Sequence[Instrument] = (), params: ParamTable | None = None):
+                 instruments: Sequence[Instrument] = (), params: ParamTable | None = None,
+                 exports: KeptExports | None = None):
         nn.Module.__init__(self)  # not super(): the class may also be a peft.PeftModel, whose __init__ wraps a model
         self.spec, self.pipeline, self.dynamic, self.verify = spec, pipeline, dynamic, verify
         self.params = params if params is not None else ParamTable()
         self._example = (tuple(args), dict(kwargs))  # merge() captures the model again on these
+        self._exports = exports if exports is not None else KeptExports()
         self.counters = None
         self.diff_ir = DiffIR()
         self.recompute_plan = None  # a peftc.recompute.RecomputePlan when compiled with a memory budget
@@ -186,14 +219,22 @@ class CompiledModel(HFModelMixin, nn.Module):
                 self._adapter_config if config is _ACTIVE else config)
 
     def _lower(self, args: tuple, kwargs: dict[str, Any], instruments: Sequence[Instrument] = (),
-               entry: str | None = None, config: Any = _ACTIVE) -> GraphModule:
+               entry: str | None = None, config: Any = _ACTIVE, reuse: bool = True) -> GraphModule:
         """Capture and compile one call signature; `entry` is a submodule to enter through (cm.base_model),
-        `config` an adapter configuration (peftc/adapters.py; the active one by default)."""
+        `config` an adapter configuration (peftc/adapters.py; the active one by default). With `reuse`, the newest
+        kept export whose sizes and guards take these inputs is rewritten instead of exporting again."""
         with _CAPTURE_LOCK:
-            return self._capture_and_compile(args, kwargs, instruments, entry, config)
+            return self._capture_and_compile(args, kwargs, instruments, entry, config, reuse)
+
+    def _export_key(self, args: tuple, kwargs: dict[str, Any], entry: str | None) -> tuple:
+        """What a raw export depends on: the graph key without the adapter configuration, `dynamic`, and the dtype
+        and device of every source tensor (a model cast to float64 bakes other dtypes into its graph)."""
+        source = self._source
+        tensors = tuple((t.dtype, str(t.device)) for t in (*source.parameters(), *source.buffers()))
+        return (*self._key(args, kwargs, entry, config=None)[:-1], self.dynamic, tensors)
 
     def _capture_and_compile(self, args: tuple, kwargs: dict[str, Any], instruments: Sequence[Instrument],
-                             entry: str | None, config: Any = _ACTIVE) -> GraphModule:
+                             entry: str | None, config: Any = _ACTIVE, reuse: bool = True) -> GraphModule:
         config = self._adapter_config if config is _ACTIVE else config
         pipeline, params = self.pipeline, self.params
         if config is not None:
@@ -201,12 +242,19 @@ class CompiledModel(HFModelMixin, nn.Module):
 
             pipeline, params = config_stage(self, config)
         source = self._source
-        was_training = source.training
-        source.train(self.training)
-        try:
-            gm = capture(source, args, kwargs, params, dynamic=self.dynamic, entry=entry)
-        finally:
-            source.train(was_training)
+        raw_key = self._export_key(args, kwargs, entry)
+        ep = self._exports.fitting(raw_key, args, kwargs) if reuse else None
+        if ep is not None:
+            gm = capture(source, args, kwargs, params, dynamic=self.dynamic, entry=entry, exported=ep)
+        else:
+            was_training = source.training
+            source.train(self.training)
+            try:
+                ep = export(source, args, kwargs, dynamic=self.dynamic, entry=entry)
+            finally:
+                source.train(was_training)
+            gm = capture(source, args, kwargs, params, dynamic=self.dynamic, entry=entry, exported=ep)
+            self._exports.add(raw_key, ep, input_guards(gm))  # read before the passes rewrite gm
         if not instruments and self.verify:
             instruments = [Verify()]
         ctx = PassContext(params, self._info, training=self.training)
@@ -261,11 +309,13 @@ class CompiledModel(HFModelMixin, nn.Module):
                         raise
             tried = len(graphs)
             # A new signature, or shapes that an earlier capture specialized: capture these inputs too, unless
-            # another thread captured this signature while we looked (then try its graph first).
+            # another thread captured this signature while we looked (then try its graph first). Only a new
+            # signature starts from a kept export: a graph of this one already failed these sizes.
             with _CAPTURE_LOCK:
                 if len(self._graphs.get(key, [])) == tried:
                     check_capture(self)
-                    return self._run(self._lower(args, kwargs, entry=entry, config=config), args, kwargs)
+                    gm = self._lower(args, kwargs, entry=entry, config=config, reuse=tried == 0)
+                    return self._run(gm, args, kwargs)
 
     def _run(self, gm: GraphModule, args: tuple, kwargs: dict[str, Any]) -> Any:
         # The graph as it runs: tensors read from this module's tree, each repeated block a module call
@@ -414,7 +464,8 @@ class CompiledModel(HFModelMixin, nn.Module):
         last_adapter = max((i for i, q in enumerate(passes) if q.rule_type is not None), default=0)
         passes[last_adapter + 1:last_adapter + 1] = [MergeReparam(tuple(sorted(chosen))), FoldParams()]
         merged = MergedModel(self._source, self.spec, Pipeline(tuple(passes)), *self._example,
-                             training=self.training, dynamic=self.dynamic, verify=self.verify, params=table)
+                             training=self.training, dynamic=self.dynamic, verify=self.verify, params=table,
+                             exports=self._exports)  # same source model: it rewrites this model's kept export
         # Prefixes and prompts are activations, not weights: they stay, frozen, as constants (peftc/merge.py).
         read = {n.target for n in merged.graph_module.graph.nodes if n.op == "get_attr"}
         unmerged = sorted({n for n in chosen & read if table[n].method not in KEPT_AS_CONSTANTS}
@@ -509,7 +560,7 @@ class CompiledModel(HFModelMixin, nn.Module):
             # The key has no sizes: a graph captured with dynamic=False (or specialized) holds only its own.
             i = next((i for i, gm in enumerate(graphs) if _takes_sizes(gm, args, kwargs)), None)
             if i is None:
-                self._lower(args, kwargs)
+                self._lower(args, kwargs, reuse=not graphs)
                 i = len(self._graphs[key]) - 1
             return self._graphs[key][i], self._method_graphs[key][i]
 
