@@ -14,7 +14,6 @@ import peftc
 from peftc.capture import admits, capture, export, input_guards
 from peftc.params import ParamTable
 
-torch.set_num_threads(2)
 
 
 class Parity(nn.Module):

@@ -19,7 +19,6 @@ from peftc.pipeline import PassContext, Pipeline
 from peftc.recompute import _scheduled
 from tests.conftest import ids
 
-torch.set_num_threads(1)
 
 V = 128  # larger than every hidden size below: a vocabulary, not a classification head
 

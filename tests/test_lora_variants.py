@@ -13,7 +13,6 @@ from peftc.errors import SpecError
 from peftc.spec import pattern_value
 from variants_helpers import Captured, ids, probe, tiny_gpt2, tiny_llama
 
-torch.set_num_threads(2)
 
 
 class TinyCNN(nn.Module):

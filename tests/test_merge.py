@@ -19,7 +19,6 @@ from peftc.passes.fold_params import FoldParams
 from peftc.passes.merge_reparam import MergeReparam
 from peftc.pipeline import PassContext
 
-torch.set_num_threads(1)
 
 
 def op_count(gm) -> int:

@@ -28,7 +28,6 @@ from variants_helpers import ids, tiny_gpt2, tiny_llama
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from tiny_models import tiny_mlp  # noqa: E402
 
-torch.set_num_threads(2)
 
 
 def op_count(gm) -> int:

@@ -14,7 +14,6 @@ from peftc.memory import measure_step
 from peftc.passes.prune_grads import PruneGrads, grad_nodes
 from peftc.pipeline import PassContext
 
-torch.set_num_threads(1)
 
 
 def tiny_llama(dtype=torch.float32, layers=2) -> tuple[nn.Module, dict]:

@@ -12,7 +12,6 @@ from peftc.delta import random_index
 from peftc.errors import SpecError
 from variants_helpers import Captured, ids, probe, tiny_gpt2, tiny_llama
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
