@@ -294,13 +294,24 @@ def compile_rows(case: dict, budgets: dict[str, int], hf_none: dict, steps: int)
     return rows
 
 
-def run_case(case: dict, steps: int) -> dict:
-    hf = hf_rows(case, steps)
+def run_case(case: dict, steps: int, earlier: dict | None = None) -> dict:
+    """Every row for one model; `earlier` (this case from an earlier run's JSON, same sizes) supplies the HF PEFT and
+    torch.compile rows, which do not depend on peftc, so that only peftc's are measured again."""
+    if earlier is not None:
+        hf, compiled = earlier["hf"], earlier["compile"]
+    else:
+        hf = hf_rows(case, steps)
     base = hf["none"]["peak"]
     budgets = {f"{f:.1f}x": int(base * f) for f in FRACTIONS}
     budgets["smallest"] = smallest_budget(case)
+    if earlier is None:
+        compiled = compile_rows(case, budgets, hf["none"], steps)
+    elif "smallest" not in compiled or compiled["smallest"] is None or not _fits(compiled["smallest"],
+                                                                                 budgets["smallest"]):
+        compiled = dict(compiled, smallest=min((r for r in compiled["tried"] if _fits(r, budgets["smallest"])),
+                                               key=lambda r: r["flops"], default=None))
     return {"title": case["title"], "budgets": budgets, "hf": hf, "peftc": peftc_rows(case, budgets, steps),
-            "compile": compile_rows(case, budgets, hf["none"], steps)}
+            "compile": compiled}
 
 
 def _fits(row: dict, budget: int) -> bool:
@@ -365,7 +376,9 @@ def render(results: dict, meta: dict) -> str:
                              f"{_cell(row, base_flops)} |" if i == 0 else f"| | | {method} | {_cell(row, base_flops)} |")
         lines.append("")
     lines += ["![device peak vs extra FLOPs, 4-layer Llama](benchmarks_recompute.png)", "",
-              f"This run: torch {torch.__version__}, {meta['seconds']:.0f} s.", END]
+              f"This run: torch {torch.__version__}, {meta['seconds']:.0f} s"
+              + (f"; the HF PEFT and torch.compile rows of {', '.join(meta['reused'])} are an earlier run's "
+                 f"(`--reuse`), peftc's were measured again" if meta.get("reused") else "") + ".", END]
     return "\n".join(lines) + "\n"
 
 
@@ -425,16 +438,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cases", default=None, help="comma-separated case keys (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="folder with benchmarks.md (default docs/ at full "
                         "size, none with --quick)")
+    parser.add_argument("--reuse", type=Path, default=None, help="an earlier run's benchmarks_recompute.json: take its "
+                        "HF PEFT and torch.compile rows, measure peftc's again")
     opts = parser.parse_args(argv)
+    earlier = json.loads(opts.reuse.read_text())["results"] if opts.reuse else {}
     torch.set_num_threads(opts.threads)
     steps = opts.steps or (1 if opts.quick else 3)
     chosen = [c for c in cases(opts.quick) if opts.cases is None or c["key"] in opts.cases.split(",")]
     start = time.perf_counter()
     results = {}
     for case in chosen:
-        results[case["key"]] = run_case(case, steps)
+        results[case["key"]] = run_case(case, steps, earlier.get(case["key"]))
         print(f"{case['key']} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    meta = {"steps": steps, "threads": opts.threads, "seconds": time.perf_counter() - start, "quick": opts.quick}
+    meta = {"steps": steps, "threads": opts.threads, "seconds": time.perf_counter() - start, "quick": opts.quick,
+            "reused": sorted(earlier)}
     section = render(results, meta)
     print(section)
     for line in check_targets(results):

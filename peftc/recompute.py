@@ -358,8 +358,9 @@ class _Model:
             if self.qf[i] is not None:
                 own = np.zeros(self.size)
                 own[i] = self.qc[i] - self.qf[i]
-                rows.append(prefix.copy()), consts.append(base + self.qf[i])
-                rows[-1] += own
+                for j, op in zip(self._y(i), self.ops[i]):  # kept from forward on, not rerun where backward needs it
+                    own[j] = op.bytes
+                rows.append(prefix + own), consts.append(base + self.qf[i])
             prefix = prefix.copy()
             prefix[i] += self.dc[i] - self.df[i]
             for j, op in zip(self._y(i), self.ops[i]):
