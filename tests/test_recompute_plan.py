@@ -125,27 +125,20 @@ def test_tighter_budgets_cost_more_flops(planned):
     assert tight.extra_flops > 0
 
 
-def test_infeasible_budget_raises_with_the_smallest_feasible_one(plain):
+def test_infeasible_budget_raises_with_the_smallest_feasible_one(plain, monkeypatch):
+    """The budget the error names compiles, even where the model was optimistic: here the first plan measures one
+    byte over it (injected), tightening leaves no plan the model predicts to fit, and the planner must then try its
+    lowest-peak plan (what the BudgetError measured) rather than refuse the budget it named."""
+    import dataclasses
+
+    import peftc.recompute as planner
+
     with pytest.raises(peftc.BudgetError, match="smallest feasible budget is") as e:
         _compile(memory_budget=1000)
     smallest = e.value.smallest
     assert isinstance(e.value, peftc.PeftcError) and f"{smallest:,} bytes" in str(e.value)
     assert "(1,000 bytes)" in str(e.value) and f"({_fmt_bytes(smallest)})" in str(e.value)
     assert smallest < plain[1].device_peak_bytes
-    plan = _compile(memory_budget=smallest).recompute_plan  # the budget it names does fit
-    assert plan.measured_peak <= smallest
-
-
-def test_the_named_smallest_budget_fits_even_where_the_model_was_optimistic(plain, monkeypatch):
-    """The first plan at the smallest budget measures one byte over it (injected): tightening then leaves no plan the
-    model predicts to fit, and the planner must try its lowest-peak plan (what the BudgetError measured) rather
-    than refuse the budget it named."""
-    import dataclasses
-
-    import peftc.recompute as planner
-
-    with pytest.raises(peftc.BudgetError) as e:
-        _compile(memory_budget=1000)
     measured, calls = planner._measure, []
 
     def one_byte_over_once(*args):
@@ -154,8 +147,8 @@ def test_the_named_smallest_budget_fits_even_where_the_model_was_optimistic(plai
         return dataclasses.replace(report, peak_bytes=report.peak_bytes + 1) if len(calls) == 2 else report
 
     monkeypatch.setattr(planner, "_measure", one_byte_over_once)
-    plan = _compile(memory_budget=e.value.smallest).recompute_plan
-    assert plan.rounds == 2 and plan.measured_peak <= e.value.smallest
+    plan = _compile(memory_budget=smallest).recompute_plan
+    assert plan.rounds == 2 and plan.measured_peak <= smallest
 
 
 def test_kept_outputs_count_in_their_regions_backward():
