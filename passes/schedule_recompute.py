@@ -49,22 +49,9 @@ def op_keys(nodes) -> dict[str, str]:
     return keys
 
 
-def is_random(func, args, kwargs) -> bool:
-    """Whether an aten op call draws random numbers (dropout, attention with dropout_p > 0)."""
-    name = func.__name__
-    dropout = next((v for a, v in zip(func._schema.arguments, args) if a.name == "dropout_p"),
-                   kwargs.get("dropout_p", 0.0))
-    return any(w in name for w in ("dropout", "bernoulli", "rand", "normal")) or bool(dropout)
-
-
 def submodule_name(label: str) -> str:
     """The submodule a block or region moves into: `model.layers.0#1` ==> `peftc_recompute_model_layers_0_r1`."""
     return f"peftc_recompute_{label.replace('.', '_').replace('#', '_r')}"
-
-
-def is_random_node(node: Node) -> bool:
-    """Whether a graph node's aten op draws random numbers (is_random)."""
-    return isinstance(node.target, torch._ops.OpOverload) and is_random(node.target, node.args, node.kwargs)
 
 
 def never_rerun(node: Node) -> bool:
@@ -76,7 +63,11 @@ def never_rerun(node: Node) -> bool:
         return False
     if node.target is causal_sdpa:
         return bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("dropout_p", 0.0))
-    return not isinstance(node.target, torch._ops.OpOverload) or is_random_node(node)
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return True
+    dropout = next((v for a, v in zip(node.target._schema.arguments, node.args) if a.name == "dropout_p"),
+                   node.kwargs.get("dropout_p", 0.0))  # attention with dropout_p > 0 draws a mask
+    return any(w in node.target.__name__ for w in ("dropout", "bernoulli", "rand", "normal")) or bool(dropout)
 
 
 def _block_of(node: Node, info: ModelInfo) -> str | None:

@@ -331,9 +331,8 @@ class _Model:
             dropped = recorder.dropped.get(i, frozenset())
             self._rerun.append((plan, dropped, {op.name: op.flops for op in ops}))
             # Backward reruns only what the dropped outputs are computed from: only those ops cost anything.
-            rerun = rerun_ops(plan.region, dropped, plan.kept) if plan is not None else set()
-            if i not in full.backward or i not in ckpt.backward:
-                rerun = set()
+            rerun = rerun_ops(plan.region, dropped, plan.kept) \
+                if plan is not None and i in full.backward and i in ckpt.backward else set()
             ops = [op for op in ops if op.name in rerun]
             self.recompute_flops.append((sum(op.flops for op in ops), sum(op.weight for op in ops)))
             self.ops.append([op for op in ops if op.savable])

@@ -231,7 +231,7 @@ class CompiledModel(HFModelMixin, nn.Module):
         and device of every source tensor (a model cast to float64 bakes other dtypes into its graph)."""
         source = self._source
         tensors = tuple((t.dtype, str(t.device)) for t in (*source.parameters(), *source.buffers()))
-        return (*self._key(args, kwargs, entry, config=None)[:-1], self.dynamic, tensors)
+        return (*self._key(args, kwargs, entry, config=None), self.dynamic, tensors)
 
     def _capture_and_compile(self, args: tuple, kwargs: dict[str, Any], instruments: Sequence[Instrument],
                              entry: str | None, config: Any = _ACTIVE, reuse: bool = True) -> GraphModule:
@@ -244,16 +244,16 @@ class CompiledModel(HFModelMixin, nn.Module):
         source = self._source
         raw_key = self._export_key(args, kwargs, entry)
         ep = self._exports.fitting(raw_key, args, kwargs) if reuse else None
-        if ep is not None:
-            gm = capture(source, args, kwargs, params, dynamic=self.dynamic, entry=entry, exported=ep)
-        else:
+        fresh = ep is None
+        if fresh:
             was_training = source.training
             source.train(self.training)
             try:
                 ep = export(source, args, kwargs, dynamic=self.dynamic, entry=entry)
             finally:
                 source.train(was_training)
-            gm = capture(source, args, kwargs, params, dynamic=self.dynamic, entry=entry, exported=ep)
+        gm = capture(source, args, kwargs, params, dynamic=self.dynamic, entry=entry, exported=ep)
+        if fresh:
             self._exports.add(raw_key, ep, input_guards(gm))  # read before the passes rewrite gm
         if not instruments and self.verify:
             instruments = [Verify()]
